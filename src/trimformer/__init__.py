@@ -1,0 +1,27 @@
+"""trimformer: prune transformer models at every granularity, and measure what each cut cost and bought.
+
+    import trimformer
+    model, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
+    calib = trimformer.data.calibration_windows(tok, n=64, length=512)
+    trimformer.prune_(model, trimformer.build("wanda", {"sparsity": 0.5}), calibration=calib)
+    report = trimformer.evaluate(model, tok, reference=trimformer.load("smollm2-135m"))
+"""
+
+from __future__ import annotations
+
+from . import data
+from .api import prune_
+from .methods import Recipe, build
+from .models import anatomy_of
+from .models.load import BUNDLED, load
+
+__version__ = "0.1.0"
+
+
+def evaluate(*args, **kwargs):
+    from .evaluate import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+__all__ = ["BUNDLED", "Recipe", "anatomy_of", "build", "data", "evaluate", "load", "prune_"]

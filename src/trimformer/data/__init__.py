@@ -1,0 +1,87 @@
+"""Calibration and evaluation token windows from text: files, folders, JSONL, or the built-in doc corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BUILTIN = "docs"  # the Python reference documentation shipped with every Python (BENCHMARK.md)
+
+
+class DataError(ValueError):
+    pass
+
+
+def doc_corpus() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text(source: str | os.PathLike, field: str = "text") -> str:
+    """Text from `docs` (built-in corpus), a text file, a folder of .txt/.md files, or a JSONL file's `field`."""
+    if str(source) == BUILTIN:
+        return doc_corpus()
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl", ".json"))
+        if not files:
+            raise DataError(f"folder {str(p)!r} has no .txt, .md or .jsonl files")
+        return "\n\n".join(read_text(f, field) for f in files)
+    if not p.is_file():
+        raise DataError(f"calibration data {str(source)!r} is neither 'docs', a file nor a folder")
+    if p.suffix in (".jsonl", ".json"):
+        texts = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if field not in row:
+                raise DataError(f"{p}:{n}: no field {field!r} (fields: {', '.join(row)}); choose one with --data-field")
+            texts.append(str(row[field]))
+        return "\n\n".join(texts)
+    return p.read_text(errors="replace")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of `text` without special tokens, as a 1-D tensor."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, n: int, length: int, what: str = "text") -> torch.Tensor:
+    """The first `n` non-overlapping windows of `length` tokens: (n, length). Deterministic."""
+    if n < 1 or length < 2:
+        raise DataError(f"need at least 1 window of at least 2 tokens, got n={n}, length={length}")
+    need = n * length
+    if ids.numel() < need:
+        raise DataError(
+            f"{what} has {ids.numel():,} tokens, fewer than the {n} x {length} = {need:,} asked; "
+            f"use fewer windows (at most {ids.numel() // length}), shorter windows, or more text"
+        )
+    return ids[:need].view(n, length).clone()  # (n, length)
+
+
+def doc_pools(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """BENCHMARK.md: the doc corpus' tokens, first half for calibration, second half for evaluation."""
+    ids = tokenize(tokenizer, doc_corpus())
+    half = ids.numel() // 2
+    return ids[:half], ids[half:]
+
+
+def calibration_windows(tokenizer, source: str = BUILTIN, n: int = 64, length: int = 512, field: str = "text") -> torch.Tensor:
+    if source == BUILTIN:
+        ids = doc_pools(tokenizer)[0]
+    else:
+        ids = tokenize(tokenizer, read_text(source, field))
+    return windows(ids, n, length, what=f"calibration data {source!r}")
+
+
+def evaluation_windows(tokenizer, n: int = 64, length: int = 512) -> torch.Tensor:
+    return windows(doc_pools(tokenizer)[1], n, length, what="the doc corpus' evaluation pool")

@@ -1,0 +1,63 @@
+"""Plain Hugging Face checkpoints (safetensors), written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success it replaces `out`, on any error it vanishes."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {str(out)!r} exists; choose another or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pretrained(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    extra_files: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save `model` as safetensors + config that vanilla `transformers` reloads.
+
+    `extra_files`: name -> dict (written as JSON) or str (written as text), e.g. the report
+    and the recipe that produced the model.
+    """
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
+            (tmp / name).write_text(text)
+    return Path(out)

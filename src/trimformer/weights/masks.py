@@ -1,0 +1,56 @@
+"""Mask selection shared by all weight methods: unstructured (per layer or per row) and N:M."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """'unstructured'/None -> None; 'N:M' -> (N, M), N kept of every M consecutive inputs."""
+    if pattern in (None, "", "unstructured"):
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not m:
+        raise ValueError(f"pattern {pattern!r} is neither 'unstructured' nor 'N:M' (e.g. '2:4')")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise ValueError(f"pattern {pattern!r}: need 0 < N < M (N weights kept of every M), got N={n}, M={mm}")
+    return n, mm
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1) (the share of weights removed), got {sparsity!r}")
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
+    """Keep-mask removing the `sparsity` share of lowest scores, over the layer or within each row."""
+    if per_row:
+        n_prune = round(sparsity * scores.shape[1])
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        if n_prune:
+            idx = torch.topk(scores, n_prune, dim=1, largest=False).indices  # (out, n_prune)
+            mask.scatter_(1, idx, False)
+        return mask
+    n_prune = round(sparsity * scores.numel())
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n_prune:
+        mask[torch.topk(scores.flatten(), n_prune, largest=False).indices] = False
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the `n` highest scores in every group of `m` consecutive inputs of each row."""
+    out, inp = scores.shape
+    if inp % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs the input width ({inp}) to be a multiple of {m}")
+    g = scores.reshape(out, inp // m, m)  # (out, groups, m)
+    keep = torch.topk(g, n, dim=-1).indices
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.view(out, inp)
+
+
+def sparsity_of(t: torch.Tensor) -> float:
+    return 1.0 - t.count_nonzero().item() / t.numel()

@@ -1,0 +1,73 @@
+"""Tiny random-config models of every supported family, built in code (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+T.logging.set_verbosity_error()
+
+VOCAB = 128
+
+
+def tiny(family: str, seed: int = 0, **over):
+    """A tiny model of `family` with random weights; deterministic for a seed."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = T.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256,
+                            tie_word_embeddings=True, **over)
+        m = T.LlamaForCausalLM(cfg)
+    elif family == "qwen3":
+        cfg = T.Qwen3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, **over)
+        m = T.Qwen3ForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = T.MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                              intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, **over)
+        m = T.MistralForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = T.Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, **over)
+        m = T.Qwen2ForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=256,
+                           bos_token_id=0, eos_token_id=0, **over)
+        m = T.GPT2LMHeadModel(cfg)
+    elif family == "opt":
+        cfg = T.OPTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128, vocab_size=VOCAB,
+                          max_position_embeddings=256, word_embed_proj_dim=64, **over)
+        m = T.OPTForCausalLM(cfg)
+    elif family == "bert":
+        cfg = T.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=VOCAB, max_position_embeddings=256, **over)
+        m = T.BertModel(cfg)
+    elif family == "roberta":
+        cfg = T.RobertaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                              vocab_size=VOCAB, max_position_embeddings=258, pad_token_id=1, **over)
+        m = T.RobertaModel(cfg)
+    elif family == "vit":
+        cfg = T.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                          image_size=32, patch_size=8, num_labels=10, **over)
+        m = T.ViTForImageClassification(cfg)
+    else:
+        raise ValueError(family)
+    return m.eval()
+
+
+DECODERS = ["llama", "qwen3", "mistral", "qwen2", "gpt2", "opt"]
+TEXT_FAMILIES = DECODERS + ["bert", "roberta"]
+ALL_FAMILIES = TEXT_FAMILIES + ["vit"]
+
+
+@pytest.fixture
+def calib() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, VOCAB, (4, 32), generator=g)  # (n, T)
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(3, VOCAB, (2, 24), generator=g)  # (B, T)
