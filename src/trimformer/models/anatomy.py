@@ -144,8 +144,8 @@ class Anatomy:
                     "kv_heads": a.num_kv_heads if a else 0,
                     "head_dim": a.head_dim if a else 0,
                     "ffn": m.intermediate_size if m else 0,
-                    "attention_params": n(a.module) if a else 0,
-                    "mlp_params": n(m.module) if m else 0,
+                    "attention_params": _proj_params(a.projections) if a else 0,
+                    "mlp_params": _proj_params(m.projections) if m else 0,
                     "params": n(b.module),
                 }
             )
@@ -175,4 +175,11 @@ def count_parameters(model: nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    return total
+
+
+def _proj_params(projs: dict[str, Proj]) -> int:
+    total = 0
+    for p in projs.values():
+        total += p.weight.numel() + (p.bias.numel() if p.bias is not None else 0)
     return total
