@@ -8,7 +8,7 @@ import transformers as T
 
 T.logging.set_verbosity_error()
 
-VOCAB = 128
+VOCAB = 259  # = tiny_tokenizer()'s vocabulary
 
 
 def tiny(family: str, seed: int = 0, **over):
@@ -71,3 +71,31 @@ def calib() -> torch.Tensor:
 def ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(2)
     return torch.randint(3, VOCAB, (2, 24), generator=g)  # (B, T)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte symbols + 3 specials, no merges), built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def saved_llama(tmp_path, tokenizer):
+    """A tiny LLaMA saved as an HF folder with a tokenizer, as a user's local checkpoint."""
+    m = tiny("llama")
+    d = tmp_path / "tiny-llama"
+    m.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d

@@ -4,13 +4,14 @@
     model, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
     calib = trimformer.data.calibration_windows(tok, n=64, length=512)
     trimformer.prune_(model, trimformer.build("wanda", {"sparsity": 0.5}), calibration=calib)
-    report = trimformer.evaluate(model, tok, reference=trimformer.load("smollm2-135m"))
+    report = trimformer.evaluate(model, tok, reference=trimformer.load("smollm2-135m"))  # JSON-able dict
 """
 
 from __future__ import annotations
 
-from . import data
+from . import data, export
 from .api import prune_
+from .evaluate import evaluate
 from .methods import Recipe, build
 from .models import anatomy_of
 from .models.load import BUNDLED, load
@@ -18,10 +19,4 @@ from .models.load import BUNDLED, load
 __version__ = "0.1.0"
 
 
-def evaluate(*args, **kwargs):
-    from .evaluate import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)
-
-
-__all__ = ["BUNDLED", "Recipe", "anatomy_of", "build", "data", "evaluate", "load", "prune_"]
+__all__ = ["BUNDLED", "Recipe", "anatomy_of", "build", "data", "evaluate", "export", "load", "prune_"]

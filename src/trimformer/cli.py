@@ -20,6 +20,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for area in AREAS:
         area.add_commands(sub)
+    for sp in sub.choices.values():  # --quiet also after the subcommand
+        sp.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return p
 
 

@@ -13,8 +13,14 @@ _QUIET = bool(os.environ.get("TRIMFORMER_QUIET"))
 
 
 def set_quiet(quiet: bool) -> None:
+    """Silence our bars and those of transformers / huggingface_hub (loading, saving)."""
     global _QUIET
     _QUIET = quiet
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def quiet() -> bool:

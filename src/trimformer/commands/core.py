@@ -11,6 +11,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
+    add_prune(sub)
+    add_eval(sub)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -29,4 +31,148 @@ def cmd_info(args: argparse.Namespace) -> int:
     for b in s["blocks"]:
         print(f"{b['index']:>5} {b['heads']:>5} {b['kv_heads']:>3} {b['head_dim']:>4} {b['ffn']:>6} "
               f"{b['attention_params']:>12,} {b['mlp_params']:>11,}")
+    return 0
+
+
+def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None:
+    g = p.add_argument_group("evaluation (BENCHMARK.md P1/P2 on the doc corpus' evaluation pool)")
+    g.add_argument("--eval-windows", type=int, default=64, help="evaluation windows for perplexity (default 64)")
+    g.add_argument("--kl-windows", type=int, default=16, help="windows for KL / top-1 agreement (default 16)")
+    g.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window (default 512)")
+    g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
+    g.add_argument("--speed-runs", type=int, default=5, help="timed runs per model, median reported (default 5)")
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected field=value, e.g. --set sparsity=0.6")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def add_prune(sub: argparse._SubParsersAction) -> None:
+    from ..methods import REGISTRIES
+
+    names = ", ".join(n for reg in REGISTRIES for n in reg.names())
+    p = sub.add_parser(
+        "prune",
+        help="prune a model, evaluate it against the dense model, save checkpoint + report",
+        description=f"Methods: {names}. Writes OUT/ with the pruned checkpoint (safetensors), report.json, "
+        "report.md and trimformer.json (the recipe and command). The input model is never modified.",
+    )
+    p.add_argument("--model", required=True, help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
+    p.add_argument("--method", help=f"one method ({names}); or use --recipe")
+    p.add_argument("--recipe", help="YAML/TOML/JSON recipe: a list of steps {method: name, field: value, ...}")
+    p.add_argument("--sparsity", type=float, help="share of weights removed per layer, in [0, 1) (weight methods)")
+    p.add_argument("--pattern", help="'unstructured' or 'N:M' such as 2:4 (weight methods)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any field of the method's config; overrides the recipe (repeatable)")
+    p.add_argument("--calib", default="docs",
+                   help="calibration text: 'docs' (built-in corpus, calibration half), a text file, a folder, or a .jsonl")
+    p.add_argument("--calib-field", default="text", help="field of the JSONL rows holding text (default: text)")
+    p.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward (default 1)")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-eval", action="store_true", help="save without evaluating")
+    _add_eval_options(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def _recipe(args: argparse.Namespace):
+    from ..methods import Recipe
+
+    if bool(args.method) == bool(args.recipe):
+        raise ValueError("give exactly one of --method NAME or --recipe FILE")
+    recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.one(args.method)
+    sets = _parse_sets(args.set)
+    if args.sparsity is not None:
+        sets.setdefault("sparsity", args.sparsity)
+    if args.pattern is not None:
+        sets.setdefault("pattern", args.pattern)
+    recipe = recipe.override(sets) if sets else recipe
+    recipe.build()  # validate every value before any heavy work
+    return recipe
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import sys
+    import time
+    from pathlib import Path
+
+    from .. import data, evaluate, load, prune_
+    from ..evaluate import to_markdown
+    from ..export import OutputExistsError, save_pretrained
+    from ..progress import quiet
+
+    recipe = _recipe(args)
+    if Path(args.out).exists() and not args.overwrite:
+        raise OutputExistsError(f"output folder {args.out!r} exists; choose another or pass --overwrite")
+    t0 = time.perf_counter()
+    model, tok = load(args.model, with_tokenizer=True)
+    say = (lambda *a: None) if quiet() else (lambda *a: print(*a, file=sys.stderr))
+    say(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    needs = any(getattr(m, "needs_calibration", True) for m in recipe.build())
+    calib = None
+    if needs:
+        calib = data.calibration_windows(tok, args.calib, n=args.calib_windows, length=args.calib_length,
+                                         field=args.calib_field)
+    prune_(model, recipe, calibration=calib, batch_size=args.batch_size, progress=not quiet())
+    for h in model.trimformer_history:
+        say(f"{h['method']}: {h['seconds']:.1f} s")
+    report = None
+    if not args.no_eval:
+        reference = load(args.model)
+        report = evaluate(model, tok, reference=reference, windows=args.eval_windows, kl_windows=args.kl_windows,
+                          length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
+                          progress=not quiet())
+        report["calibration"] = None if calib is None else {"source": args.calib, "windows": args.calib_windows,
+                                                           "window_tokens": args.calib_length}
+    meta = {"trimformer": __import__("trimformer").__version__, "model": args.model,
+            "command": "trimformer " + " ".join(sys.argv[1:]), "recipe": recipe.to_list(),
+            "history": model.trimformer_history}
+    extra = {"trimformer.json": meta}
+    if report is not None:
+        extra.update({"report.json": report, "report.md": to_markdown(report)})
+    save_pretrained(model, args.out, tokenizer=tok, extra_files=extra, overwrite=args.overwrite)
+    if report is not None:
+        print(to_markdown(report))
+    print(f"saved {args.out}/ (checkpoint, report.json, report.md, trimformer.json)")
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model against a reference (dense) model: ppl, KL, top-1, cost, speed")
+    p.add_argument("--model", required=True, help="the model to evaluate (folder, bundled name, .gguf, hub id)")
+    p.add_argument("--reference", help="the dense model to compare with (recommended)")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    _add_eval_options(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .. import evaluate, load
+    from ..evaluate import to_markdown
+    from ..progress import quiet
+
+    try:
+        model, tok = load(args.model, with_tokenizer=True)
+    except (OSError, ValueError) as e:
+        if not args.reference or "tokenizer" not in str(e).lower():
+            raise
+        model = load(args.model)
+        _, tok = load(args.reference, with_tokenizer=True)
+    reference = load(args.reference) if args.reference else None
+    report = evaluate(model, tok, reference=reference, windows=args.eval_windows, kl_windows=args.kl_windows,
+                      length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
+                      progress=not quiet())
+    if args.json:
+        from ..export.hf import atomic_file
+
+        atomic_file(args.json, json.dumps(report, indent=2, default=str))
+    print(to_markdown(report))
     return 0

@@ -68,9 +68,19 @@ def windows(ids: torch.Tensor, n: int, length: int, what: str = "text") -> torch
     return ids[:need].view(n, length).clone()  # (n, length)
 
 
+_POOLS: dict[int, tuple[object, torch.Tensor]] = {}
+
+
 def doc_pools(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """BENCHMARK.md: the doc corpus' tokens, first half for calibration, second half for evaluation."""
-    ids = tokenize(tokenizer, doc_corpus())
+    """BENCHMARK.md: the doc corpus' tokens, first half for calibration, second half for evaluation.
+
+    Tokenizing the corpus takes seconds; the ids are kept per tokenizer object.
+    """
+    hit = _POOLS.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        hit = (tokenizer, tokenize(tokenizer, doc_corpus()))
+        _POOLS[id(tokenizer)] = hit
+    ids = hit[1]
     half = ids.numel() // 2
     return ids[:half], ids[half:]
 

@@ -1,5 +1,9 @@
 """Quality and cost measurement against the dense model, in one JSON schema."""
 
+from .cost import cost, flops_per_token, nonzeros
 from .quality import embedding_fidelity, kl_top1, mean_pooled, perplexity
+from .report import SCHEMA, evaluate, to_markdown
+from .speed import speed
 
-__all__ = ["embedding_fidelity", "kl_top1", "mean_pooled", "perplexity"]
+__all__ = ["SCHEMA", "cost", "embedding_fidelity", "evaluate", "flops_per_token", "kl_top1", "mean_pooled",
+           "nonzeros", "perplexity", "speed", "to_markdown"]

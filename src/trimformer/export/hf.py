@@ -61,3 +61,18 @@ def save_pretrained(
             text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
             (tmp / name).write_text(text)
     return Path(out)
+
+
+def atomic_file(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` via a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,99 @@
+"""The CLI end to end on a tiny local checkpoint: prune -> eval -> reload; bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trimformer
+from trimformer.cli import main
+
+FAST = ["--calib-windows", "2", "--calib-length", "32", "--eval-windows", "2", "--kl-windows", "1",
+        "--eval-length", "32", "--no-speed", "-q"]
+
+
+def run(*argv):
+    return main(["-q", *argv] if "-q" not in argv else list(argv))
+
+
+def test_prune_writes_checkpoint_and_report(saved_llama, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    before = (saved_llama / "model.safetensors").read_bytes()
+    assert main(["prune", "--model", str(saved_llama), "--method", "wanda", "--sparsity", "0.5",
+                 "--out", str(out), *FAST[:-1]]) == 0
+    assert (saved_llama / "model.safetensors").read_bytes() == before  # input never touched
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == "trimformer.report/1"
+    assert report["cost"]["sparsity_prunable"] == pytest.approx(0.5, abs=1e-3)
+    assert report["quality"]["kl"] > 0 and 0 < report["quality"]["top1_agree"] <= 1
+    meta = json.loads((out / "trimformer.json").read_text())
+    assert meta["recipe"][0]["method"] == "wanda" and meta["recipe"][0]["sparsity"] == 0.5
+    assert "| perplexity" in (out / "report.md").read_text()
+    model = trimformer.load(out)
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert (up == 0).float().mean().item() == 0.5
+    assert main(["eval", "--model", str(out), "--reference", str(saved_llama), "--json", str(tmp_path / "r.json"),
+                 *FAST[4:]]) == 0
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["quality"]["kl"] == pytest.approx(report["quality"]["kl"], rel=1e-5)
+    assert "top-1 agreement" in capsys.readouterr().out
+
+
+def test_recipe_with_set_override(saved_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - method: magnitude\n    sparsity: 0.3\n    targets: mlp\n  - method: wanda\n    pattern: '2:4'\n    targets: attn\n")
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(saved_llama), "--recipe", str(recipe), "--set", "sparsity=0.25",
+                 "--out", str(out), "--no-eval", "-q", *FAST[:4]]) == 0
+    meta = json.loads((out / "trimformer.json").read_text())
+    assert [s["method"] for s in meta["recipe"]] == ["magnitude", "wanda"]
+    assert meta["recipe"][0]["sparsity"] == 0.25  # --set beats the recipe
+    m = trimformer.load(out)
+    assert (m.model.layers[0].mlp.up_proj.weight == 0).float().mean().item() == 0.25
+    q = m.model.layers[0].self_attn.q_proj.weight
+    assert ((q != 0).reshape(q.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "wanda", "--sparsity", "1.5"], "sparsity must be in"),
+    (["--method", "wanda", "--pattern", "4:4"], "need 0 < N < M"),
+    (["--method", "wandda"], "Did you mean 'wanda'"),
+    (["--method", "wanda", "--calib-windows", "100000"], "fewer than the 100000"),
+    (["--method", "wanda", "--set", "bogus=1"], "no step of the recipe has such a setting"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(saved_llama, tmp_path, capsys, argv, match):
+    out = tmp_path / "never"
+    code = main(["-q", "prune", "--model", str(saved_llama), "--out", str(out), "--no-eval", *argv])
+    assert code == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_existing_output_is_refused_before_any_work(saved_llama, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert main(["-q", "prune", "--model", "does-not-matter", "--method", "wanda", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_unknown_model_is_reported(tmp_path, capsys):
+    assert main(["-q", "info", "smolm2"]) == 2
+    assert "Did you mean 'smollm2-135m'" in capsys.readouterr().err
+
+
+def test_info_json(saved_llama, capsys):
+    assert main(["info", str(saved_llama), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["family"] == "llama-like" and s["blocks"][0]["kv_heads"] == 2
+
+
+def test_python_api_mirrors_the_cli(saved_llama, tokenizer):
+    model, tok = trimformer.load(saved_llama, with_tokenizer=True)
+    calib = trimformer.data.calibration_windows(tok, n=2, length=32)
+    trimformer.prune_(model, trimformer.Recipe.one("wanda", sparsity=0.5), calibration=calib, progress=False)
+    rep = trimformer.evaluate(model, tok, reference=trimformer.load(saved_llama), windows=2, kl_windows=1, length=32,
+                              measure_speed=False, progress=False)
+    assert rep["quality"]["ppl"] > rep["quality"]["ppl_reference"] * 0.5
+    assert torch.isfinite(torch.tensor(rep["quality"]["kl"]))
