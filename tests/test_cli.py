@@ -97,3 +97,19 @@ def test_python_api_mirrors_the_cli(saved_llama, tokenizer):
                               measure_speed=False, progress=False)
     assert rep["quality"]["ppl"] > rep["quality"]["ppl_reference"] * 0.5
     assert torch.isfinite(torch.tensor(rep["quality"]["kl"]))
+
+
+def test_report_plots_a_frontier(saved_llama, tmp_path):
+    runs = []
+    for s in ("0.3", "0.6"):
+        out = tmp_path / f"wanda-{s}"
+        assert main(["prune", "--model", str(saved_llama), "--method", "wanda", "--sparsity", s, "--out", str(out),
+                     *FAST]) == 0
+        runs.append(str(out))
+    assert main(["-q", "report", *runs, "--out", str(tmp_path / "cmp")]) == 0
+    index = (tmp_path / "cmp" / "index.md").read_text()
+    assert "wanda-0.3" in index and "wanda-0.6" in index
+    png = (tmp_path / "cmp" / "frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "cmp" / "sparsity-wanda-0.3.png").is_file()
+    assert main(["-q", "report", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

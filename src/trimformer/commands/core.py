@@ -1,4 +1,4 @@
-"""Core subcommands: info, prune, eval."""
+"""Core subcommands: info, prune, eval, report."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
     add_prune(sub)
     add_eval(sub)
+    add_report(sub)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -175,4 +176,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         atomic_file(args.json, json.dumps(report, indent=2, default=str))
     print(to_markdown(report))
+    return 0
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="plots and a comparison table over saved runs (quality vs cost frontier)")
+    p.add_argument("runs", nargs="+", help="folders written by `trimformer prune`, or report.json files")
+    p.add_argument("--out", required=True, help="output folder for index.md and the PNG plots")
+    p.add_argument("--x", default="nonzeros", choices=["nonzeros", "params", "flops", "latency"], help="cost axis")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import write_report
+
+    out = write_report(args.runs, args.out, x=args.x, overwrite=args.overwrite)
+    print(f"wrote {out}/index.md and plots")
     return 0
