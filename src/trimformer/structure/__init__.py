@@ -1,0 +1,7 @@
+"""Structured pruning: physically remove heads, KV groups, FFN neurons, hidden channels, sublayers, blocks."""
+
+from __future__ import annotations
+
+from ..registry import Registry
+
+STRUCTURE: Registry = Registry("structure")
