@@ -67,6 +67,8 @@ def prune_neurons(block: Block, keep: Sequence[int] | torch.Tensor) -> None:
         if p is not None:
             keep_outputs(p, idx)
     keep_inputs(mlp.down, idx)
+    if isinstance(getattr(mlp.module, "intermediate_size", None), int):
+        mlp.module.intermediate_size = idx.numel()
 
 
 class RemovedMLP(nn.Module):
@@ -270,6 +272,10 @@ def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None
         done.add(id(m))
     if anatomy.tied and head is not None:
         head.weight = anatomy.embed.weight
+    for m in model.modules():  # sizes some modules keep as plain attributes
+        for key in ("hidden_size", "embed_dim"):
+            if getattr(m, key, None) == d and not isinstance(getattr(m, key), bool):
+                setattr(m, key, idx.numel())
     anatomy.hidden_size = idx.numel()
 
 
