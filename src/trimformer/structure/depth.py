@@ -35,7 +35,7 @@ def _count(remove: int, share: float, n: int, what: str) -> int:
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1]), dim=-1)
+    return F.cosine_similarity(a.double().reshape(-1, a.shape[-1]), b.double().reshape(-1, b.shape[-1]), dim=-1)
 
 
 @torch.no_grad()
@@ -55,14 +55,17 @@ def angular_distances(anatomy: Anatomy, calibration: torch.Tensor, n: int, progr
     window: deque[list[torch.Tensor]] = deque(maxlen=n + 1)
     out = []
     L = len(anatomy.blocks)
-    for bc in calibrate.blocks(anatomy, calibration, progress=progress, desc="angular distance"):
-        window.append(bc.inputs)
-        if bc.block.index == L - 1:
-            window.append(bc.run())
-        while len(window) == n + 1:
+    def push(states: list[torch.Tensor]) -> None:
+        window.append(states)
+        if len(window) == n + 1:
             c = torch.cat([_cos(a, b) for a, b in zip(window[0], window[-1])]).clamp(-1, 1)
             out.append((torch.arccos(c) / math.pi).mean().item())
             window.popleft()
+
+    for bc in calibrate.blocks(anatomy, calibration, progress=progress, desc="angular distance"):
+        push(bc.inputs)
+        if bc.block.index == L - 1:
+            push(bc.run())
     return out  # len L - n + 1
 
 
@@ -123,13 +126,16 @@ def _sublayer_params(block: Block, kind: str) -> int:
 class FinerCut:
     """Greedy removal of attention / MLP sublayers by output KL. remove: how many sublayers, or
     compute: the share of the blocks' matmul compute to remove. parts: 'attn', 'mlp' or 'attn,mlp'.
-    windows/length: the calibration tokens the KL is measured on (the first windows, cut to length)."""
+    windows/length: the calibration tokens the KL is measured on (the first windows, cut to length).
+    shortlist: after the first step, re-score only this many candidates, the best of the previous
+    step (lazy greedy; 0 = re-score every candidate at every step, as in the paper)."""
 
     remove: int = 0
     compute: float = 0.0
     parts: str = "attn,mlp"
     windows: int = 4
     length: int = 256
+    shortlist: int = 0
 
     def __post_init__(self) -> None:
         self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
@@ -156,19 +162,22 @@ class FinerCut:
             raise ValueError(f"cannot remove {self.remove} sublayers; only {len(cands)} can go")
         removed: list[tuple[int, str]] = []
         trace = []
+        latest: dict[tuple[int, str], float] = {}  # each candidate's KL when last scored
         gone = 0.0
         steps = bar(range(len(cands)), desc="finercut", unit="sublayer", disable=not progress)
         for _ in steps:
             if gone >= budget - 1e-9:
                 break
             best = None
-            for i, k in cands:
+            pool = sorted(cands, key=latest.__getitem__)[: self.shortlist] if latest and self.shortlist else cands
+            for i, k in pool:
                 with contextlib.ExitStack() as stack:
                     for j, kk in removed + [(i, k)]:
                         stack.enter_context(silenced(anatomy.blocks[j], kk))
                     with torch.no_grad():
                         q = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
                     kl = F.kl_div(q, ref, log_target=True, reduction="sum").item() / ref[..., 0].numel()
+                latest[(i, k)] = kl
                 if best is None or kl < best[0]:
                     best = (kl, i, k)
             kl, i, k = best
