@@ -121,3 +121,17 @@ def test_finercut_removes_planted_dead_sublayers(calib):
     assert an.blocks[1].mlp is None and an.blocks[3].attention is None
     with pytest.raises(ValueError, match="pre-norm decoders"):
         _prune(tiny("bert"), "finercut", calib, remove=1)
+
+
+def test_sensitivity_finds_planted_dead_sublayer_and_plots(calib, tmp_path):
+    from trimformer.structure.sensitivity import plot, sensitivity
+
+    model = _deep_llama(4)
+    with torch.no_grad():
+        anatomy_of(model).blocks[2].mlp.down.weight.zero_()
+    res = sensitivity(model, calib, windows=2, length=16, progress=False)
+    assert len(res["block_influence"]) == 4
+    assert res["mlp_kl"][2] == pytest.approx(0.0, abs=1e-9)
+    assert min(res["mlp_kl"][i] for i in (0, 1, 3)) > 0
+    plot(res, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000

@@ -92,7 +92,7 @@ def test_removing_zeroed_neurons_and_heads_keeps_logits(family, ids):
 def test_removing_zeroed_kv_group_keeps_logits(family, ids):
     model = tiny(family)
     a = anatomy_of(model).blocks[0].attention
-    H, Hkv, D = a.num_heads, a.num_kv_heads, a.head_dim
+    H, Hkv = a.num_heads, a.num_kv_heads
     group = H // Hkv
     dead = [h for h in range(H) if h // group == 0]  # every query head of KV group 0
     _zero_heads(anatomy_of(model).blocks[0], dead)

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import MLP, Anatomy, Attention, Block, adapter, find_base, heads_of, join, proj, removed, submodule_or_none, tied
+from . import (
+    MLP,
+    Anatomy,
+    Attention,
+    Block,
+    adapter,
+    find_base,
+    heads_of,
+    join,
+    proj,
+    removed,
+    submodule_or_none,
+    tied,
+)
 
 
 @adapter("opt", ["opt"])
