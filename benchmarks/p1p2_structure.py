@@ -141,6 +141,10 @@ def width_part(dense, ctx) -> list[dict]:
     rows = []
     for keep in a.keeps:
         for spec in a.width:
+            if ":" in spec:  # 'KEEP:settings' applies to that target only
+                only, spec = spec.split(":", 1)
+                if abs(float(only) - keep) > 1e-9:
+                    continue
             settings = dict(kv.split("=", 1) for kv in spec.split(",,")) if spec else {}
             settings = {"target": f"params={keep}", **settings}
             m = copy.deepcopy(dense)
@@ -152,7 +156,12 @@ def width_part(dense, ctx) -> list[dict]:
         if not a.skip_tp:
             ratio = tp_ratio_for(keep, dense)
             with tempfile.TemporaryDirectory() as tmp:
-                m, sec = run_tp(ratio, ctx["calib"][: a.tp_windows], Path(tmp))
+                try:
+                    m, sec = run_tp(ratio, ctx["calib"][: a.tp_windows], Path(tmp))
+                except subprocess.CalledProcessError as e:  # record the peer's failure, keep going
+                    rows.append({"name": f"torch-pruning taylor ffn ratio={ratio:.3f}", "error": str(e),
+                                 "keep_target": keep, "tool": "torch-pruning"})
+                    continue
                 rows.append(measure(f"torch-pruning taylor ffn ratio={ratio:.3f}", m, dense, ctx, sec,
                                     {"keep_target": keep, "tool": "torch-pruning"}))
                 del m
@@ -187,6 +196,9 @@ def to_markdown(res: dict) -> str:
              "| run | params ratio | FLOPs ratio | ppl_doc | kl_doc | top1_doc | kl_code | prefill ratio | prune s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
+            continue
         lines.append(f"| {r['name']} | {r['params_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['ppl_doc']:.2f} | "
                      f"{r['kl_doc']:.3f} | {r['top1_doc']:.3f} | {r['kl_code']:.3f} | "
                      f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} |")
@@ -204,13 +216,14 @@ def main() -> None:
     p.add_argument("--prefill-runs", type=int, default=5)
     p.add_argument("--tp-windows", type=int, default=4, help="calibration windows for the peer's Taylor gradients")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.5])
-    p.add_argument("--width", nargs="+", default=["parts=ffn,heads"],
-                   help="trimformer width settings per run, key=value joined by ',,'")
+    p.add_argument("--width", nargs="+", default=["0.8:parts=ffn,,allocation=uniform",
+                                                  "0.5:parts=ffn,heads,,allocation=uniform"],
+                   help="trimformer width settings per run: [KEEP:]key=value joined by ',,'")
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--finercut-windows", type=int, default=2)
     p.add_argument("--finercut-length", type=int, default=128)
     p.add_argument("--finercut-shortlist", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended machine)")
     a = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if a.merge:
