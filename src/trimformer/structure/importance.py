@@ -42,6 +42,7 @@ class InputStats:
 Score = Callable[[torch.Tensor, InputStats | None, list[torch.Tensor]], torch.Tensor]
 IMPORTANCE: dict[str, Score] = {}
 NEEDS_DATA: set[str] = set()
+LS_DAMP = 1e-4  # ridge on the least-squares refit, relative to the mean input energy
 
 
 def criterion(name: str, data: bool = True) -> Callable[[Score], Score]:
@@ -120,7 +121,7 @@ def least_squares(p: Proj, keep: torch.Tensor, st: InputStats, bias: bool) -> tu
         b = p.bias.double() if p.bias is not None else W.new_zeros(W.shape[0])
         W = torch.cat([W, b[:, None]], 1)  # (out, d+1)
         keep = torch.cat([keep, torch.tensor([d])])
-    A = damped(M[keep][:, keep], 1e-4)  # (k, k)
+    A = damped(M[keep][:, keep], LS_DAMP)  # (k, k)
     B = W @ M[:, keep]  # (out, k)
     Wn = torch.linalg.solve(A, B.t()).t()  # (out, k)
     if bias:
