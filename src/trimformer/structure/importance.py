@@ -42,7 +42,7 @@ class InputStats:
 Score = Callable[[torch.Tensor, InputStats | None, list[torch.Tensor]], torch.Tensor]
 IMPORTANCE: dict[str, Score] = {}
 NEEDS_DATA: set[str] = set()
-LS_DAMP = 1e-4  # ridge on the least-squares refit, relative to the mean input energy
+LS_DAMP = 1e-2  # ridge on the least-squares refit, relative to the mean input energy
 
 
 def criterion(name: str, data: bool = True) -> Callable[[Score], Score]:

@@ -53,7 +53,8 @@ class Plan:
 class Width:
     """target: 'params=R' or 'flops=R' (share kept; FLOPs/token of the matmuls, attention scores not counted).
     parts: 'ffn', 'heads' or 'ffn,heads'. importance: hessian | activation | flap | magnitude.
-    allocation: uniform | global. multiple_of: kept FFN widths are rounded up to a multiple of it.
+    allocation: uniform | global (raw error per parameter across blocks; on smollm2-135m it over-cuts
+    some blocks, KL 5.4 vs 0.52 uniform at params=0.8: keep uniform until scores are normalised). multiple_of: kept FFN widths are rounded up to a multiple of it.
     compensate: re-fit the output projections by least squares after removal.
     sequential: re-measure each block's inputs after cutting the blocks before it (one more pass; slower).
     """
@@ -61,7 +62,7 @@ class Width:
     target: str = "params=0.8"
     parts: str = "ffn"
     importance: str = "hessian"
-    allocation: str = "global"
+    allocation: str = "uniform"
     multiple_of: int = 1
     compensate: bool = True
     sequential: bool = False
