@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from .registry import Registry, coerce_fields
+from .structure import STRUCTURE
 from .weights import WEIGHTS
 
 # Offline families whose methods have `apply_(anatomy, calibration, ...)`; explicit, in order.
-REGISTRIES: list[Registry] = [WEIGHTS]
+REGISTRIES: list[Registry] = [WEIGHTS, STRUCTURE]
 
 
 def find(name: str) -> type:

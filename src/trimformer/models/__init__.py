@@ -63,6 +63,21 @@ def proj(model: nn.Module, path: str, transposed: bool = False) -> Proj:
     return Proj(model.get_submodule(path), path, transposed)
 
 
+def removed(module: nn.Module) -> bool:
+    """A sublayer that structured pruning replaced by a stand-in adding 0 (see structure/surgery.py)."""
+    return bool(getattr(module, "trimformer_removed", False))
+
+
+def heads_of(model: nn.Module, path: str, head_dim: int, default: int, inputs: bool = False) -> int:
+    """Heads read from a projection's shape (pruned models have fewer than the config's `default`)."""
+    w = getattr(model.get_submodule(path), "weight", None)
+    if w is None:
+        return default
+    conv1d = type(model.get_submodule(path)).__name__ == "Conv1D"  # stored (in, out)
+    size = w.shape[0 if inputs == conv1d else 1]
+    return size // head_dim
+
+
 def tied(model: nn.Module, embed: nn.Module, head: nn.Module | None) -> bool:
     return head is not None and getattr(head, "weight", None) is getattr(embed, "weight", None)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import MLP, Anatomy, Attention, Block, adapter, find_base, join, proj, submodule_or_none
+from . import MLP, Anatomy, Attention, Block, adapter, find_base, heads_of, join, proj, submodule_or_none
 
 
 @adapter("bert-like", ["bert", "roberta", "xlm-roberta", "camembert"])
@@ -13,6 +13,7 @@ def bert_anatomy(model: nn.Module) -> Anatomy:
     base = find_base(model, ["bert", "roberta"])
     blocks_path = join(base, "encoder.layer")
     heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     blocks = []
     for i, layer in enumerate(model.get_submodule(blocks_path)):
         p = f"{blocks_path}.{i}"
@@ -22,9 +23,9 @@ def bert_anatomy(model: nn.Module) -> Anatomy:
             k=proj(model, f"{p}.attention.self.key"),
             v=proj(model, f"{p}.attention.self.value"),
             o=proj(model, f"{p}.attention.output.dense"),
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=cfg.hidden_size // heads,
+            num_heads=heads_of(model, f"{p}.attention.self.query", head_dim, heads),
+            num_kv_heads=heads_of(model, f"{p}.attention.self.query", head_dim, heads),
+            head_dim=head_dim,
         )
         mlp = MLP(
             module=layer,

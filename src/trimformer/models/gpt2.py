@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import MLP, Anatomy, Attention, Block, adapter, find_base, join, proj, submodule_or_none, tied
+from . import (
+    MLP,
+    Anatomy,
+    Attention,
+    Block,
+    adapter,
+    find_base,
+    heads_of,
+    join,
+    proj,
+    removed,
+    submodule_or_none,
+    tied,
+)
 
 
 @adapter("gpt2", ["gpt2"])
@@ -13,18 +26,19 @@ def gpt2_anatomy(model: nn.Module) -> Anatomy:
     base = find_base(model, ["transformer"])
     blocks_path = join(base, "h")
     heads = cfg.n_head
+    head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // heads
     blocks = []
     for i, layer in enumerate(model.get_submodule(blocks_path)):
         p = f"{blocks_path}.{i}"
-        attn = Attention(
+        attn = None if removed(layer.attn) else Attention(
             module=layer.attn,
             qkv=proj(model, f"{p}.attn.c_attn", transposed=True),
             o=proj(model, f"{p}.attn.c_proj", transposed=True),
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=cfg.n_embd // heads,
+            num_heads=heads_of(model, f"{p}.attn.c_proj", head_dim, heads, inputs=True),
+            num_kv_heads=heads_of(model, f"{p}.attn.c_proj", head_dim, heads, inputs=True),
+            head_dim=head_dim,
         )
-        mlp = MLP(
+        mlp = None if removed(layer.mlp) else MLP(
             module=layer.mlp,
             up=proj(model, f"{p}.mlp.c_fc", transposed=True),
             down=proj(model, f"{p}.mlp.c_proj", transposed=True),

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import MLP, Anatomy, Attention, Block, adapter, find_base, join, proj, submodule_or_none, tied
+from . import (
+    MLP,
+    Anatomy,
+    Attention,
+    Block,
+    adapter,
+    find_base,
+    heads_of,
+    join,
+    proj,
+    removed,
+    submodule_or_none,
+    tied,
+)
 
 
 @adapter("llama-like", ["llama", "mistral", "qwen2", "qwen3", "smollm3"])
@@ -18,18 +31,18 @@ def llama_anatomy(model: nn.Module) -> Anatomy:
     blocks = []
     for i, layer in enumerate(model.get_submodule(blocks_path)):
         p = f"{blocks_path}.{i}"
-        attn = Attention(
+        attn = None if removed(layer.self_attn) else Attention(
             module=layer.self_attn,
             q=proj(model, f"{p}.self_attn.q_proj"),
             k=proj(model, f"{p}.self_attn.k_proj"),
             v=proj(model, f"{p}.self_attn.v_proj"),
             o=proj(model, f"{p}.self_attn.o_proj"),
-            num_heads=heads,
-            num_kv_heads=kv,
+            num_heads=heads_of(model, f"{p}.self_attn.q_proj", head_dim, heads),
+            num_kv_heads=heads_of(model, f"{p}.self_attn.k_proj", head_dim, kv),
             head_dim=head_dim,
             qk_norm=hasattr(layer.self_attn, "q_norm"),
         )
-        mlp = MLP(
+        mlp = None if removed(layer.mlp) else MLP(
             module=layer.mlp,
             gate=proj(model, f"{p}.mlp.gate_proj"),
             up=proj(model, f"{p}.mlp.up_proj"),

@@ -119,8 +119,10 @@ def load(
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
         cls = _model_class(config)
         if getattr(config, "auto_map", None) and trust_remote_code:
-            from transformers import AutoModelForCausalLM
-            cls = AutoModelForCausalLM
+            import transformers
+
+            auto = next((k for k in config.auto_map if k.startswith("AutoModel")), "AutoModelForCausalLM")
+            cls = getattr(transformers, auto)
         model = cls.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     except OSError as e:
         raise ModelNotFoundError(f"could not load {str(name_or_path)!r}: {e}") from e

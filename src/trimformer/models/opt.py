@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import MLP, Anatomy, Attention, Block, adapter, find_base, join, proj, submodule_or_none, tied
+from . import (
+    MLP,
+    Anatomy,
+    Attention,
+    Block,
+    adapter,
+    find_base,
+    heads_of,
+    join,
+    proj,
+    removed,
+    submodule_or_none,
+    tied,
+)
 
 
 @adapter("opt", ["opt"])
@@ -13,18 +26,19 @@ def opt_anatomy(model: nn.Module) -> Anatomy:
     base = find_base(model, ["model.decoder", "decoder"])
     blocks_path = join(base, "layers")
     heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     blocks = []
     for i, layer in enumerate(model.get_submodule(blocks_path)):
         p = f"{blocks_path}.{i}"
-        attn = Attention(
+        attn = None if removed(layer.self_attn) else Attention(
             module=layer.self_attn,
             q=proj(model, f"{p}.self_attn.q_proj"),
             k=proj(model, f"{p}.self_attn.k_proj"),
             v=proj(model, f"{p}.self_attn.v_proj"),
             o=proj(model, f"{p}.self_attn.out_proj"),
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=cfg.hidden_size // heads,
+            num_heads=heads_of(model, f"{p}.self_attn.q_proj", head_dim, heads),
+            num_kv_heads=heads_of(model, f"{p}.self_attn.q_proj", head_dim, heads),
+            head_dim=head_dim,
         )
         # OPT's MLP has no module of its own: fc1/fc2 sit on the layer.
         mlp = MLP(module=layer, up=proj(model, f"{p}.fc1"), down=proj(model, f"{p}.fc2"), activation=cfg.activation_function)

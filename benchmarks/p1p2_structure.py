@@ -1,0 +1,263 @@
+"""P1 + P2 (BENCHMARK.md) for structured pruning on smollm2-135m: trimformer vs Torch-Pruning 1.6.1.
+
+    PYTHONPATH=src python benchmarks/p1p2_structure.py            # everything, sequentially
+    PYTHONPATH=src python benchmarks/p1p2_structure.py --part width   # or depth; then --merge
+
+Width: 20 % and 50 % fewer parameters, trimformer `width` vs Torch-Pruning (Taylor on FFN neurons,
+its only usable mode on this GQA model; run in /work/peers/tp as a subprocess) at the same parameter
+count. Depth: removing 20 % of the blocks' compute, FinerCut sublayers vs whole blocks by block
+influence. Quality: ppl_doc, kl_doc / top-1 on the doc evaluation pool, and KL on a second domain
+never used for calibration: Python standard-library source code (argparse, dataclasses, typing,
+collections, email.message, http.client). Speed: prefill 1x512, dense and pruned alternately, median.
+Window counts are below the protocol's 64 when the flags say so (the shared 2-core machine); the
+result files record the counts used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import trimformer
+from trimformer import data
+from trimformer.models import anatomy_of, count_parameters
+from trimformer.models.load import _cache_dir
+
+RESULTS = Path(__file__).parent / "results"
+TP_PYTHON = os.environ.get("TP_PYTHON", "/work/peers/tp/bin/python")
+
+
+def code_text() -> str:
+    import argparse as a
+    import collections
+    import dataclasses
+    import email.message
+    import http.client
+    import typing
+
+    return "\n\n".join(inspect.getsource(m) for m in (a, dataclasses, typing, collections, email.message, http.client))
+
+
+def flops_per_token(model, context: int = 512) -> float:
+    """2 x matmul weights per token + attention scores/values at the mean causal context of a prefill."""
+    an = anatomy_of(model)
+    mat = sum(p.weight.numel() for _, p in an.projections()) + (an.head.weight.numel() if an.head is not None else 0)
+    attn = sum(4 * b.attention.num_heads * b.attention.head_dim * (context / 2) for b in an.blocks if b.attention)
+    return 2 * mat + attn
+
+
+class Reference:
+    """Dense next-token log-probabilities, computed once (fp16 to save memory)."""
+
+    def __init__(self, model, windows: torch.Tensor):
+        self.windows = windows
+        with torch.no_grad():
+            self.logp = [F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1).half()
+                         for w in windows]
+
+    @torch.no_grad()
+    def kl(self, model) -> dict[str, float]:
+        kl, agree, count = 0.0, 0, 0
+        for w, p in zip(self.windows, self.logp):
+            q = F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1)
+            p = p.float()
+            kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
+            agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
+            count += w.numel()
+        return {"kl": kl / count, "top1_agree": agree / count}
+
+
+@torch.no_grad()
+def prefill_ratio(model, dense, runs: int) -> dict[str, float]:
+    ids = torch.randint(100, 10000, (1, 512), generator=torch.Generator().manual_seed(0))
+    t = {"dense": [], "pruned": []}
+    for m in (dense, model):  # warm-up
+        m(input_ids=ids, use_cache=False)
+    for _ in range(runs):
+        for key, m in (("dense", dense), ("pruned", model)):
+            t0 = time.perf_counter()
+            m(input_ids=ids, use_cache=False)
+            t[key].append(time.perf_counter() - t0)
+    d, p = statistics.median(t["dense"]), statistics.median(t["pruned"])
+    return {"prefill_dense_s": d, "prefill_pruned_s": p, "prefill_ratio": p / d}
+
+
+def measure(name: str, model, dense, ctx: dict, seconds: float, extra: dict | None = None) -> dict:
+    a = ctx["args"]
+    row = {"name": name, "prune_seconds": seconds, "params": count_parameters(model),
+           "flops_per_token": flops_per_token(model)}
+    row["params_ratio"] = row["params"] / ctx["dense_params"]
+    row["flops_ratio"] = row["flops_per_token"] / ctx["dense_flops"]
+    row["ppl_doc"] = _ppl(model, ctx["ppl"])
+    k = ctx["ref_doc"].kl(model)
+    row["kl_doc"], row["top1_doc"] = k["kl"], k["top1_agree"]
+    row["kl_code"] = ctx["ref_code"].kl(model)["kl"]
+    if a.prefill_runs > 0:
+        row.update(prefill_ratio(model, dense, a.prefill_runs))
+    row.update(extra or {})
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    return row
+
+
+def _ppl(model, windows) -> float:
+    from trimformer.evaluate.quality import perplexity
+
+    return perplexity(model, windows, progress=False)
+
+
+def run_tp(ratio: float, calib: torch.Tensor, workdir: Path) -> tuple[object, float]:
+    cal = workdir / "tp_calib.pt"
+    torch.save(calib, cal)
+    out = workdir / f"tp_{ratio:.3f}"
+    cmd = [TP_PYTHON, str(Path(__file__).parent / "tp_runner.py"), str(_cache_dir("smollm2-135m")), str(cal),
+           str(ratio), "ffn", str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    seconds = json.loads((out / "timing.json").read_text())["seconds"]
+    return trimformer.load(out), seconds
+
+
+def tp_ratio_for(params_keep: float, dense) -> float:
+    """FFN neuron ratio that removes the same parameters as `params_keep` (uniform over blocks)."""
+    an = anatomy_of(dense)
+    per_neuron = sum(3 * an.hidden_size for _ in an.blocks)  # gate row + up row + down column, every block
+    need = count_parameters(dense) * (1 - params_keep)
+    return need / per_neuron / an.blocks[0].mlp.intermediate_size
+
+
+def width_part(dense, ctx) -> list[dict]:
+    a = ctx["args"]
+    rows = []
+    for keep in a.keeps:
+        for spec in a.width:
+            if ":" in spec:  # 'KEEP:settings' applies to that target only
+                only, spec = spec.split(":", 1)
+                if abs(float(only) - keep) > 1e-9:
+                    continue
+            settings = dict(kv.split("=", 1) for kv in spec.split(",,")) if spec else {}
+            settings = {"target": f"params={keep}", **settings}
+            m = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            trimformer.prune_(m, trimformer.build("width", settings), calibration=ctx["calib"], progress=False)
+            rows.append(measure(f"trimformer width {settings}", m, dense, ctx, time.perf_counter() - t0,
+                                {"keep_target": keep, "tool": "trimformer"}))
+            del m
+        if not a.skip_tp:
+            ratio = tp_ratio_for(keep, dense)
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    m, sec = run_tp(ratio, ctx["calib"][: a.tp_windows], Path(tmp))
+                except subprocess.CalledProcessError as e:  # record the peer's failure, keep going
+                    rows.append({"name": f"torch-pruning taylor ffn ratio={ratio:.3f}", "error": str(e),
+                                 "keep_target": keep, "tool": "torch-pruning"})
+                    continue
+                rows.append(measure(f"torch-pruning taylor ffn ratio={ratio:.3f}", m, dense, ctx, sec,
+                                    {"keep_target": keep, "tool": "torch-pruning"}))
+                del m
+    return rows
+
+
+def depth_part(dense, ctx) -> list[dict]:
+    a = ctx["args"]
+    rows = []
+    L = len(anatomy_of(dense).blocks)
+    n_blocks = round(0.2 * L)
+    m = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    trimformer.prune_(m, trimformer.build("depth", {"remove": n_blocks, "criterion": "block-influence"}),
+                      calibration=ctx["calib"], progress=False)
+    rows.append(measure(f"depth block-influence remove={n_blocks}", m, dense, ctx, time.perf_counter() - t0,
+                        {"removed": m.trimformer_history[-1]["result"]["removed_blocks"]}))
+    m = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    fc = {"compute": n_blocks / L, "windows": a.finercut_windows, "length": a.finercut_length,
+          "shortlist": a.finercut_shortlist}
+    trimformer.prune_(m, trimformer.build("finercut", fc), calibration=ctx["calib"], progress=True)
+    rows.append(measure(f"finercut {fc}", m, dense, ctx, time.perf_counter() - t0,
+                        {"removed": m.trimformer_history[-1]["result"]["removed"]}))
+    return rows
+
+
+def to_markdown(res: dict) -> str:
+    lines = ["# P1 + P2, structured pruning on smollm2-135m", "",
+             f"Settings: {json.dumps(res['settings'])}", "",
+             f"Dense: params {res['dense']['params']:,}, ppl_doc {res['dense']['ppl_doc']:.3f}", "",
+             "| run | params ratio | FLOPs ratio | ppl_doc | kl_doc | top1_doc | kl_code | prefill ratio | prune s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['params_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['ppl_doc']:.2f} | "
+                     f"{r['kl_doc']:.3f} | {r['top1_doc']:.3f} | {r['kl_code']:.3f} | "
+                     f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["all", "width", "depth"], default="all")
+    p.add_argument("--merge", action="store_true", help="merge the part files into p1p2_structure.json/.md")
+    p.add_argument("--calib", type=int, default=64)
+    p.add_argument("--ppl-windows", type=int, default=64)
+    p.add_argument("--kl-windows", type=int, default=16)
+    p.add_argument("--code-windows", type=int, default=16)
+    p.add_argument("--prefill-runs", type=int, default=5)
+    p.add_argument("--tp-windows", type=int, default=4, help="calibration windows for the peer's Taylor gradients")
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.5])
+    p.add_argument("--width", nargs="+", default=["0.8:parts=ffn,,allocation=uniform",
+                                                  "0.5:parts=ffn,heads,,allocation=uniform"],
+                   help="trimformer width settings per run: [KEEP:]key=value joined by ',,'")
+    p.add_argument("--skip-tp", action="store_true")
+    p.add_argument("--finercut-windows", type=int, default=2)
+    p.add_argument("--finercut-length", type=int, default=128)
+    p.add_argument("--finercut-shortlist", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended machine)")
+    a = p.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    if a.merge:
+        parts = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("p1p2_structure_*.json"))]
+        res = {"settings": {pp["part"]: pp["settings"] for pp in parts}, "dense": parts[0]["dense"],
+               "rows": [r for pp in parts for r in pp["rows"]]}
+        (RESULTS / "p1p2_structure.json").write_text(json.dumps(res, indent=2))
+        (RESULTS / "p1p2_structure.md").write_text(to_markdown(res))
+        print(to_markdown(res))
+        return
+    torch.set_num_threads(a.threads)
+    dense, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
+    n_eval = max(a.ppl_windows, a.kl_windows)
+    ev = data.evaluation_windows(tok, n=n_eval, length=512)
+    code = data.windows(data.tokenize(tok, code_text()), a.code_windows, 512, what="stdlib source")
+    ctx = {"args": a, "calib": data.calibration_windows(tok, n=a.calib, length=512), "ppl": ev[: a.ppl_windows],
+           "dense_params": count_parameters(dense), "dense_flops": flops_per_token(dense)}
+    ctx["ref_doc"] = Reference(dense, ev[: a.kl_windows])
+    ctx["ref_code"] = Reference(dense, code)
+    dense_row = {"params": ctx["dense_params"], "flops_per_token": ctx["dense_flops"], "ppl_doc": _ppl(dense, ctx["ppl"])}
+    print("dense", dense_row, flush=True)
+    rows = []
+    if a.part in ("all", "width"):
+        rows += width_part(dense, ctx)
+    if a.part in ("all", "depth"):
+        rows += depth_part(dense, ctx)
+    settings = {k: v for k, v in vars(a).items() if k != "merge"}
+    settings.update({"torch": torch.__version__, "python": sys.version.split()[0]})
+    res = {"part": a.part, "settings": settings, "dense": dense_row, "rows": rows}
+    name = "p1p2_structure" if a.part == "all" else f"p1p2_structure_{a.part}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
+    (RESULTS / f"{name}.md").write_text(to_markdown(res))
+    print(to_markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Dev comparison of width criteria on smollm2-135m at params=0.8 (8 calibration windows, KL on 2 eval windows).
+
+Statistics are collected once on the dense model and reused by every configuration.
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/width_criteria.py JSON_LIST_OF_SETTINGS
+A setting "damp" sets the least-squares ridge (importance.LS_DAMP).
+"""
+
+import copy
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import trimformer
+from trimformer import data
+from trimformer.structure import importance, width
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    m0, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
+    calib = data.calibration_windows(tok, n=8, length=512)
+    ev = data.evaluation_windows(tok, n=2, length=512)
+    with torch.no_grad():
+        ref = [F.log_softmax(m0(input_ids=w[None]).logits[0], -1) for w in ev]
+    t = time.time()
+    stats = width.Width(parts="ffn,heads")._statistics(trimformer.anatomy_of(m0), calib, 1, False)
+    print("stats", time.time() - t, flush=True)
+    width.Width._statistics = lambda self, a, c, bs, p, st=stats: st  # reuse the dense statistics
+    for cfg in json.loads(sys.argv[1]):
+        importance.LS_DAMP = cfg.pop("damp", 1e-4)
+        m = copy.deepcopy(m0)
+        trimformer.prune_(m, trimformer.build("width", cfg), calibration=calib, progress=False)
+        kl, n = 0.0, 0
+        with torch.no_grad():
+            for w, p in zip(ev, ref):
+                q = F.log_softmax(m(input_ids=w[None]).logits[0], -1)
+                kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
+                n += w.numel()
+        r = m.trimformer_history[-1]["result"]
+        print(cfg, importance.LS_DAMP, round(r["kept"], 3), "kl", round(kl / n, 4), flush=True)
+
+
+if __name__ == "__main__":
+    main()

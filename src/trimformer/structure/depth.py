@@ -1,0 +1,198 @@
+"""Depth pruning: remove whole blocks (block influence, angular distance) or single sublayers (FinerCut).
+
+- block-influence (ShortGPT, Men et al. 2024): BI_i = 1 - mean cos(x_in, x_out); remove the lowest.
+- angular (Gromov et al. 2024): remove the n contiguous blocks l..l+n-1 whose input x_l and output
+  x_{l+n} are closest in angle, arccos(cos(x_l, x_{l+n})) / pi averaged over tokens.
+- finercut (Zhang et al. 2024): greedily remove the attention or MLP sublayer whose removal changes
+  the model's next-token distribution least (KL to the dense model on calibration windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import calibrate
+from ..models import Anatomy, Block, anatomy_of
+from ..progress import bar
+from . import STRUCTURE, surgery
+
+
+def _count(remove: int, share: float, n: int, what: str) -> int:
+    k = remove if remove > 0 else round(share * n)
+    if k < 1:
+        raise ValueError(f"nothing to remove: set remove=N (number of {what}) or a share in (0, 1)")
+    if k >= n:
+        raise ValueError(f"cannot remove {k} of {n} {what}; at most {n - 1}")
+    return k
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.double().reshape(-1, a.shape[-1]), b.double().reshape(-1, b.shape[-1]), dim=-1)
+
+
+@torch.no_grad()
+def block_influence(anatomy: Anatomy, calibration: torch.Tensor, progress: bool = True) -> list[float]:
+    """1 - mean cos(input, output) per block on the dense model."""
+    out = []
+    for bc in calibrate.blocks(anatomy, calibration, progress=progress, desc="block influence"):
+        ys = bc.run()
+        c = torch.cat([_cos(x, y) for x, y in zip(bc.inputs, ys)])
+        out.append(1.0 - c.mean().item())
+    return out
+
+
+@torch.no_grad()
+def angular_distances(anatomy: Anatomy, calibration: torch.Tensor, n: int, progress: bool = True) -> list[float]:
+    """d(l, n) = mean arccos(cos(x_l, x_{l+n})) / pi for every start l (x_l: input of block l)."""
+    window: deque[list[torch.Tensor]] = deque(maxlen=n + 1)
+    out = []
+    L = len(anatomy.blocks)
+    def push(states: list[torch.Tensor]) -> None:
+        window.append(states)
+        if len(window) == n + 1:
+            c = torch.cat([_cos(a, b) for a, b in zip(window[0], window[-1])]).clamp(-1, 1)
+            out.append((torch.arccos(c) / math.pi).mean().item())
+            window.popleft()
+
+    for bc in calibrate.blocks(anatomy, calibration, progress=progress, desc="angular distance"):
+        push(bc.inputs)
+        if bc.block.index == L - 1:
+            push(bc.run())
+    return out  # len L - n + 1
+
+
+@STRUCTURE.register("depth")
+@dataclass
+class Depth:
+    """Remove whole blocks. remove: how many (or share: the fraction of blocks).
+    criterion: block-influence (lowest BI) | angular (the most similar contiguous interval)."""
+
+    remove: int = 0
+    share: float = 0.0
+    criterion: str = "block-influence"
+
+    def __post_init__(self) -> None:
+        if self.criterion not in ("block-influence", "angular"):
+            raise ValueError(f"criterion {self.criterion!r}: choose 'block-influence' or 'angular'")
+        if self.remove < 0 or not 0.0 <= self.share < 1.0:
+            raise ValueError(f"remove must be >= 0 and share in [0, 1), got {self.remove}, {self.share}")
+
+    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
+               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+        if calibration is None:
+            raise ValueError(f"depth ({self.criterion}) needs calibration windows")
+        L = len(anatomy.blocks)
+        k = _count(self.remove, self.share, L, "blocks")
+        if self.criterion == "block-influence":
+            scores = block_influence(anatomy, calibration, progress)
+            drop = sorted(sorted(range(L), key=lambda i: scores[i])[:k])
+        else:
+            scores = angular_distances(anatomy, calibration, k, progress)
+            start = min(range(len(scores)), key=lambda i: scores[i])
+            drop = list(range(start, start + k))
+        surgery.remove_blocks(anatomy, drop)
+        return {"removed_blocks": drop, "scores": scores}
+
+
+# -- FinerCut -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def silenced(block: Block, kind: str) -> Iterator[None]:
+    """Make one sublayer add 0 to the residual stream while inside (a forward hook, removed after)."""
+    if kind == "attn":
+        h = block.attention.module.register_forward_hook(lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]))
+    else:
+        h = block.mlp.down.module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _sublayer_params(block: Block, kind: str) -> int:
+    part = block.attention if kind == "attn" else block.mlp
+    return sum(p.weight.numel() for p in part.projections.values()) if part is not None else 0
+
+
+@STRUCTURE.register("finercut")
+@dataclass
+class FinerCut:
+    """Greedy removal of attention / MLP sublayers by output KL. remove: how many sublayers, or
+    compute: the share of the blocks' matmul compute to remove. parts: 'attn', 'mlp' or 'attn,mlp'.
+    windows/length: the calibration tokens the KL is measured on (the first windows, cut to length).
+    shortlist: after the first step, re-score only this many candidates, the best of the previous
+    step (lazy greedy; 0 = re-score every candidate at every step, as in the paper)."""
+
+    remove: int = 0
+    compute: float = 0.0
+    parts: str = "attn,mlp"
+    windows: int = 4
+    length: int = 256
+    shortlist: int = 0
+
+    def __post_init__(self) -> None:
+        self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
+        if not self._parts or not self._parts <= {"attn", "mlp"}:
+            raise ValueError(f"parts {self.parts!r}: use 'attn', 'mlp' or 'attn,mlp'")
+        if (self.remove > 0) == (self.compute > 0) or not 0.0 <= self.compute < 1.0:
+            raise ValueError("set exactly one of remove=N (sublayers) or compute=S (share of blocks' compute, 0<S<1)")
+
+    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
+               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+        if calibration is None:
+            raise ValueError("finercut needs calibration windows")
+        if not all(b.pre_norm for b in anatomy.blocks) or not anatomy.causal:
+            raise ValueError("finercut removes sublayers of pre-norm decoders only")
+        ids = calibration[: self.windows, : self.length]
+        model = anatomy.model
+        with torch.no_grad():
+            ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)  # (n, T, V)
+        total = sum(_sublayer_params(b, k) for b in anatomy.blocks for k in ("attn", "mlp"))
+        cands = [(b.index, k) for b in anatomy.blocks for k in sorted(self._parts)
+                 if (b.attention if k == "attn" else b.mlp) is not None]
+        budget = self.remove if self.remove > 0 else self.compute * total
+        if self.remove >= len(cands):
+            raise ValueError(f"cannot remove {self.remove} sublayers; only {len(cands)} can go")
+        removed: list[tuple[int, str]] = []
+        trace = []
+        latest: dict[tuple[int, str], float] = {}  # each candidate's KL when last scored
+        gone = 0.0
+        steps = bar(range(len(cands)), desc="finercut", unit="sublayer", disable=not progress)
+        for _ in steps:
+            if gone >= budget - 1e-9:
+                break
+            best = None
+            pool = sorted(cands, key=latest.__getitem__)[: self.shortlist] if latest and self.shortlist else cands
+            for i, k in pool:
+                with contextlib.ExitStack() as stack:
+                    for j, kk in removed + [(i, k)]:
+                        stack.enter_context(silenced(anatomy.blocks[j], kk))
+                    with torch.no_grad():
+                        q = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+                    kl = F.kl_div(q, ref, log_target=True, reduction="sum").item() / ref[..., 0].numel()
+                latest[(i, k)] = kl
+                if best is None or kl < best[0]:
+                    best = (kl, i, k)
+            kl, i, k = best
+            removed.append((i, k))
+            cands.remove((i, k))
+            gone += 1 if self.remove > 0 else _sublayer_params(anatomy.blocks[i], k)
+            trace.append({"block": i, "sublayer": k, "kl": kl})
+        for i, k in removed:  # surgery last: silencing used hooks, so indices stayed valid
+            if k == "attn":
+                surgery.remove_attention(anatomy, anatomy.blocks[i])
+            else:
+                surgery.remove_mlp(anatomy.blocks[i])
+        empty = [b.index for b in anatomy.blocks if b.index in {i for i, k in removed if k == "attn"}
+                 and b.index in {i for i, k in removed if k == "mlp"}]
+        if empty:  # both sublayers gone: the block is the identity, drop it
+            surgery.remove_blocks(anatomy, empty)
+        surgery.sync_config(anatomy_of(model))
+        return {"removed": trace, "removed_blocks": empty}

@@ -1,0 +1,169 @@
+"""Save a structurally pruned model so that `transformers` reloads it with identical logits.
+
+Uniform result (vanilla `type(model)(config)` rebuilds exactly these shapes and attributes) -> a plain
+Hugging Face checkpoint. Otherwise (per-layer widths/heads, removed sublayers, a head_dim the family
+cannot express) -> the same checkpoint plus, in config.json, the per-layer differences
+(`trimformer_shapes`, `trimformer_attrs`, `trimformer_removed`) and `auto_map` to a small
+`trimformer_modeling.py` that rebuilds them on top of the vanilla class; it imports only torch and
+transformers, so `from_pretrained(..., trust_remote_code=True)` works without trimformer installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..export.hf import save_pretrained
+from ..models import anatomy_of
+from . import surgery
+
+MODELING_FILE = "trimformer_modeling.py"
+
+_AUTO = (  # (auto class, mapping name in transformers.models.auto.modeling_auto)
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModel", "MODEL_MAPPING_NAMES"),
+)
+
+_SIMPLE = (int, float, bool)
+
+
+def _attrs(m: nn.Module) -> dict[str, Any]:
+    out = {}
+    for k, v in vars(m).items():
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(x, int) for x in v)):
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def differences(model: nn.Module) -> dict[str, Any]:
+    """What `type(model)(model.config)` would build differently: parameter shapes, module attributes,
+    removed sublayers. Empty dicts mean a plain checkpoint reloads this model exactly."""
+    with torch.device("meta"):
+        ref = type(model)(copy.deepcopy(model.config))
+    ref_mods = dict(ref.named_modules())
+    removed, attrs = {}, {}
+    for name, m in model.named_modules():
+        if getattr(m, "trimformer_removed", False):
+            removed[name] = ["attention", m.layer_idx] if hasattr(m, "layer_idx") else ["mlp", None]
+            continue
+        r = ref_mods.get(name)
+        if r is None:
+            continue
+        mine, theirs = _attrs(m), _attrs(r)
+        diff = {k: v for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if diff:
+            attrs[name] = diff
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    shapes = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if any(name.startswith(r + ".") for r in removed):
+            continue
+        if name not in ref_params or tuple(ref_params[name].shape) != tuple(p.shape):
+            shapes[name] = list(p.shape)
+    return {"trimformer_shapes": shapes, "trimformer_attrs": attrs, "trimformer_removed": removed}
+
+
+def _auto_key(model: nn.Module) -> str:
+    from transformers.models.auto import modeling_auto
+
+    cls, mt = type(model).__name__, model.config.model_type
+    for key, mapping in _AUTO:
+        if getattr(modeling_auto, mapping).get(mt) == cls:
+            return key
+    raise ValueError(f"no Auto class maps model_type {mt!r} to {cls}; cannot write auto_map")
+
+
+def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
+         extra_files: dict[str, Any] | None = None) -> Path:
+    """Write `model` to `out`: plain when vanilla transformers rebuilds it, else with trimformer_modeling.py."""
+    surgery.sync_config(anatomy_of(model))
+    cfg = model.config
+    for key in ("trimformer_shapes", "trimformer_attrs", "trimformer_removed", "auto_map"):
+        if hasattr(cfg, key):
+            delattr(cfg, key)
+    diff = differences(model)
+    files = dict(extra_files or {})
+    if any(diff.values()):
+        base = type(model).__name__
+        for k, v in diff.items():
+            setattr(cfg, k, v)
+        cfg.auto_map = {_auto_key(model): f"trimformer_modeling.Trimmed{base}"}
+        files[MODELING_FILE] = _TEMPLATE.replace("{BASE}", base)
+    try:
+        return save_pretrained(model, out, tokenizer=tokenizer, extra_files=files, overwrite=overwrite)
+    finally:
+        for key in ("trimformer_shapes", "trimformer_attrs", "trimformer_removed", "auto_map"):
+            if hasattr(cfg, key):
+                delattr(cfg, key)
+
+
+_TEMPLATE = '''"""Rebuilds a model pruned by trimformer (per-layer shapes) on top of the vanilla transformers class.
+
+Written by trimformer; needs only torch and transformers. Load with trust_remote_code=True.
+"""
+
+import torch
+from torch import nn
+from transformers import {BASE} as _Base
+
+
+class RemovedAttention(nn.Module):
+    """A removed attention sublayer: adds 0; records sequence length in the KV cache."""
+
+    trimformer_removed = True
+
+    def __init__(self, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and hasattr(cache, "update"):
+            B, T = hidden_states.shape[:2]
+            stub = hidden_states.new_zeros(B, 1, T, 1)
+            cache.update(stub, stub, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(nn.Module):
+    """A removed MLP sublayer: adds 0."""
+
+    trimformer_removed = True
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+class Trimmed{BASE}(_Base):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        for path, (kind, layer_idx) in getattr(config, "trimformer_removed", {}).items():
+            parent, _, child = path.rpartition(".")
+            stand_in = RemovedAttention(layer_idx) if kind == "attention" else RemovedMLP()
+            setattr(self.get_submodule(parent) if parent else self, child, stand_in)
+        for name, shape in getattr(config, "trimformer_shapes", {}).items():
+            path, _, pname = name.rpartition(".")
+            module = self.get_submodule(path) if path else self
+            old = getattr(module, pname, None)
+            like = old if old is not None else next(self.parameters())
+            new = nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device),
+                               requires_grad=like.requires_grad)
+            setattr(module, pname, new)
+        for path, attrs in getattr(config, "trimformer_attrs", {}).items():
+            module = self.get_submodule(path) if path else self
+            for key, value in attrs.items():
+                old = getattr(module, key, None)
+                setattr(module, key, tuple(value) if isinstance(old, tuple) else value)
+        if getattr(config, "tie_word_embeddings", False) and self.get_output_embeddings() is not None:
+            self.get_output_embeddings().weight = self.get_input_embeddings().weight
+'''
