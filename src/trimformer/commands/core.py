@@ -107,7 +107,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .. import data, evaluate, load, prune_
     from ..evaluate import to_markdown
-    from ..export import OutputExistsError, save_pretrained
+    from ..export import OutputExistsError
+    from ..structure.export import save  # plain HF when uniform, else per-layer shapes + modeling file
     from ..progress import quiet
 
     recipe = _recipe(args)
@@ -139,7 +140,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     extra = {"trimformer.json": meta}
     if report is not None:
         extra.update({"report.json": report, "report.md": to_markdown(report)})
-    save_pretrained(model, args.out, tokenizer=tok, extra_files=extra, overwrite=args.overwrite)
+    save(model, args.out, tokenizer=tok, extra_files=extra, overwrite=args.overwrite)
     if report is not None:
         print(to_markdown(report))
     print(f"saved {args.out}/ (checkpoint, report.json, report.md, trimformer.json)")
