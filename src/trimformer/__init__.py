@@ -14,6 +14,7 @@ from .api import prune_
 from .methods import Recipe, build
 from .models import anatomy_of
 from .models.load import BUNDLED, load
+from .recover import RecoverConfig, recover_
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,4 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
-__all__ = ["BUNDLED", "Recipe", "anatomy_of", "build", "data", "evaluate", "load", "prune_"]
+__all__ = ["BUNDLED", "Recipe", "RecoverConfig", "anatomy_of", "build", "data", "evaluate", "load", "prune_", "recover_"]
