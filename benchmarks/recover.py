@@ -1,0 +1,213 @@
+"""Recovery benchmark (P1-style, shortened for a contended 2-core CPU): smollm2-135m, Wanda 50% + distillation.
+
+    PYTHONPATH=src python benchmarks/recover.py            # writes benchmarks/results/recover.{json,md}
+
+Dense teacher, Wanda 50% (unstructured) student before recovery, after full fine-tuning of the blocks, and
+after LoRA; quality on windows of the evaluation pool (never trained on); training tokens/s; peak memory of
+each training run, measured in its own process (VmHWM), total and above the loaded models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trimformer.export.hf import save_pretrained
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+@torch.no_grad()
+def quality(model, windows: torch.Tensor, ref_logp: list[torch.Tensor]) -> dict[str, float]:
+    """kl (dense || model), top-1 agreement and perplexity over the same windows, one forward each."""
+    kl = agree = nll = 0.0
+    count = 0
+    for ids, p in zip(windows, ref_logp):
+        q = F.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), -1)  # (T, V)
+        kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
+        agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
+        nll += F.nll_loss(q[:-1], ids[1:], reduction="sum").item()
+        count += ids.numel()
+    n_pred = count - len(windows)
+    return {"kl": kl / count, "top1_agree": agree / count, "ppl": math.exp(nll / n_pred)}
+
+
+def sparsity(model) -> dict[str, float]:
+    import trimformer
+
+    zeros = total = 0
+    rows_exact = True
+    for _, p in trimformer.anatomy_of(model).projections():
+        W = p.weight
+        zeros += (W == 0).sum().item()
+        total += W.numel()
+        rows_exact &= bool(((W == 0).sum(1) == W.shape[1] // 2).all())  # Wanda: exactly half of every row
+    return {"sparsity": zeros / total, "every_row_exactly_half": rows_exact}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One training run in its own process, so its peak memory is its own."""
+    import trimformer
+    from trimformer.recover import RecoverConfig, recover_
+
+    teacher, tok = trimformer.load(args.teacher, with_tokenizer=True)
+    student = trimformer.load(args.student)
+    calib_pool, _ = trimformer.data.doc_pools(tok)
+    data = trimformer.data.windows(calib_pool, calib_pool.numel() // args.seq_len, args.seq_len, what="calibration pool")
+    with torch.no_grad():  # own the weights (safetensors loads are memory-mapped and page in lazily)
+        for m in (teacher, student):
+            for prm in m.parameters():
+                prm.data = prm.data.clone()
+    gc.collect()
+    base = rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is training's
+        reset = True
+    except OSError:
+        reset = False
+    cfg = RecoverConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=2,
+                        lora_rank=args.lora_rank or None, loss=args.loss, gradient_checkpointing=args.gc_run)
+    t0 = time.perf_counter()
+    recover_(student, teacher, data, cfg)
+    wall = time.perf_counter() - t0
+    peak = rss_kib("VmHWM")
+    r = student.trimformer_history[-1]["result"]
+    save_pretrained(student, args.out)
+    json.dump({"settings": cfg.settings(), "train_windows": int(data.shape[0]), "wall_s": wall,
+               "tokens_per_s": r["tokens_per_s"], "losses": r["losses"], "peak_rss_mib": peak / 1024,
+               "loaded_rss_mib": base / 1024, "peak_above_loaded_mib": (peak - base) / 1024 if reset else None},
+              open(Path(args.out) / "run.json", "w"))
+
+
+def train(kind: str, student_dir: str, out: str, args: argparse.Namespace, steps: int, lora_rank: int | None,
+          checkpointing: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--student", student_dir, "--out", out, "--steps", str(steps),
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--loss", args.loss,
+           "--lr", str(args.lora_lr if lora_rank else args.lr)]
+    cmd += ["--lora-rank", str(lora_rank or 0)]  # 0: full fine-tuning
+    if checkpointing:
+        cmd += ["--gc-run"]
+    print(f"[{kind}] {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "TRIMFORMER_QUIET": os.environ.get("TRIMFORMER_QUIET", "")})
+    return json.loads((Path(out) / "run.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--student", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--teacher", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=16, help="full fine-tuning steps")
+    ap.add_argument("--lora-steps", type=int, default=6)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing in the LoRA run")
+    ap.add_argument("--gc-run", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--loss", default="kl")
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=4)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import trimformer
+
+    t_start = time.perf_counter()
+    teacher, tok = trimformer.load(args.teacher, with_tokenizer=True)
+    calib_pool, eval_pool = trimformer.data.doc_pools(tok)
+    ev = trimformer.data.windows(eval_pool, args.eval_windows, args.seq_len, what="evaluation pool")  # held out
+    with torch.no_grad():
+        ref = [F.log_softmax(teacher(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in ev]
+    rows = {"dense": quality(teacher, ev, ref)}
+
+    student = trimformer.load(args.teacher)
+    calib = trimformer.data.windows(calib_pool, args.calib_windows, args.seq_len, what="calibration pool")
+    t0 = time.perf_counter()
+    trimformer.prune_(student, trimformer.build("wanda", {"sparsity": 0.5}), calibration=calib)
+    prune_s = time.perf_counter() - t0
+    rows["wanda50"] = {**quality(student, ev, ref), **sparsity(student)}
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="trimformer-recover-") as tmp:
+        pruned_dir = f"{tmp}/pruned"
+        save_pretrained(student, pruned_dir)
+        del student
+        for kind, steps, rank in (("full", args.steps, None), ("lora", args.lora_steps, args.lora_rank)):
+            runs[kind] = train(kind, pruned_dir, f"{tmp}/{kind}", args, steps, rank, checkpointing=args.gc and rank is not None)
+            healed = trimformer.load(f"{tmp}/{kind}")
+            rows[f"wanda50+{kind}"] = {**quality(healed, ev, ref), **sparsity(healed)}
+            del healed
+    result = {
+        "model": args.teacher, "args": vars(args), "prune_seconds": prune_s,
+        "eval": f"{args.eval_windows} windows x {args.seq_len} tokens from the start of the evaluation pool (never trained on)",
+        "calibration": f"{args.calib_windows} windows x {args.seq_len} tokens from the calibration pool (Wanda)",
+        "training_data": "non-overlapping windows of the calibration pool, shuffled per epoch",
+        "quality": rows, "runs": runs, "total_seconds": time.perf_counter() - t_start,
+        "torch_threads": torch.get_num_threads(),
+        "command": "PYTHONPATH=src python benchmarks/recover.py " + " ".join(sys.argv[1:]),
+    }
+    gap0 = rows["wanda50"]["kl"]
+    for k in ("full", "lora"):
+        result[f"kl_gap_closed_{k}"] = 1.0 - rows[f"wanda50+{k}"]["kl"] / gap0
+    full, lora = runs["full"], runs["lora"]
+    result["lora_over_full_peak_rss"] = lora["peak_rss_mib"] / full["peak_rss_mib"]
+    if full["peak_above_loaded_mib"] and lora["peak_above_loaded_mib"] is not None:
+        result["lora_over_full_peak_above_loaded"] = lora["peak_above_loaded_mib"] / full["peak_above_loaded_mib"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "recover.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "recover.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    q = r["quality"]
+    lines = [
+        f"# Recovery on {r['model']}: Wanda 50% + distillation", "",
+        f"Command: `{r['command']}`  ", f"Evaluation: {r['eval']}.  ", f"Pruning calibration: {r['calibration']}.  ",
+        f"Training data: {r['training_data']}. Threads: {r['torch_threads']} (shared, contended machine).", "",
+        "| model | kl vs dense | top-1 agree | ppl (held-out) | sparsity | every row exactly 50% |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, row in q.items():
+        sp = f"{row['sparsity']:.4f}" if "sparsity" in row else "0"
+        lines.append(f"| {name} | {row['kl']:.4f} | {row['top1_agree']:.3f} | {row['ppl']:.2f} | {sp} | "
+                     f"{row.get('every_row_exactly_half', '-')} |")
+    lines += ["", "| run | steps | batch x seq | lr | tokens/s | peak RSS MiB | peak above loaded MiB | kl gap closed |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for k, run in r["runs"].items():
+        s = run["settings"]
+        above = run["peak_above_loaded_mib"]
+        lines.append(f"| {k}{' (LoRA r=' + str(s['lora_rank']) + ')' if s['lora_rank'] else ''}"
+                     f"{' +gc' if s['gradient_checkpointing'] else ''} | {s['steps']} | {s['batch_size']} x {r['args']['seq_len']} | "
+                     f"{s['lr']:g} | {run['tokens_per_s']:.1f} | {run['peak_rss_mib']:.0f} | "
+                     f"{'-' if above is None else f'{above:.0f}'} | {r[f'kl_gap_closed_{k}']:.1%} |")
+    lines += ["", f"LoRA / full peak RSS: {r['lora_over_full_peak_rss']:.2f}"
+              + (f"; above the loaded models: {r['lora_over_full_peak_above_loaded']:.2f}"
+                 if "lora_over_full_peak_above_loaded" in r else ""), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
