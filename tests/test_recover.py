@@ -238,3 +238,21 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
     assert [s for s, _ in ckpt.steps_in(tmp_path)] == [2, 3]
     shutil.rmtree(tmp_path / "step-000003")
     assert ckpt.latest(tmp_path).name == "step-000002"
+
+
+def test_slimfit_freezes_the_least_moving_blocks(tmp_path):
+    student, teacher = pruned_pair()
+    cfg = RecoverConfig(steps=6, batch_size=2, lr=1e-2, warmup_steps=0, freeze_fraction=0.5, freeze_at=1 / 3,
+                        checkpoint_dir=str(tmp_path), checkpoint_every=2, keep_checkpoints=5)
+    recover_(student, teacher, windows(), cfg, progress=False)
+    frozen = student.trimformer_history[-1]["result"]["frozen_blocks"]
+    assert len(frozen) == 1  # half of 2 blocks, chosen at step 2
+    at_freeze = ckpt.load(tmp_path / "step-000002")["params"]
+    assert ckpt.load(tmp_path / "step-000002")["freezer"]["frozen"] == frozen
+    moved = ckpt.load(tmp_path / "step-000002")["freezer"]["moved"]
+    assert moved[frozen[0]] == min(moved.values())
+    for n, p in student.named_parameters():
+        if n in at_freeze and n.startswith("model.layers."):
+            same = torch.equal(p, at_freeze[n])
+            assert same == (int(n.split(".")[2]) in frozen), n  # frozen block unchanged since step 2, others moved
+    assert all(p.requires_grad for p in student.parameters())  # flags restored

@@ -20,6 +20,7 @@ from ..models import anatomy_of
 from ..progress import bar
 from . import checkpoint as ckpt
 from . import lora as lora_mod
+from .freeze import Freezer
 from .loss import Distiller, parse_loss
 from .masks import MaskKeeper, gmp_targets
 
@@ -44,6 +45,8 @@ class RecoverConfig:
       block projections, merged back at the end (alpha defaults to 2r).
     gmp_sparsity: gradual magnitude pruning to this sparsity per block projection during training, cubic
       schedule (Zhu & Gupta, 2017) from step gmp_start*steps to gmp_end*steps, every gmp_every steps.
+    freeze_fraction: SlimFit-style freezing: after freeze_at*steps steps, freeze this share of the blocks
+      whose weights moved least so far (full fine-tuning only).
     checkpoint_dir: write a checkpoint every `checkpoint_every` steps (keep the newest `keep_checkpoints`);
       with `resume`, a run finding one there continues from it.
     """
@@ -67,6 +70,8 @@ class RecoverConfig:
     gmp_start: float = 0.0
     gmp_end: float = 0.7
     gmp_every: int = 10
+    freeze_fraction: float = 0.0
+    freeze_at: float = 0.1
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -96,6 +101,11 @@ class RecoverConfig:
             if self.lora_rank is not None:
                 raise ValueError("gradual magnitude pruning prunes the weights themselves; it cannot run with LoRA "
                                  "(use lora_rank=None)")
+
+        if not 0.0 <= self.freeze_fraction < 1.0 or not 0.0 < self.freeze_at < 1.0:
+            raise ValueError(f"need 0 <= freeze_fraction < 1 and 0 < freeze_at < 1, got {self.freeze_fraction}, {self.freeze_at}")
+        if self.freeze_fraction and self.lora_rank is not None:
+            raise ValueError("freeze_fraction applies to full fine-tuning; LoRA already trains few parameters")
 
     @property
     def learning_rate(self) -> float:
@@ -135,6 +145,8 @@ def recover_(
     if not candidates:
         raise ValueError(f"nothing to train: every parameter {'in the blocks ' if cfg.train == 'blocks' else ''}is frozen")
     keeper = MaskKeeper(student, candidates, masks)
+    freezer = Freezer({b.index: {n: p for n, p in candidates.items() if n.startswith(f"{prefix}{b.index}.")}
+                       for b in s_anat.blocks}, cfg.freeze_fraction, max(int(cfg.freeze_at * cfg.steps), 1))
     gmp_names = [p.name + ".weight" for _, p in s_anat.projections() if p.name + ".weight" in candidates]
 
     torch.manual_seed(cfg.seed)
@@ -160,7 +172,7 @@ def recover_(
         start, losses = 0, []
         found = ckpt.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir and cfg.resume else None
         if found is not None:
-            start, losses = _restore(found, cfg, params, opt, sched, keeper)
+            start, losses = _restore(found, cfg, params, opt, sched, keeper, freezer)
 
         B, T = cfg.batch_size, data.shape[1]
         steps = bar(range(start, cfg.steps), desc="recover", unit="step", total=cfg.steps - start,
@@ -190,13 +202,15 @@ def recover_(
             opt.zero_grad(set_to_none=True)
             if adapters is None:  # (with LoRA the masked weights are frozen; the hook masks the update)
                 keeper.apply_()
+            freezer.track(opt, step + 1)
+            freezer.maybe_freeze(step + 1)
             losses.append(loss.item())
             tokens += B * T * world
             tok_s = tokens / max(time.perf_counter() - t_loop, 1e-9)
             steps.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tok_s:.0f}")
             if cfg.checkpoint_dir and (step + 1) % cfg.checkpoint_every == 0:
                 if rank == 0:
-                    last_ckpt = ckpt.save(cfg.checkpoint_dir, step + 1, _state(step + 1, cfg, params, opt, sched, keeper, losses),
+                    last_ckpt = ckpt.save(cfg.checkpoint_dir, step + 1, _state(step + 1, cfg, params, opt, sched, keeper, freezer, losses),
                                           cfg.keep_checkpoints)
                 if acc:
                     acc.wait_for_everyone()
@@ -217,7 +231,7 @@ def recover_(
     history = getattr(student, "trimformer_history", [])
     history.append({"method": "recover", "settings": cfg.settings(), "seconds": time.perf_counter() - t0, "result": {
         "steps_run": ran, "resumed_from": start, "losses": losses, "tokens_per_s": (ran * B * T * world) / max(seconds, 1e-9),
-        "train_seconds": seconds, "sparsity": {n: keeper.sparsity(n) for n in keeper.masks},
+        "train_seconds": seconds, "frozen_blocks": freezer.frozen, "sparsity": {n: keeper.sparsity(n) for n in keeper.masks},
     }})
     student.trimformer_history = history
     return student
@@ -291,7 +305,7 @@ def _distributed(model: nn.Module, opt: torch.optim.Optimizer):
 
 
 def _state(step: int, cfg: RecoverConfig, params: dict[str, nn.Parameter], opt, sched, keeper: MaskKeeper,
-           losses: list[float]) -> dict:
+           freezer: Freezer, losses: list[float]) -> dict:
     return {
         "step": step,
         "settings": {k: v for k, v in cfg.settings().items() if k not in _RESUME_FREE},
@@ -301,13 +315,14 @@ def _state(step: int, cfg: RecoverConfig, params: dict[str, nn.Parameter], opt, 
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "masks": keeper.state(),
+        "freezer": freezer.state(),
         "losses": list(losses),
     }
 
 
 @torch.no_grad()
 def _restore(path: Path, cfg: RecoverConfig, params: dict[str, nn.Parameter], opt, sched,
-             keeper: MaskKeeper) -> tuple[int, list[float]]:
+             keeper: MaskKeeper, freezer: Freezer) -> tuple[int, list[float]]:
     state = ckpt.load(path)
     now = {k: v for k, v in cfg.settings().items() if k not in _RESUME_FREE}
     diff = {k: (state["settings"].get(k), v) for k, v in now.items() if state["settings"].get(k) != v}
@@ -323,6 +338,7 @@ def _restore(path: Path, cfg: RecoverConfig, params: dict[str, nn.Parameter], op
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     keeper.load(state["masks"])
+    freezer.load(state["freezer"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
