@@ -256,3 +256,23 @@ def test_slimfit_freezes_the_least_moving_blocks(tmp_path):
             same = torch.equal(p, at_freeze[n])
             assert same == (int(n.split(".")[2]) in frozen), n  # frozen block unchanged since step 2, others moved
     assert all(p.requires_grad for p in student.parameters())  # flags restored
+
+
+def test_prune_recover_cycles_grow_the_mask_and_heal_between_cuts(tmp_path):
+    from trimformer.recover import prune_recover_cycles_
+
+    teacher = tiny("llama")
+    student = copy.deepcopy(teacher)
+    prune_recover_cycles_(student, teacher, windows(), "wanda", [0.25, 0.5],
+                          RecoverConfig(steps=2, batch_size=2, lr=1e-3, checkpoint_dir=str(tmp_path), checkpoint_every=2),
+                          progress=False)
+    after_first = ckpt.load(tmp_path / "cycle-0" / "step-000002")["masks"]  # keep-masks after cycle 1's recovery
+    for n, keep in after_first.items():
+        assert not (student.get_parameter(n)[~keep] != 0).any(), n  # what was cut stays cut
+    methods = [h["method"] for h in student.trimformer_history]
+    assert methods == ["wanda", "recover", "wanda", "recover"]
+    first = student.trimformer_history[1]["result"]["sparsity"]
+    final = student.trimformer_history[3]["result"]["sparsity"]
+    assert all(abs(v - 0.25) < 0.02 for v in first.values()) and all(abs(v - 0.5) < 1e-6 for v in final.values())
+    with pytest.raises(ValueError, match="increasing"):
+        prune_recover_cycles_(student, teacher, windows(), "wanda", [0.5, 0.25])
