@@ -68,7 +68,8 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def hidden_loss(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor], mapping: list[int]) -> torch.Tensor:
     losses = []
     for i, j in enumerate(mapping):
-        hs, ht = student[i].float(), teacher[j].float()  # (B, T, H)
+        hs = student[i].float()  # (B, T, H)
+        ht = teacher[j].to(hs.device).float()
         losses.append(F.mse_loss(hs, ht) / ht.pow(2).mean().clamp(min=1e-12))
     return torch.stack(losses).mean()
 
@@ -109,13 +110,14 @@ class Distiller:
         hs: dict[int, torch.Tensor] = {}
         ht: dict[int, torch.Tensor] = {}
         hidden = "hidden" in self.terms
+        t_device = next(teacher.parameters()).device
         with torch.no_grad(), (capture_blocks(self.teacher_blocks, ht) if hidden else contextlib.nullcontext()):
-            t_out = teacher(input_ids=ids, **self.t_kw)
+            t_out = teacher(input_ids=ids.to(t_device), **self.t_kw)
         with capture_blocks(self.student_blocks, hs) if hidden else contextlib.nullcontext():
             s_out = student(input_ids=ids, **self.s_kw)
         parts: dict[str, torch.Tensor] = {}
         if "kl" in self.terms:
-            parts["kl"] = kl_loss(s_out.logits, t_out.logits, self.T)
+            parts["kl"] = kl_loss(s_out.logits, t_out.logits.to(s_out.logits.device), self.T)
         if hidden:
             parts["hidden"] = self.hidden_weight * hidden_loss(hs, ht, self.mapping)
         if "lm" in self.terms:

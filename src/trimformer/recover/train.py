@@ -151,6 +151,8 @@ def recover_(
 
     torch.manual_seed(cfg.seed)
     was_training, had_gc = student.training, _checkpointing(student, "is")
+    teacher_training = teacher.training
+    teacher.eval()  # no dropout in the targets
     adapters: lora_mod.LoRA | None = None
     t0 = time.perf_counter()
     try:
@@ -227,6 +229,7 @@ def recover_(
         if cfg.gradient_checkpointing and not had_gc:
             _checkpointing(student, "disable")
         student.train(was_training)
+        teacher.train(teacher_training)
     ran = cfg.steps - start
     history = getattr(student, "trimformer_history", [])
     history.append({"method": "recover", "settings": cfg.settings(), "seconds": time.perf_counter() - t0, "result": {
