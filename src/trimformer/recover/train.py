@@ -169,7 +169,8 @@ def recover_(
         student.train()
         opt = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.steps, cfg.warmup_steps))
-        model, rank, world, acc = _distributed(student, opt)
+        model, rank, world, acc = _distributed(student, opt, teacher)
+        device = next(student.parameters()).device
 
         start, losses = 0, []
         found = ckpt.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir and cfg.resume else None
@@ -296,14 +297,17 @@ def _batch(data: torch.Tensor, step: int, batch_size: int, seed: int, rank: int 
     return data[torch.stack(rows)]  # (B, T)
 
 
-def _distributed(model: nn.Module, opt: torch.optim.Optimizer):
+def _distributed(model: nn.Module, opt: torch.optim.Optimizer, teacher: nn.Module):
     """With several processes (`accelerate launch` / torchrun sets WORLD_SIZE), wrap with accelerate (DDP/FSDP)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return model, 0, 1, None
     from accelerate import Accelerator
 
-    acc = Accelerator()
-    wrapped, _ = acc.prepare(model, opt)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
+    if acc.num_processes <= 1:
+        return model, 0, 1, None
+    wrapped, _ = acc.prepare(model, opt)  # moves the student to this process' device
+    teacher.to(acc.device)
     return wrapped, acc.process_index, acc.num_processes, acc
 
 
