@@ -51,17 +51,20 @@ def quality(model, windows: torch.Tensor, ref_logp: list[torch.Tensor]) -> dict[
     return {"kl": kl / count, "top1_agree": agree / count, "ppl": math.exp(nll / n_pred)}
 
 
-def sparsity(model) -> dict[str, float]:
+def sparsity(model, pattern: str) -> dict[str, float]:
     import trimformer
 
     zeros = total = 0
-    rows_exact = True
+    exact = True
     for _, p in trimformer.anatomy_of(model).projections():
         W = p.weight
         zeros += (W == 0).sum().item()
         total += W.numel()
-        rows_exact &= bool(((W == 0).sum(1) == W.shape[1] // 2).all())  # Wanda: exactly half of every row
-    return {"sparsity": zeros / total, "every_row_exactly_half": rows_exact}
+        if pattern == "2:4":  # exactly 2 zeros in every group of 4 consecutive inputs
+            exact &= bool(((W.reshape(W.shape[0], -1, 4) == 0).sum(-1) == 2).all())
+        else:  # Wanda compares within rows: exactly half of every row
+            exact &= bool(((W == 0).sum(1) == W.shape[1] // 2).all())
+    return {"sparsity": zeros / total, "pattern_exact": exact}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -117,16 +120,17 @@ def main() -> None:
     ap.add_argument("--student", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=16, help="full fine-tuning steps")
-    ap.add_argument("--lora-steps", type=int, default=6)
+    ap.add_argument("--runs", default="full:20,lora:4,lora+gc:8",
+                    help="training runs NAME:STEPS (full, lora, lora+gc = LoRA with gradient checkpointing)")
+    ap.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)  # (worker)
     ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--gc", action="store_true", help="gradient checkpointing in the LoRA run")
     ap.add_argument("--gc-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--loss", default="kl")
+    ap.add_argument("--pattern", default="unstructured", help="Wanda pattern: unstructured (50%%) or 2:4")
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--eval-windows", type=int, default=4)
     args = ap.parse_args()
@@ -146,18 +150,22 @@ def main() -> None:
     student = trimformer.load(args.teacher)
     calib = trimformer.data.windows(calib_pool, args.calib_windows, args.seq_len, what="calibration pool")
     t0 = time.perf_counter()
-    trimformer.prune_(student, trimformer.build("wanda", {"sparsity": 0.5}), calibration=calib)
+    label = "wanda50" if args.pattern == "unstructured" else f"wanda{args.pattern}"
+    trimformer.prune_(student, trimformer.build("wanda", {"sparsity": 0.5, "pattern": args.pattern}), calibration=calib)
     prune_s = time.perf_counter() - t0
-    rows["wanda50"] = {**quality(student, ev, ref), **sparsity(student)}
+    rows[label] = {**quality(student, ev, ref), **sparsity(student, args.pattern)}
     runs = {}
     with tempfile.TemporaryDirectory(prefix="trimformer-recover-") as tmp:
         pruned_dir = f"{tmp}/pruned"
         save_pretrained(student, pruned_dir)
         del student
-        for kind, steps, rank in (("full", args.steps, None), ("lora", args.lora_steps, args.lora_rank)):
-            runs[kind] = train(kind, pruned_dir, f"{tmp}/{kind}", args, steps, rank, checkpointing=args.gc and rank is not None)
+        for kind in args.runs.split(","):
+            name, steps = kind.split(":")
+            rank = args.lora_rank if name.startswith("lora") else None
+            runs[name] = train(name, pruned_dir, f"{tmp}/{name}", args, int(steps), rank, checkpointing=name.endswith("+gc"))
+            kind = name
             healed = trimformer.load(f"{tmp}/{kind}")
-            rows[f"wanda50+{kind}"] = {**quality(healed, ev, ref), **sparsity(healed)}
+            rows[f"{label}+{kind}"] = {**quality(healed, ev, ref), **sparsity(healed, args.pattern)}
             del healed
     result = {
         "model": args.teacher, "args": vars(args), "prune_seconds": prune_s,
@@ -168,44 +176,46 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "command": "PYTHONPATH=src python benchmarks/recover.py " + " ".join(sys.argv[1:]),
     }
-    gap0 = rows["wanda50"]["kl"]
-    for k in ("full", "lora"):
-        result[f"kl_gap_closed_{k}"] = 1.0 - rows[f"wanda50+{k}"]["kl"] / gap0
-    full, lora = runs["full"], runs["lora"]
-    result["lora_over_full_peak_rss"] = lora["peak_rss_mib"] / full["peak_rss_mib"]
-    if full["peak_above_loaded_mib"] and lora["peak_above_loaded_mib"] is not None:
-        result["lora_over_full_peak_above_loaded"] = lora["peak_above_loaded_mib"] / full["peak_above_loaded_mib"]
+    gap0 = rows[label]["kl"]
+    result["kl_gap_closed"] = {k: 1.0 - rows[f"{label}+{k}"]["kl"] / gap0 for k in runs}
+    full = runs.get("full")
+    result["peak_rss_over_full"] = {k: r["peak_rss_mib"] / full["peak_rss_mib"] for k, r in runs.items()} if full else {}
+    if full and full["peak_above_loaded_mib"]:
+        result["peak_above_loaded_over_full"] = {k: r["peak_above_loaded_mib"] / full["peak_above_loaded_mib"]
+                                                 for k, r in runs.items() if r["peak_above_loaded_mib"] is not None}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "recover.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "recover.md").write_text(markdown(result))
+    stem = "recover" if args.pattern == "unstructured" else f"recover_{args.pattern.replace(':', 'of')}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(r: dict) -> str:
     q = r["quality"]
     lines = [
-        f"# Recovery on {r['model']}: Wanda 50% + distillation", "",
+        f"# Recovery on {r['model']}: Wanda {r['args']['pattern']} 50% + distillation", "",
         f"Command: `{r['command']}`  ", f"Evaluation: {r['eval']}.  ", f"Pruning calibration: {r['calibration']}.  ",
         f"Training data: {r['training_data']}. Threads: {r['torch_threads']} (shared, contended machine).", "",
-        "| model | kl vs dense | top-1 agree | ppl (held-out) | sparsity | every row exactly 50% |",
+        "| model | kl vs dense | top-1 agree | ppl (held-out) | sparsity of block projections | pattern exact |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, row in q.items():
         sp = f"{row['sparsity']:.4f}" if "sparsity" in row else "0"
         lines.append(f"| {name} | {row['kl']:.4f} | {row['top1_agree']:.3f} | {row['ppl']:.2f} | {sp} | "
-                     f"{row.get('every_row_exactly_half', '-')} |")
+                     f"{row.get('pattern_exact', '-')} |")
     lines += ["", "| run | steps | batch x seq | lr | tokens/s | peak RSS MiB | peak above loaded MiB | kl gap closed |",
               "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for k, run in r["runs"].items():
         s = run["settings"]
         above = run["peak_above_loaded_mib"]
-        lines.append(f"| {k}{' (LoRA r=' + str(s['lora_rank']) + ')' if s['lora_rank'] else ''}"
-                     f"{' +gc' if s['gradient_checkpointing'] else ''} | {s['steps']} | {s['batch_size']} x {r['args']['seq_len']} | "
+        lines.append(f"| {k}{' (r=' + str(s['lora_rank']) + ')' if s['lora_rank'] else ''} | {s['steps']} | {s['batch_size']} x {r['args']['seq_len']} | "
                      f"{s['lr']:g} | {run['tokens_per_s']:.1f} | {run['peak_rss_mib']:.0f} | "
-                     f"{'-' if above is None else f'{above:.0f}'} | {r[f'kl_gap_closed_{k}']:.1%} |")
-    lines += ["", f"LoRA / full peak RSS: {r['lora_over_full_peak_rss']:.2f}"
-              + (f"; above the loaded models: {r['lora_over_full_peak_above_loaded']:.2f}"
-                 if "lora_over_full_peak_above_loaded" in r else ""), ""]
+                     f"{'-' if above is None else f'{above:.0f}'} | {r['kl_gap_closed'][k]:.1%} |")
+    for k, ratio in r["peak_rss_over_full"].items():
+        if k != "full":
+            above = r.get("peak_above_loaded_over_full", {}).get(k)
+            lines.append(f"- {k} / full peak RSS: {ratio:.2f}" + ("" if above is None else f"; above the loaded models: {above:.2f}"))
+    lines.append("")
     return "\n".join(lines)
 
 

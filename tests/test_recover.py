@@ -164,8 +164,7 @@ def test_lora_merge_gives_the_adapter_models_logits_and_keeps_masks(family):
     zeros = zeros_of(student)
     ids = windows(2, 16)
     anatomy = trimformer.anatomy_of(student)
-    masks = {n: ~z for n, z in zeros.items()}
-    handle = lora_mod.attach(student, anatomy, masks, rank=4, alpha=8.0)
+    handle = lora_mod.attach(student, anatomy, set(zeros), rank=4, alpha=8.0)
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in student.named_parameters():
@@ -328,3 +327,18 @@ def test_two_processes_train_one_model_on_different_batches(tmp_path):
     assert r0["kept"] and r1["kept"]
     assert r0["w"] == r1["w"]  # one model: gradients averaged across processes
     assert r0["losses"] != r1["losses"]  # each process saw its own share of the batch
+
+
+@pytest.mark.parametrize("lora_rank", [None, 4])
+def test_given_masks_are_applied_and_kept(lora_rank):
+    student = tiny("llama")
+    teacher = copy.deepcopy(student)
+    name = "model.layers.0.mlp.gate_proj"
+    keep = torch.rand(student.get_parameter(name + ".weight").shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    recover_(student, teacher, windows(), RecoverConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0, lora_rank=lora_rank),
+             masks={name: keep}, progress=False)
+    W = student.get_parameter(name + ".weight")
+    assert torch.equal(W != 0, keep)
+    assert student.trimformer_history[-1]["result"]["sparsity"][name + ".weight"] == pytest.approx(1 - keep.float().mean().item())
+    with pytest.raises(ValueError, match="names no trained parameter"):
+        recover_(student, teacher, windows(), RecoverConfig(steps=1), masks={"model.nope": keep})

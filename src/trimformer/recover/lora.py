@@ -1,8 +1,9 @@
 """LoRA adapters (via `peft`) on the block projections, merged back at the end without filling the masks.
 
 A masked layer's adapter acts as W0*M + (B A s)*M: a forward hook removes the part of the low-rank
-update that falls on pruned weights (recomputed in backward, so it costs compute, not memory). Merging
-then re-masking gives exactly the logits the adapter model had.
+update that falls on pruned weights (recomputed in backward, so it costs compute, not memory). The base
+weights are frozen, so their zeros *are* the mask: nothing is stored per weight. Merging then re-masking
+gives exactly the logits the adapter model had.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class LoRA:
 
     model: nn.Module
     peft_model: nn.Module
-    masks: dict[str, torch.Tensor]  # base parameter name -> mask, for re-masking after the merge
+    masked: list[str]  # base parameter names whose zeros are kept through the merge
     flags: dict[str, bool]  # requires_grad of every parameter before injection
     hooks: list = field(default_factory=list)
 
@@ -33,9 +34,10 @@ class LoRA:
     def merge_(self) -> nn.Module:
         for h in self.hooks:
             h.remove()
+        masks = {n: self.model.get_submodule(n.rsplit(".", 1)[0]).base_layer.weight != 0 for n in self.masked}
         merged = self.peft_model.merge_and_unload()
         assert merged is self.model, "peft returned another model object"
-        for name, m in self.masks.items():
+        for name, m in masks.items():
             self.model.get_parameter(name).mul_(m)
         self._restore_flags()
         return self.model
@@ -55,8 +57,11 @@ class LoRA:
                 delattr(self.model, attr)
 
 
-def attach(model: nn.Module, anatomy: Anatomy, masks: dict[str, torch.Tensor], rank: int, alpha: float) -> LoRA:
-    """Inject rank-`rank` adapters into every block projection; everything else is frozen meanwhile."""
+def attach(model: nn.Module, anatomy: Anatomy, masked: set[str], rank: int, alpha: float) -> LoRA:
+    """Inject rank-`rank` adapters into every block projection; everything else is frozen meanwhile.
+
+    `masked`: parameter names ('...up_proj.weight') whose zeros must stay zeros (the masks already applied).
+    """
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # peft is a dependency; a broken install gets a fix, not a traceback
@@ -70,32 +75,31 @@ def attach(model: nn.Module, anatomy: Anatomy, masks: dict[str, torch.Tensor], r
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=sorted(projs),
                      fan_in_fan_out=transposed == {True})
     peft_model = get_peft_model(model, cfg)
-    handle = LoRA(model, peft_model, {}, flags)
+    handle = LoRA(model, peft_model, [], flags)
     for name, proj in projs.items():
-        mask = masks.get(f"{name}.weight")
-        if mask is None:
+        if f"{name}.weight" not in masked:
             continue
-        handle.masks[f"{name}.weight"] = mask
+        handle.masked.append(f"{name}.weight")
         layer = model.get_submodule(name)  # now a peft LoRA layer wrapping the original as base_layer
-        handle.hooks.append(layer.register_forward_hook(_masked_update(~mask, proj.transposed)))
+        handle.hooks.append(layer.register_forward_hook(_masked_update(proj.transposed)))
     return handle
 
 
-def _masked_update(pruned: torch.Tensor, transposed: bool):
+def _masked_update(transposed: bool):
     """Forward hook: out - x @ ((B A s) * pruned)^T, i.e. the adapter never writes into pruned weights."""
 
-    def outside(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    def outside(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, W0: torch.Tensor) -> torch.Tensor:
         D = (B @ A) * s  # (out, in)
-        if transposed:  # GPT-2 Conv1D keeps (in, out) weights and masks
-            return x @ (D.t() * pruned)
-        return F.linear(x, D * pruned)
+        if transposed:  # GPT-2 Conv1D keeps (in, out) weights
+            return x @ D.t().masked_fill(W0 != 0, 0.0)
+        return F.linear(x, D.masked_fill(W0 != 0, 0.0))
 
     def hook(layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         if ADAPTER not in layer.lora_A or getattr(layer, "merged", False) or layer.disable_adapters:
             return out
         x = args[0].to(layer.lora_A[ADAPTER].weight.dtype)
         A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # (r, in), (out, r)
-        fix = checkpoint(outside, x, A, B, layer.scaling[ADAPTER], use_reentrant=False)
+        fix = checkpoint(outside, x, A, B, layer.scaling[ADAPTER], layer.base_layer.weight, use_reentrant=False)
         return out - fix.to(out.dtype)
 
     return hook

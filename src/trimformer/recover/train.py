@@ -145,6 +145,7 @@ def recover_(
     if not candidates:
         raise ValueError(f"nothing to train: every parameter {'in the blocks ' if cfg.train == 'blocks' else ''}is frozen")
     keeper = MaskKeeper(student, candidates, masks)
+    masked = list(keeper.masks)
     freezer = Freezer({b.index: {n: p for n, p in candidates.items() if n.startswith(f"{prefix}{b.index}.")}
                        for b in s_anat.blocks}, cfg.freeze_fraction, max(int(cfg.freeze_at * cfg.steps), 1))
     gmp_names = [p.name + ".weight" for _, p in s_anat.projections() if p.name + ".weight" in candidates]
@@ -157,7 +158,9 @@ def recover_(
     t0 = time.perf_counter()
     try:
         if cfg.lora_rank:
-            adapters = lora_mod.attach(student, s_anat, keeper.masks, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
+            keeper.apply_()  # given masks reach the frozen base weights; from here on their zeros are the masks
+            adapters = lora_mod.attach(student, s_anat, set(keeper.masks), cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
+            keeper.masks = {}  # (no copy kept: the frozen weights hold them)
             params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         else:
             for n, p in student.named_parameters():
@@ -235,10 +238,14 @@ def recover_(
     history = getattr(student, "trimformer_history", [])
     history.append({"method": "recover", "settings": cfg.settings(), "seconds": time.perf_counter() - t0, "result": {
         "steps_run": ran, "resumed_from": start, "losses": losses, "tokens_per_s": (ran * B * T * world) / max(seconds, 1e-9),
-        "train_seconds": seconds, "frozen_blocks": freezer.frozen, "sparsity": {n: keeper.sparsity(n) for n in keeper.masks},
+        "train_seconds": seconds, "frozen_blocks": freezer.frozen, "sparsity": {n: _zeros(student.get_parameter(n)) for n in sorted({*masked, *keeper.masks})},
     }})
     student.trimformer_history = history
     return student
+
+
+def _zeros(p: torch.Tensor) -> float:
+    return 1.0 - p.count_nonzero().item() / p.numel()
 
 
 def _check_windows(data: torch.Tensor, model: nn.Module) -> torch.Tensor:
