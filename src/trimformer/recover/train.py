@@ -136,7 +136,6 @@ def recover_(
         raise ValueError(f"student and teacher vocabularies differ ({s_anat.vocab_size} vs {t_anat.vocab_size}); "
                          "KL distillation needs the same tokenizer")
     distill = Distiller(s_anat, t_anat, cfg.terms, cfg.temperature, cfg.hidden_weight, cfg.lm_weight, cfg.hidden_map)
-    device = next(student.parameters()).device
 
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     prefix = s_anat.blocks_path + "."
@@ -216,8 +215,8 @@ def recover_(
             steps.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tok_s:.0f}")
             if cfg.checkpoint_dir and (step + 1) % cfg.checkpoint_every == 0:
                 if rank == 0:
-                    last_ckpt = ckpt.save(cfg.checkpoint_dir, step + 1, _state(step + 1, cfg, params, opt, sched, keeper, freezer, losses),
-                                          cfg.keep_checkpoints)
+                    state = _state(step + 1, cfg, params, opt, sched, keeper, freezer, losses)
+                    last_ckpt = ckpt.save(cfg.checkpoint_dir, step + 1, state, cfg.keep_checkpoints)
                 if acc:
                     acc.wait_for_everyone()
         seconds = time.perf_counter() - t_loop
@@ -236,10 +235,12 @@ def recover_(
         teacher.train(teacher_training)
     ran = cfg.steps - start
     history = getattr(student, "trimformer_history", [])
-    history.append({"method": "recover", "settings": cfg.settings(), "seconds": time.perf_counter() - t0, "result": {
-        "steps_run": ran, "resumed_from": start, "losses": losses, "tokens_per_s": (ran * B * T * world) / max(seconds, 1e-9),
-        "train_seconds": seconds, "frozen_blocks": freezer.frozen, "sparsity": {n: _zeros(student.get_parameter(n)) for n in sorted({*masked, *keeper.masks})},
-    }})
+    result = {
+        "steps_run": ran, "resumed_from": start, "losses": losses, "train_seconds": seconds,
+        "tokens_per_s": (ran * B * T * world) / max(seconds, 1e-9), "frozen_blocks": freezer.frozen,
+        "sparsity": {n: _zeros(student.get_parameter(n)) for n in sorted({*masked, *keeper.masks})},  # measured
+    }
+    history.append({"method": "recover", "settings": cfg.settings(), "seconds": time.perf_counter() - t0, "result": result})
     student.trimformer_history = history
     return student
 
