@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=None, help="default 5e-5 (full) or 5e-4 (LoRA)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (full) or 1e-3 (LoRA)")
     p.add_argument("--loss", default="kl", help="'+'-joined terms of kl, hidden, lm (default kl)")
     p.add_argument("--lora-rank", type=int, default=None, help="train rank-r LoRA adapters (merged at the end)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")

@@ -40,7 +40,7 @@ class RecoverConfig:
       against teacher block hidden_map[i], default evenly spread), 'lm' (next-token cross-entropy).
     train: 'blocks' (the transformer blocks' parameters) or 'all' (every parameter that requires grad).
       Parameters frozen on entry stay frozen.
-    lr: None picks 5e-5 for full fine-tuning, 5e-4 for LoRA. Warm-up, then cosine decay to lr/10.
+    lr: None picks 1e-4 for full fine-tuning, 1e-3 for LoRA. Warm-up, then cosine decay to lr/10.
     lora_rank: None trains the parameters themselves; r > 0 trains rank-r LoRA adapters (peft) on the
       block projections, merged back at the end (alpha defaults to 2r).
     gmp_sparsity: gradual magnitude pruning to this sparsity per block projection during training, cubic
@@ -109,7 +109,7 @@ class RecoverConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (5e-4 if self.lora_rank else 5e-5)
+        return self.lr if self.lr is not None else (1e-3 if self.lora_rank else 1e-4)
 
     def settings(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "terms"}
