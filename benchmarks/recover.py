@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--loss", default="kl")
+    ap.add_argument("--stem", default=None, help="results file name (default recover[_2of4])")
     ap.add_argument("--pattern", default="unstructured", help="Wanda pattern: unstructured (50%%) or 2:4")
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--eval-windows", type=int, default=4)
@@ -184,7 +185,7 @@ def main() -> None:
         result["peak_above_loaded_over_full"] = {k: r["peak_above_loaded_mib"] / full["peak_above_loaded_mib"]
                                                  for k, r in runs.items() if r["peak_above_loaded_mib"] is not None}
     RESULTS.mkdir(exist_ok=True)
-    stem = "recover" if args.pattern == "unstructured" else f"recover_{args.pattern.replace(':', 'of')}"
+    stem = args.stem or ("recover" if args.pattern == "unstructured" else f"recover_{args.pattern.replace(':', 'of')}")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
