@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..models import Anatomy
 
@@ -59,24 +58,11 @@ def capture_blocks(modules: list[nn.Module], into: dict[int, torch.Tensor]) -> I
             h.remove()
 
 
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-            chunk: int = 128) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) of softened next-token distributions, times T^2.
-
-    Computed `chunk` tokens at a time and recomputed in backward, so the (tokens, vocab) softmaxes
-    never all live at once: with a 49K vocabulary that is ~1 MB per token saved.
-    """
-    s = student_logits.flatten(0, -2)  # (B*T, V)
-    t = teacher_logits.flatten(0, -2)
-    total = sum(checkpoint(_kl_sum, s[i:i + chunk], t[i:i + chunk], temperature, use_reentrant=False)
-                for i in range(0, s.shape[0], chunk))
-    return total / s.shape[0] * temperature**2
-
-
-def _kl_sum(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    log_q = F.log_softmax(s.float() / temperature, dim=-1)  # (n, V) student
-    log_p = F.log_softmax(t.float() / temperature, dim=-1)  # (n, V) teacher
-    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of softened next-token distributions, times T^2."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean() * temperature**2
 
 
 def hidden_loss(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor], mapping: list[int]) -> torch.Tensor:
