@@ -15,8 +15,10 @@ from .evaluate import evaluate
 from .methods import Recipe, build
 from .models import anatomy_of
 from .models.load import BUNDLED, load
+from .recover import RecoverConfig, recover_
 
 __version__ = "0.1.0"
 
 
-__all__ = ["BUNDLED", "Recipe", "anatomy_of", "build", "data", "evaluate", "export", "load", "prune_"]
+__all__ = ["BUNDLED", "Recipe", "RecoverConfig", "anatomy_of", "build", "data", "evaluate", "export", "load", "prune_",
+           "recover_"]

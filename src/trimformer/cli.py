@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import core, structure
+from .commands import core, recover, structure
 
 # One line per area (explicit, no discovery). Each module has `add_commands(subparsers)`.
-AREAS = [core, structure]
+AREAS = [core, structure, recover]
 
 
 def parser() -> argparse.ArgumentParser:
