@@ -40,7 +40,7 @@ class Observation:
         """Post-RoPE queries of the last `window` new tokens (all when None): (B, H_q, w, D).
         Computed here, from the block input, so the model keeps its own (SDPA) attention."""
         w = self.new if window is None else min(window, self.new)
-        h = self.hidden[:, self.new - w:]  # (B, w, hidden)
+        h = self.hidden[:, self.new - w:].contiguous()  # (B, w, hidden)
         a, D = self.attn, self.attn.head_dim
         if a.qkv is not None:  # fused [q | k | v] (GPT-2)
             q = a.qkv.module(h)[..., : a.num_heads * D]
