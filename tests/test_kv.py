@@ -233,16 +233,19 @@ def test_query_agnostic_cache_is_reused_unchanged(models):
     assert gen[0, -3].item() == a1[0, -1].argmax().item()  # generate continued the same compressed cache
 
 
-def test_h2o_accumulates_exact_attention(models):
-    m = tiny("llama", attn_implementation="eager")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt"])
+def test_h2o_accumulates_exact_attention(family):
+    # Checks the press-side queries (projection, QK-norm, RoPE, scaling) against the model's own attention.
+    m = tiny(family, attn_implementation="eager")
     ids = prompt(1, 12)
     with torch.no_grad():
         att = m(ids, output_attentions=True).attentions  # per layer (1, H_q, T, T)
         with kv.press(m, "h2o", 0.0) as s:
             cache = s.prefill(ids)
     for i, layer in enumerate(cache.layers):
-        ref = att[i][0].sum(1).view(2, 2, 12).sum(1)  # sum over queries, then over each group's heads
-        torch.testing.assert_close(layer.state["acc"].view(2, 12), ref, rtol=1e-4, atol=1e-5)
+        H = layer.lengths.shape[1]
+        ref = att[i][0].sum(1).view(H, -1, 12).sum(1)  # sum over queries, then over each group's heads
+        torch.testing.assert_close(layer.state["acc"].view(H, 12), ref, rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
@@ -284,3 +287,18 @@ def test_clear_errors(models):
     with pytest.raises(ValueError, match="needs its own cache"):
         with kv.press(m, "snapkv", 0.5), torch.no_grad():
             m(prompt(1, 4), cache=c)
+
+
+def test_cli_rejects_bad_press_before_loading():
+    from trimformer.cli import main
+
+    assert main(["generate", "--model", "no-such-model", "--press", "snapvk", "--prompt", "hi"]) == 2
+    assert main(["generate", "--model", "no-such-model", "--press", "snapkv", "--ratio", "1.2", "--prompt", "hi"]) == 2
+
+
+def test_per_layer_budget_keeps_more_in_lower_layers(models):
+    m, ids = models["llama"], prompt(1, 40)
+    with kv.press(m, kv.PerLayer(kv.KeyNorm(), ratio=0.5, spread=0.5)) as s:
+        cache = s.prefill(ids)
+    kept = cache.kept_tokens()[:, 0, 0].tolist()  # per layer
+    assert kept == [30, 10]  # spread 0.5 around the mean kept share 0.5: 0.75 and 0.25 of 40
