@@ -5,6 +5,17 @@ head; `PressCache` stores only what they keep (per-head lengths packed, dropped 
         out = model.generate(**inputs, max_new_tokens=256)
     with trimformer.kv.press(model, trimformer.kv.PerHead("snapkv", ratio=0.75)):
         ...
+
+Query-agnostic use: compress a context once, ask several questions (the press never sees them):
+
+    with trimformer.kv.press(model, "snapkv", ratio=0.5) as session:
+        cache = session.prefill(context_ids)
+        for q in questions:   # each question continues a copy; positions continue from the full length
+            model.generate(torch.cat([context_ids, q], 1), cache=cache.copy(), max_new_tokens=32)
+
+`ratio` is the share of the prompt's cache removed; `decode_budget=N` also caps each head at N tokens
+while decoding. Only the first forward on an empty cache is compressed (the prefill); later forwards
+append, and evict only beyond the decode budget. `cache.nbytes` is what is physically held.
 """
 
 from .base import PRESSES, Observation, Press
