@@ -73,7 +73,7 @@ def greedy(model, cache, logits: torch.Tensor, n: int) -> list[int]:
 
 @torch.no_grad()
 def run_ours(model, contexts, continuations, presses, ratios, hay_cases, answer_tokens,
-             needle_ratios) -> tuple[dict, dict]:
+             needle_ratios, deadline: float) -> tuple[dict, dict]:
     rows: dict[str, dict] = {}
     full_rows = {"nll": 0.0, "n": 0, "needle": []}
     for c, (ctx, cont) in enumerate(zip(contexts, continuations)):
@@ -107,6 +107,9 @@ def run_ours(model, contexts, continuations, presses, ratios, hay_cases, answer_
                 row["prefill_ratio"].append(t_pre / t_full)
         print(f"ours: context {c + 1}/{len(contexts)} done (T={T})", file=sys.stderr, flush=True)
     for case in hay_cases:
+        if time.time() > deadline:
+            print("ours: time budget spent, needle cases left out", file=sys.stderr, flush=True)
+            break
         hay, q = case["hay"], case["question"]
         out = model(hay[None], use_cache=True)
         logits = model(q[None], cache=out.cache).logits[0, -1]
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-steps", type=int, default=32)
     ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--peer-python", default="/work/peers/kvpress/bin/python")
+    ap.add_argument("--time-budget-min", type=float, default=None,
+                    help="after this, needle cases not yet run are left out (and said so)")
     ap.add_argument("--out", default="benchmarks/results/p3_kv")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -201,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     contexts, conts = wins[:, :args.context_len], wins[:, args.context_len:]
     cases = needles(tok, pool[args.contexts * span:], args.needles, args.context_len)
 
+    deadline = time.time() + 60 * args.time_budget_min if args.time_budget_min else float("inf")
     peer = None
     threads = torch.get_num_threads()
     if not args.no_peer:
         tmp = Path(tempfile.mkdtemp(prefix="p3kv"))
         torch.save({"model_dir": str(_cache_dir("smollm2-135m")), "contexts": list(contexts), "continuations":
-                    list(conts), "presses": peer_presses, "ratios": ratios, "needle_ratios": needle_ratios, "threads": max(threads // 2, 1),
+                    list(conts), "presses": peer_presses, "ratios": ratios, "needle_ratios": needle_ratios, "threads": max(threads // 2, 1), "deadline": deadline,
                     "needles": [(c["hay"], c["question"]) for c in cases], "answer_tokens": args.answer_tokens},
                    tmp / "in.pt")
         peer = subprocess.Popen([args.peer_python, str(Path(__file__).with_name("p3_kv_peer.py")),
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(threads // 2, 1))  # share the cores with the peer while it runs
 
     t0 = time.perf_counter()
-    rows, full = run_ours(model, contexts, conts, presses, ratios, cases, args.answer_tokens, needle_ratios)
+    rows, full = run_ours(model, contexts, conts, presses, ratios, cases, args.answer_tokens, needle_ratios,
+                          deadline)
     ours_s = time.perf_counter() - t0
     peer_rows, peer_err = [], None
     if peer is not None:
@@ -232,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     for src in (rows.values(), peer_rows):
         for row in src:
             for k in ("needle_agnostic", "needle_aware"):
-                row[k] = answered(tok, row[k], cases) if row[k] else None
+                row[k + "_cases"] = len(row[k])
+                row[k] = answered(tok, row[k], cases[:len(row[k])]) if row[k] else None
             row["masked"] = row["bytes_kept"] > 0.99 and row["ratio"] > 0
     result = {
         "protocol": {"model": "smollm2-135m", "contexts": args.contexts, "context_len": args.context_len,
@@ -240,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                      "needle_depths": [c["depth"] for c in cases], "ratio_meaning": "share of the cache removed",
                      "reduced": args.contexts < 8 or args.needles < 9 or needle_ratios != ratios},
         "full_cache": {"ppl": full["ppl"], "kv_bytes": full["full_bytes"],
-                       "needle": answered(tok, full["needle"], cases)},
+                       "needle": answered(tok, full["needle"], cases[:len(full["needle"])]) if full["needle"] else None,
+                       "needle_cases": len(full["needle"])},
         "trimformer": list(rows.values()), "kvpress": peer_rows, "kvpress_error": peer_err,
         "decode_speed": speed, "ours_wall_s": ours_s,
         "command": "PYTHONPATH=src python benchmarks/p3_kv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -259,7 +268,8 @@ def markdown(res: dict) -> str:
     lines = [f"# P3: KV-cache compression, smollm2-135m{' (REDUCED protocol)' if p['reduced'] else ''}", "",
              f"{p['contexts']} contexts x {p['context_len']} tokens + {p['continuation_len']} continuation tokens; "
              f"needles at depths {p['needle_depths']}. ratio = share of the cache removed. "
-             f"Full cache: ppl {f['ppl']:.3f}, KV {f['kv_bytes'] / 2**20:.1f} MiB/context, needle {f['needle']:.0%}.",
+             f"Full cache: ppl {f['ppl']:.3f}, KV {f['kv_bytes'] / 2**20:.1f} MiB/context, needle {pct(f['needle'])} "
+             f"({f['needle_cases']} cases; each row's needle share is over the cases it ran, see JSON).",
              "", f"Command: `{res['command']}`", "",
              "| tool | press | ratio | cont. ppl | Δppl | KL | top-1 | KV bytes kept | needle (agnostic) "
              "| needle (aware) | prefill time vs full |", "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -105,6 +105,9 @@ def main(inp: str, outp: str) -> None:
                 row["continuation_s"] = row.get("continuation_s", 0.0) + t_cont
         print(f"peer context {c + 1}/{len(spec['contexts'])} done", file=sys.stderr, flush=True)
     for hay, question in spec["needles"]:
+        if time.time() > spec["deadline"]:
+            print("peer: time budget spent, needle cases left out", file=sys.stderr, flush=True)
+            break
         for name in spec["presses"]:
             make, _ = PRESSES[name]
             for r in spec["needle_ratios"]:
