@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from .commands import core, recover, structure
+from .commands import kv as kv_commands
 
 # One line per area (explicit, no discovery). Each module has `add_commands(subparsers)`.
-AREAS = [core, structure, recover]
+AREAS = [core, structure, kv_commands, recover]
 
 
 def parser() -> argparse.ArgumentParser:

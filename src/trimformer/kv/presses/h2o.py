@@ -1,0 +1,48 @@
+"""Heavy hitters. H2O (Zhang et al., 2023): keep the tokens with the largest attention accumulated over
+every query so far. A2SF (Jo & Shin, 2024): the same with a forgetting factor, so tokens that arrived
+late are not outvoted by sheer count: score = sum_i decay**(t - i) * A[i]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..base import PRESSES, Observation, Press
+
+
+@PRESSES.register("h2o")
+@dataclass
+class H2O(Press):
+    window: int | None = None  # queries that vote at prefill; None = every prompt token (in chunks)
+    decay: float | None = None  # A2SF's forgetting factor; None = plain H2O
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"{self.name}: window must be >= 1 or None, got {self.window}")
+
+    def observe(self, obs: Observation) -> None:
+        # Accumulated attention, carried across forwards in the cache (packed like the keys).
+        window = self.window if obs.prefill else None
+        acc = obs.state.get("acc")
+        new = obs.attention(window, decay=self.decay)  # (B, H, L)
+        if acc is None:
+            acc = torch.zeros_like(new)
+        if self.decay is not None:
+            acc = acc * self.decay ** obs.new
+        obs.state["acc"] = acc + new
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        return obs.state["acc"]
+
+
+@PRESSES.register("a2sf")
+@dataclass
+class A2SF(H2O):
+    decay: float | None = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decay is None or not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"a2sf: decay (forgetting factor) must be in (0, 1], got {self.decay!r}")

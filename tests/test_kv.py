@@ -1,0 +1,304 @@
+"""KV presses on tiny random decoders: exact budgets, packed storage, equivalences, clean exit, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, tiny
+from transformers import DynamicCache
+
+from trimformer import kv
+from trimformer.models import UnsupportedModelError
+
+FAMILIES = ["llama", "gpt2", "opt"]  # GQA + RoPE, fused qkv + learned positions, separate q/k/v + bias
+# Small windows so that the tiny prompts are longer than every observation window.
+SMALL = {"snapkv": {"window": 4, "kernel": 3}, "expected-attention": {"window": 4}, "think": {"window": 4},
+         "h2o": {}, "a2sf": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2}}
+TOKEN_PRESSES = [n for n in SMALL if n != "think"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny(f) for f in FAMILIES}
+
+
+def prompt(B: int = 1, T: int = 20, seed: int = 3) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def continuation(model, name, ratio, ids, split, **kw):
+    """Logits of ids[:, split:] scored on a cache of ids[:, :split] compressed by the press."""
+    with kv.press(model, name, ratio, **kw) as s:
+        cache = s.prefill(ids[:, :split])
+        return model(ids[:, split:], cache=cache).logits, cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(SMALL))
+def test_ratio_zero_changes_no_logit(models, family, name):
+    m, ids = models[family], prompt(2, 20)
+    with torch.no_grad():
+        full = m(ids).logits
+    logits, cache = continuation(m, name, 0.0, ids, 14, **SMALL[name])
+    torch.testing.assert_close(logits, full[:, 14:], rtol=0, atol=1e-5)
+    assert cache.get_seq_length() == 20
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", TOKEN_PRESSES)
+def test_each_press_keeps_exactly_its_budget_per_head(models, family, name):
+    m, ids = models[family], prompt(2, 20)
+    with kv.press(m, name, 0.75, **SMALL[name]) as s:
+        cache = s.prefill(ids)
+    kept = cache.kept_tokens()  # (layers, B, H)
+    assert (kept == 20 - 15).all()
+    for layer in cache.layers:  # packed: exactly the kept tokens, nothing else
+        assert layer.keys.shape[0] == layer.values.shape[0] == int(layer.lengths.sum())
+    full_bytes = 2 * 20 * sum(layer.lengths.shape.numel() * layer.head_dim * 4 for layer in cache.layers)
+    assert cache.nbytes == full_bytes * 5 // 20
+
+
+def test_per_head_budgets_are_stored_packed_without_padding(models):
+    m, ids = models["llama"], prompt(2, 24)
+    with kv.press(m, kv.PerHead(kv.SnapKV(window=4, kernel=1), ratio=0.5, floor=0.2)) as s:
+        cache = s.prefill(ids)
+    kept = cache.kept_tokens()  # (layers, B, H)
+    assert (kept.sum(-1) == 12 * kept.shape[-1]).all()  # the layer budget is met per row...
+    assert (kept >= 2).all()  # ...each head keeps at least floor x its share (0.2 x 12)
+    assert (kept != kept[..., :1]).any()  # ...and heads really differ
+    for layer in cache.layers:
+        assert layer.keys.shape == (int(layer.lengths.sum()), layer.head_dim)  # not B*H*max_len
+
+
+class Recording(kv.PerHead):
+    """PerHead that remembers which tokens it kept, for an independent reference."""
+
+    def select(self, scores, keep, obs):
+        mask = super().select(scores, keep, obs)
+        self.kept = {**getattr(self, "kept", {}), obs.layer: mask.clone()}
+        return mask
+
+
+@torch.no_grad()
+def test_ragged_heads_attend_exactly_to_what_they_hold(models):
+    # Reference: full DynamicCache, and a per-head mask hiding the evicted tokens (plain HF attention).
+    m, ids = models["llama"], prompt(1, 24)
+    press = Recording(kv.SnapKV(window=4, kernel=1), ratio=0.5)
+    ours, cache = continuation(m, press, None, ids, 18)
+    assert (cache.kept_tokens()[:, 0] != cache.kept_tokens()[:, 0, :1]).any()
+    ref_cache = DynamicCache(config=m.config)
+    m(ids[:, :18], cache=ref_cache)
+    groups = m.config.num_attention_heads // m.config.num_key_value_heads
+    handles = []
+    for i, layer in enumerate(m.model.layers):
+        held = press.kept[i].repeat_interleave(groups, dim=1)  # (1, H_q, 18)
+        allowed = torch.cat([held[:, :, None].expand(-1, -1, 6, -1), torch.ones(1, 1, 6, 6).tril().bool()
+                             .expand(1, held.shape[1], 6, 6)], -1)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+        def hook(mod, args, kwargs, mask=mask):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        ref = m(ids[:, 18:], cache=ref_cache).logits
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_left_padded_batch_equals_rows_alone(models, family):
+    m = models[family]
+    lengths, T, extra = [20, 13], 20, 4
+    rows = [prompt(1, n + extra, seed=10 + i) for i, n in enumerate(lengths)]
+    ids = torch.zeros(2, T + extra, dtype=torch.long)
+    mask = torch.zeros(2, T + extra, dtype=torch.long)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        ids[i, T - n:] = r[0]
+        mask[i, T - n:] = 1
+    press = kv.SnapKV(ratio=0.5, window=4, kernel=3)
+    with kv.press(m, press) as s:
+        cache = s.new_cache()
+        m(ids[:, :T], attention_mask=mask[:, :T], position_ids=positions(mask)[:, :T], cache=cache)
+        batch = m(ids[:, T:], attention_mask=mask, position_ids=positions(mask)[:, T:], cache=cache).logits
+        assert cache.kept_tokens()[0, :, 0].tolist() == [n - n // 2 + extra for n in lengths]
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            alone = s.prefill(r[:, :n])
+            one = m(r[:, n:], cache=alone).logits
+            torch.testing.assert_close(batch[i:i + 1], one, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_left_padded_batch_matches_rows(models):
+    m = models["llama"]
+    a, b = prompt(1, 16, seed=5), prompt(1, 10, seed=6)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 16), torch.cat([torch.zeros(1, 6), torch.ones(1, 10)], 1)]).long()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with kv.press(m, "tova", 0.5, decode_budget=10):
+        both = m.generate(ids, attention_mask=mask, **kw)[:, 16:]
+        one_a = m.generate(a, **kw)[:, 16:]
+        one_b = m.generate(b, **kw)[:, 10:]
+    assert torch.equal(both, torch.cat([one_a, one_b]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_streaming_keeps_exactly_sinks_and_window(models, family):
+    m, ids = models[family], prompt(1, 20)
+    full = DynamicCache(config=m.config)
+    m(ids, cache=full)
+    with kv.press(m, "streaming", 0.5, n_sink=3) as s:
+        cache = s.prefill(ids)
+        for i, layer in enumerate(cache.layers):
+            ref = full.layers[i].keys  # (1, H, 20, D)
+            kept = torch.cat([ref[:, :, :3], ref[:, :, 20 - 7:]], 2)  # 3 sinks + the 7 most recent
+            torch.testing.assert_close(layer.keys.view(kept.shape), kept, rtol=0, atol=0)
+        # while decoding under a budget: still the sinks and the newest tokens
+        out = m.generate(ids, max_new_tokens=5, do_sample=False, cache=s.new_cache(), return_dict_in_generate=True)
+    seq = out.sequences
+    full = DynamicCache(config=m.config)
+    m(seq[:, :-1], cache=full)
+    layer = out.cache.layers[0]
+    n = 10 + 4  # 10 kept at prefill, + 4 cached decode tokens (the last one is not fed back)
+    ref = full.layers[0].keys
+    torch.testing.assert_close(layer.keys.view(1, -1, n, ref.shape[-1]),
+                               torch.cat([ref[:, :, :3], ref[:, :, 24 - (n - 3):]], 2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_decode_budget_caps_every_head(models, family):
+    m, ids = models[family], prompt(2, 16)
+    with kv.press(m, "a2sf", 0.5, decode_budget=11) as s:
+        out = m.generate(ids, max_new_tokens=8, do_sample=False, cache=s.new_cache(), pad_token_id=0,
+                         return_dict_in_generate=True)
+    assert (out.cache.kept_tokens() == 11).all()  # 8 after prefill, grew to 11, then held at 11
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_think_removes_channels_and_matches_zeroed_reference(models, family):
+    m, ids = models[family], prompt(2, 20)
+    ours, cache = continuation(m, "think", 0.5, ids, 14, window=4)
+    ref_cache = DynamicCache(config=m.config)
+    m(ids[:, :14], cache=ref_cache)
+    for i, layer in enumerate(cache.layers):
+        D = layer.head_dim
+        assert layer.keys.shape[-1] == D - round(0.5 * D)  # really removed from storage
+        assert layer.values.shape[-1] == D
+        K = ref_cache.layers[i].keys  # (B, H, 14, D)
+        zero = torch.ones(K.shape[0], K.shape[1], 1, D, dtype=torch.bool)
+        zero.scatter_(-1, layer.channels[:, :, None], False)
+        ref_cache.layers[i].keys = K.masked_fill(zero, 0.0)
+    ref = m(ids[:, 14:], cache=ref_cache).logits
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_composed_token_and_channel_press(models):
+    m, ids = models["llama"], prompt(1, 20)
+    with kv.press(m, kv.Compose(kv.SnapKV(0.5, window=4), kv.ThinK(0.25, window=4))) as s:
+        cache = s.prefill(ids)
+    D = cache.layers[0].head_dim
+    assert (cache.kept_tokens() == 10).all()
+    assert cache.layers[0].keys.shape == (2 * 10, D - D // 4)
+    with kv.press(m, "snapkv+think", 0.5):
+        pass
+
+
+@torch.no_grad()
+def test_query_agnostic_cache_is_reused_unchanged(models):
+    m = models["llama"]
+    context, q1, q2 = prompt(1, 20), prompt(1, 4, seed=8), prompt(1, 4, seed=9)
+    with kv.press(m, "snapkv", 0.5, window=4) as s:
+        cache = s.prefill(context)
+        before = [layer.keys.clone() for layer in cache.layers]
+        a1 = m(q1, cache=cache.copy()).logits
+        a2 = m(q2, cache=cache.copy()).logits
+        b2 = m(q2, cache=s.prefill(context)).logits  # compressing again gives the same answer
+        gen = m.generate(torch.cat([context, q1], 1), cache=cache.copy(), max_new_tokens=3, do_sample=False)
+    assert all(torch.equal(b, layer.keys) for b, layer in zip(before, cache.layers))
+    torch.testing.assert_close(a2, b2, rtol=0, atol=0)
+    assert not torch.allclose(a1[:, -1], a2[:, -1])
+    assert gen[0, -3].item() == a1[0, -1].argmax().item()  # generate continued the same compressed cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt"])
+def test_h2o_accumulates_exact_attention(family):
+    # Checks the press-side queries (projection, QK-norm, RoPE, scaling) against the model's own attention.
+    m = tiny(family, attn_implementation="eager")
+    ids = prompt(1, 12)
+    with torch.no_grad():
+        att = m(ids, output_attentions=True).attentions  # per layer (1, H_q, T, T)
+        with kv.press(m, "h2o", 0.0) as s:
+            cache = s.prefill(ids)
+    for i, layer in enumerate(cache.layers):
+        H = layer.lengths.shape[1]
+        ref = att[i][0].sum(1).view(H, -1, 12).sum(1)  # sum over queries, then over each group's heads
+        torch.testing.assert_close(layer.state["acc"].view(H, 12), ref, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_context_manager_leaves_model_exactly_as_before(models):
+    m, ids = models["llama"], prompt(1, 16)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    before = m(ids).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with kv.press(m, "snapkv", 0.5, window=4):
+            m(ids)
+            raise RuntimeError("boom")
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    out = m(ids)
+    torch.testing.assert_close(out.logits, before, rtol=0, atol=0)
+    assert type(out.cache) is DynamicCache
+
+
+def test_clear_errors(models):
+    m = models["llama"]
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="ratio must be in"):
+            with kv.press(m, "snapkv", bad):
+                pass
+    with pytest.raises(KeyError, match="Did you mean 'snapkv'"):
+        kv.build_press("snapvk", 0.5)
+    with pytest.raises(ValueError, match="decode_budget"):
+        with kv.press(m, "tova", 0.5, decode_budget=0):
+            pass
+    with pytest.raises(ValueError, match="no setting 'windw'"):
+        kv.build_press("snapkv", 0.5, windw=3)
+    with pytest.raises(UnsupportedModelError, match="KV presses need a decoder"):
+        with kv.press(tiny("bert"), "snapkv", 0.5):
+            pass
+    c = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(prompt(1, 4), cache=c)
+    with pytest.raises(ValueError, match="needs its own cache"):
+        with kv.press(m, "snapkv", 0.5), torch.no_grad():
+            m(prompt(1, 4), cache=c)
+
+
+def test_cli_rejects_bad_press_before_loading():
+    from trimformer.cli import main
+
+    assert main(["generate", "--model", "no-such-model", "--press", "snapvk", "--prompt", "hi"]) == 2
+    assert main(["generate", "--model", "no-such-model", "--press", "snapkv", "--ratio", "1.2", "--prompt", "hi"]) == 2
+
+
+def test_per_layer_budget_keeps_more_in_lower_layers(models):
+    m, ids = models["llama"], prompt(1, 40)
+    with kv.press(m, kv.PerLayer(kv.KeyNorm(), ratio=0.5, spread=0.5)) as s:
+        cache = s.prefill(ids)
+    kept = cache.kept_tokens()[:, 0, 0].tolist()  # per layer
+    assert kept == [30, 10]  # spread 0.5 around the mean kept share 0.5: 0.75 and 0.25 of 40
