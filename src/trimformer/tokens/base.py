@@ -33,7 +33,7 @@ class Context:
     @property
     def key_bias(self) -> torch.Tensor:
         """(B, T): -inf on invalid slots, log(size) on the rest (proportional attention)."""
-        return self.sizes.clamp(min=1).log().masked_fill(~self.valid, float("-inf"))
+        return self.sizes.clamp(min=1).log().masked_fill(~self.valid, -1e9)  # finite: no NaN rows
 
     def attention(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Previous block's attention probabilities (B, h, Tq, T) for the query slots `rows` (default all)."""
@@ -69,13 +69,16 @@ class Plan:
 class TokenPruner:
     """Base config. `keep`: share of each row's tokens that reaches the last block; blocks from `start`
     on shrink geometrically. `schedule`: share at the input of every block instead (one per block).
-    `recover`: restore full length before that block (len(blocks) = after the last one), or None.
+    `recover`: restore full length before that block (len(blocks) = after the last one), or None;
+    `residual`: a restored token is its stand-in's output plus how it differed from it when dropped
+    (else a plain copy of the stand-in, as ToMe's unmerge).
     """
 
     keep: float = 0.5
     start: int = 1
     schedule: list[float] | None = None
     recover: int | None = None
+    residual: bool = True
 
     def __post_init__(self) -> None:
         name = getattr(self, "name", type(self).__name__)

@@ -35,6 +35,7 @@ class _Forward:
     sizes: torch.Tensor  # (B, T) float, original tokens per slot
     source: torch.Tensor  # (B, T0) slot of each original token, -1 for padding
     n: torch.Tensor  # (B,) real tokens per row at the start
+    delta: torch.Tensor | None = None  # (B, T0, H) residual recovery: token minus its stand-in, at drop time
     counts: list[list[int]] = field(default_factory=list)  # per block input: real tokens per row
     extra_flops: float = 0.0  # scoring / matching work the method added
 
@@ -48,7 +49,6 @@ class TokenSession:
         self.anatomy: Anatomy = anatomy_of(model)
         self.causal = self.anatomy.causal
         self.num_blocks = len(self.anatomy.blocks)
-        method.check(self.num_blocks)
         a0 = self.anatomy.blocks[0].attention
         if getattr(method, "needs_attention", False) and a0 is not None and a0.qk_norm:
             raise ValueError(f"{method.name}: models with QK-norm (Qwen3) are not supported by attention-based "
@@ -59,6 +59,7 @@ class TokenSession:
         if getattr(method, "decoder_only", False) and not self.causal:
             raise ValueError(f"{method.name} is for decoder LLM prefill ({self.anatomy.family} is an encoder); "
                              "use 'zero-tprune', 'merge' or 'acc'")
+        method.check(self.num_blocks)
         if hasattr(method, "prepare"):
             method.prepare(self.anatomy)
         self.state: _Forward | None = None
@@ -161,13 +162,14 @@ class TokenSession:
         st = self.state
         q, k = self._qk(i - 1)
         B, T = st.index.shape
+        # The first and last real tokens: [CLS] and [SEP] of encoders (ViT: the class token), the
+        # attention sink and the last position of decoders.
+        pos = torch.arange(T, device=x.device)
+        first = torch.where(st.valid, pos, T).argmin(1)
+        last = torch.where(st.valid, pos, -1).argmax(1)
         protected = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        if self.causal:  # the first real token (attention sink) and the last position
-            first = torch.where(st.valid, torch.arange(T, device=x.device), T).argmin(1)
-            protected[torch.arange(B), first] = True
-            protected[:, -1] = True
-        else:  # [CLS] (ViT's class token): the first slot
-            protected[:, 0] = True
+        protected[torch.arange(B), first] = True
+        protected[torch.arange(B), last] = True
         protected &= st.valid
         return Context(i, x, q, k, st.valid, protected, st.sizes, target, self.causal)
 
@@ -193,8 +195,7 @@ class TokenSession:
         ctx = _CountingContext(**vars(self._context(i, x, target)))
         plan = self.method.plan(ctx, recover=self.method.recover is not None)
         st.extra_flops += ctx.flops
-        x = apply_plan(plan, x, st)
-        return x
+        return apply_plan(plan, x, st, residual=self.method.recover is not None and self.method.residual)
 
     def _restore(self, x: torch.Tensor) -> torch.Tensor:
         """Full length again: every original token takes the output of the slot it was pruned or merged into."""
@@ -202,6 +203,9 @@ class TokenSession:
         B, T0 = st.source.shape
         src = st.source.clamp(min=0)  # padding takes slot 0; it is masked anyway
         out = x.gather(1, src[..., None].expand(B, T0, x.shape[-1]))  # (B, T0, H)
+        if st.delta is not None:
+            out = out + st.delta.to(out.dtype)
+            st.delta = None
         index = torch.arange(T0, device=x.device).expand(B, T0).clone()
         valid = st.source >= 0
         st.index, st.valid, st.sizes = index, valid, torch.ones(B, T0, device=x.device)
@@ -274,7 +278,7 @@ class _CountingContext(Context):
         return super().attention(rows)
 
 
-def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward) -> torch.Tensor:
+def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, residual: bool = False) -> torch.Tensor:
     """Shrink x (B, T, H) to (B, T', H) and update the bookkeeping."""
     B, T, H = x.shape
     keep, slot_valid, dst = plan.keep, plan.slot_valid, plan.dst
@@ -291,6 +295,12 @@ def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward) -> torch.Tensor:
     else:
         new_x = x.gather(1, keep[..., None].expand(B, Tn, H))  # (B, T', H)
         st.sizes = st.sizes.gather(1, keep)
+    if residual:  # each original token remembers how it differed from the slot that now stands for it
+        B0, T0 = st.source.shape
+        src = st.source.clamp(min=0)[..., None].expand(B0, T0, H)
+        stand_in = new_x.gather(1, dst.clamp(min=0).gather(1, st.source.clamp(min=0))[..., None].expand(B0, T0, H))
+        d = (x.gather(1, src) - stand_in).masked_fill((st.source < 0)[..., None], 0.0)
+        st.delta = d if st.delta is None else st.delta + d
     st.index = torch.where(slot_valid, st.index.gather(1, keep), -1)
     st.valid = slot_valid
     # Original token o sat in slot source[o]; it now lives in dst[source[o]] (-1: dropped, no recovery).
@@ -353,11 +363,10 @@ def gather_mask(mask: torch.Tensor | None, idx: torch.Tensor, valid: torch.Tenso
     has_filler = not bool(valid.all())
     if mask is None and not has_filler and sizes is None:
         return None  # no padding: SDPA's own causal / full attention stays exact over the kept order
-    if mask is None:
-        if causal:
-            m = idx[:, None, None, :] <= idx[:, None, :, None]  # (B, 1, T', T') original positions
-        else:
-            m = torch.ones(B, 1, 1, T, dtype=torch.bool, device=idx.device)
+    if not causal:  # encoders: the mask only hides padding keys, now the invalid slots (B, 1, 1, T')
+        m = valid[:, None, None, :]
+    elif mask is None:
+        m = idx[:, None, None, :] <= idx[:, None, :, None]  # (B, 1, T', T') by original positions
     else:
         m = mask.expand(B, *mask.shape[1:])
         if m.shape[2] > 1:

@@ -67,8 +67,9 @@ class Merge(TokenPruner):
 
     def plan(self, ctx: Context, recover: bool) -> Plan:
         r = ctx.valid.sum(1) - ctx.target  # (B,) at most half a row per block, as in ToMe
-        merged, into = bipartite_soft_matching(ctx.keys(), r, ctx.valid, ctx.protected)
-        B, T, C = ctx.keys().shape
+        feat = ctx.keys()
+        merged, into = bipartite_soft_matching(feat, r, ctx.valid, ctx.protected)
+        B, T, C = feat.shape
         ctx.flops += 2.0 * B * (T // 2) * ((T + 1) // 2) * C
         kept = ctx.valid & ~merged
         keep, slot_valid, slot_of = compact(kept, ctx.causal)

@@ -47,5 +47,5 @@ def attention_probs(
         T = k.shape[2]
         rows = torch.arange(T - Tq, T, device=q.device) if query_pos is None else query_pos
         future = torch.arange(T, device=q.device)[None, :] > rows[:, None]  # (Tq, T)
-        logits = logits.masked_fill(future, float("-inf"))
-    return logits.softmax(-1).nan_to_num(0.0)
+        logits = logits.masked_fill(future, -1e9)
+    return logits.softmax(-1)
