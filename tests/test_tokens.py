@@ -247,8 +247,8 @@ def test_acc_solves_schedule_for_speedup(bert, monkeypatch):
 
 
 def test_acc_measures_real_block_latency(bert):
-    from trimformer.tokens.acc import GRID, measure_block
     from trimformer.models import anatomy_of
+    from trimformer.tokens.acc import GRID, measure_block
 
     t = measure_block(anatomy_of(bert), 64, 2)
     assert len(t) == len(GRID) and all(x > 0 for x in t)

@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from .commands import core
+from .commands import tokens as tokens_commands
 
 # One line per area (explicit, no discovery). Each module has `add_commands(subparsers)`.
-AREAS = [core]
+AREAS = [core, tokens_commands]
 
 
 def parser() -> argparse.ArgumentParser:

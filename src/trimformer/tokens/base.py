@@ -70,20 +70,22 @@ class TokenPruner:
     """Base config. `keep`: share of each row's tokens that reaches the last block; blocks from `start`
     on shrink geometrically. `schedule`: share at the input of every block instead (one per block).
     `recover`: restore full length before that block (len(blocks) = after the last one), or None;
-    `residual`: a restored token is its stand-in's output plus how it differed from it when dropped
-    (else a plain copy of the stand-in, as ToMe's unmerge).
+    `fill`: what a restored token holds: "copy" its stand-in's output (ToMe's unmerge), or "skip" its
+    own state from when it was dropped (it skipped the blocks in between, as token dropping does).
     """
 
     keep: float = 0.5
     start: int = 1
     schedule: list[float] | None = None
     recover: int | None = None
-    residual: bool = True
+    fill: str = "copy"
 
     def __post_init__(self) -> None:
         name = getattr(self, "name", type(self).__name__)
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"{name}: keep={self.keep} must be in (0, 1] (the share of tokens kept)")
+        if self.fill not in ("copy", "skip"):
+            raise ValueError(f"{name}: fill={self.fill!r} must be 'copy' or 'skip'")
         if self.start < 1:
             raise ValueError(f"{name}: start={self.start} must be >= 1 (scores come from the previous block)")
         if self.schedule is not None:

@@ -35,7 +35,8 @@ class _Forward:
     sizes: torch.Tensor  # (B, T) float, original tokens per slot
     source: torch.Tensor  # (B, T0) slot of each original token, -1 for padding
     n: torch.Tensor  # (B,) real tokens per row at the start
-    delta: torch.Tensor | None = None  # (B, T0, H) residual recovery: token minus its stand-in, at drop time
+    frozen: torch.Tensor | None = None  # (B, T0, H) fill="skip": each dropped token's state when dropped
+    alive: torch.Tensor | None = None  # (B, T0) bool: the token still sits in a slot of its own
     counts: list[list[int]] = field(default_factory=list)  # per block input: real tokens per row
     extra_flops: float = 0.0  # scoring / matching work the method added
 
@@ -195,7 +196,7 @@ class TokenSession:
         ctx = _CountingContext(**vars(self._context(i, x, target)))
         plan = self.method.plan(ctx, recover=self.method.recover is not None)
         st.extra_flops += ctx.flops
-        return apply_plan(plan, x, st, residual=self.method.recover is not None and self.method.residual)
+        return apply_plan(plan, x, st, skip=self.method.recover is not None and self.method.fill == "skip")
 
     def _restore(self, x: torch.Tensor) -> torch.Tensor:
         """Full length again: every original token takes the output of the slot it was pruned or merged into."""
@@ -203,9 +204,9 @@ class TokenSession:
         B, T0 = st.source.shape
         src = st.source.clamp(min=0)  # padding takes slot 0; it is masked anyway
         out = x.gather(1, src[..., None].expand(B, T0, x.shape[-1]))  # (B, T0, H)
-        if st.delta is not None:
-            out = out + st.delta.to(out.dtype)
-            st.delta = None
+        if st.frozen is not None:  # dropped tokens skipped the blocks in between
+            out = torch.where(st.alive[..., None], out, st.frozen.to(out.dtype))
+            st.frozen = st.alive = None
         index = torch.arange(T0, device=x.device).expand(B, T0).clone()
         valid = st.source >= 0
         st.index, st.valid, st.sizes = index, valid, torch.ones(B, T0, device=x.device)
@@ -278,7 +279,7 @@ class _CountingContext(Context):
         return super().attention(rows)
 
 
-def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, residual: bool = False) -> torch.Tensor:
+def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, skip: bool = False) -> torch.Tensor:
     """Shrink x (B, T, H) to (B, T', H) and update the bookkeeping."""
     B, T, H = x.shape
     keep, slot_valid, dst = plan.keep, plan.slot_valid, plan.dst
@@ -295,12 +296,16 @@ def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, residual: bool = False
     else:
         new_x = x.gather(1, keep[..., None].expand(B, Tn, H))  # (B, T', H)
         st.sizes = st.sizes.gather(1, keep)
-    if residual:  # each original token remembers how it differed from the slot that now stands for it
+    if skip:  # remember the state of every token that loses its own slot now
         B0, T0 = st.source.shape
-        src = st.source.clamp(min=0)[..., None].expand(B0, T0, H)
-        stand_in = new_x.gather(1, dst.clamp(min=0).gather(1, st.source.clamp(min=0))[..., None].expand(B0, T0, H))
-        d = (x.gather(1, src) - stand_in).masked_fill((st.source < 0)[..., None], 0.0)
-        st.delta = d if st.delta is None else st.delta + d
+        own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
+        own = own.scatter(1, torch.where(slot_valid, keep, T), True)[:, :T]  # (B, T) still represented by itself
+        src = st.source.clamp(min=0)
+        if st.frozen is None:
+            st.frozen, st.alive = torch.zeros(B0, T0, H, device=x.device, dtype=x.dtype), st.source >= 0
+        drop = st.alive & ~own.gather(1, src)
+        st.frozen = torch.where(drop[..., None], x.gather(1, src[..., None].expand(B0, T0, H)), st.frozen)
+        st.alive = st.alive & ~drop
     st.index = torch.where(slot_valid, st.index.gather(1, keep), -1)
     st.valid = slot_valid
     # Original token o sat in slot source[o]; it now lives in dst[source[o]] (-1: dropped, no recovery).
