@@ -66,8 +66,9 @@ def hidden(model, ids, mask=None):
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
-def no_hooks(model) -> bool:
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+def hook_ids(model) -> set[int]:
+    """Ids of every forward (pre-)hook on the model (transformers may keep some of its own)."""
+    return {k for m in model.modules() for d in (m._forward_pre_hooks, m._forward_hooks) for k in d}
 
 
 # -- equivalences ---------------------------------------------------------------------------------
@@ -203,6 +204,32 @@ def test_merge_recover_keeps_mean_pooling(bert):
     torch.testing.assert_close(full.mean(1), weighted, atol=1e-5, rtol=1e-4)
 
 
+def test_fill_skip_restores_state_at_drop(bert):
+    """fill="skip": a dropped token comes back with the state it had when dropped (it skipped blocks)."""
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(10))
+    schedule = [1.0, 0.5, 0.5, 0.5]
+    with tokens.prune(bert, "zero-tprune", schedule=schedule) as s:
+        hidden(bert, ids)
+        kept = set(s.state.index[0].tolist())
+    with torch.no_grad():
+        before_block1 = bert(input_ids=ids, output_hidden_states=True).hidden_states[1][0]  # (T, H)
+    with tokens.prune(bert, "zero-tprune", schedule=schedule, recover=L, fill="skip"):
+        out = hidden(bert, ids)[0]
+    dropped = [t for t in range(30) if t not in kept]
+    assert len(dropped) == 15
+    torch.testing.assert_close(out[dropped], before_block1[dropped], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out[sorted(kept)], before_block1[sorted(kept)], atol=1e-3)
+
+
+def test_cli_errors_before_loading(capsys):
+    from trimformer.cli import main
+
+    assert main(["bench-tokens", "--methods", "merg"]) == 2
+    assert "Did you mean 'merge'" in capsys.readouterr().err
+    assert main(["bench-tokens", "--keep", "0.5,abc"]) == 2
+    assert "expected comma-separated numbers" in capsys.readouterr().err
+
+
 def test_bipartite_matching_merges_duplicates():
     g = torch.Generator().manual_seed(8)
     base = torch.randn(1, 4, 16, generator=g)
@@ -258,11 +285,12 @@ def test_acc_measures_real_block_latency(bert):
 def test_model_restored_even_after_error(bert, batch):
     ids, mask = batch
     ref = hidden(bert, ids, mask)
+    before = hook_ids(bert)
     with pytest.raises(RuntimeError, match="boom"):
         with tokens.prune(bert, "zero-tprune", keep=0.3):
             hidden(bert, ids, mask)
             raise RuntimeError("boom")
-    assert no_hooks(bert)
+    assert hook_ids(bert) == before
     assert torch.equal(hidden(bert, ids, mask), ref)
 
 
@@ -287,15 +315,17 @@ def test_deterministic(bert, batch):
         ("zero-tprune", {"start": 4, "keep": 0.5}, "start=4 but the model has only 4 blocks"),
         ("acc", {"speedup": 0.5}, "speedup=0.5 must be >= 1"),
         ("merge", {"r": -1}, "r=-1 must be >= 0"),
+        ("merge", {"fill": "zeros"}, "fill='zeros' must be 'copy' or 'skip'"),
         ("lazy", {}, "is for decoder LLM prefill"),
         ("zero-tprune", {"kepp": 0.5}, "Did you mean 'keep'"),
     ],
 )
 def test_bad_arguments(bert, name, settings, message):
+    before = hook_ids(bert)
     with pytest.raises(ValueError, match=message):
         with tokens.prune(bert, name, **settings):
             pass
-    assert no_hooks(bert)
+    assert hook_ids(bert) == before
 
 
 def test_unknown_method_and_wrong_family(bert, llama):

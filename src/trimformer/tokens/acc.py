@@ -8,7 +8,6 @@ schedule from `start` whose predicted time is dense time / speedup. Otherwise `k
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -83,22 +82,22 @@ def _interp(t: list[float], f: float) -> float:
 
 
 @torch.no_grad()
-def measure_block(anatomy, tokens: int, batch: int, reps: int = 5) -> list[float]:
-    """Median seconds of block 1 at each GRID share of `tokens` (blocks share one shape)."""
+def measure_block(anatomy, tokens: int, batch: int, reps: int = 7) -> list[float]:
+    """Seconds of block 1 at each GRID share of `tokens` (blocks share one shape): the minimum over
+    round-robin repetitions, so that load from other processes hits every size alike."""
     block = anatomy.blocks[min(1, len(anatomy.blocks) - 1)].module
     key = (id(anatomy.model), tokens, batch)
     if key not in _LATENCY:
         p = next(anatomy.model.parameters())
-        out = []
-        for f in GRID:
-            n = max(2, round(tokens * f))
-            x = torch.randn(batch, n, anatomy.hidden_size, device=p.device, dtype=p.dtype)
+        xs = [torch.randn(batch, max(2, round(tokens * f)), anatomy.hidden_size, device=p.device, dtype=p.dtype)
+              for f in GRID]
+        best = [float("inf")] * len(GRID)
+        for x in xs:
             block(x)  # warm-up
-            times = []
-            for _ in range(reps):
+        for _ in range(reps):
+            for j, x in enumerate(xs):
                 t0 = time.perf_counter()
                 block(x)
-                times.append(time.perf_counter() - t0)
-            out.append(statistics.median(times))
-        _LATENCY[key] = out
+                best[j] = min(best[j], time.perf_counter() - t0)
+        _LATENCY[key] = best
     return _LATENCY[key]
