@@ -5,8 +5,11 @@
     session.counts, session.flops()
 
 Methods: zero-tprune, merge (ToMe), acc (latency target), lazy (LLM prefill). Every method also
-takes `keep`, `start`, `schedule` and `recover` (restore full length before a block; len(blocks) =
-after the last one, so per-token outputs keep their shape).
+takes `keep` (share of each row's tokens reaching the last block; geometric from block `start`),
+`schedule` (share at every block instead), `recover` (restore full length before that block;
+len(blocks) = after the last one, so per-token outputs keep their shape) and `fill` ("copy": a
+restored token takes its stand-in's output; "skip": its own state from when it was dropped).
+Pruned tokens are physically dropped between blocks; rows with padding keep their own counts.
 """
 
 from __future__ import annotations

@@ -127,9 +127,10 @@ class TokenSession:
         st = self.state
         if x.shape[:2] != st.index.shape:
             raise RuntimeError("token pruning lost track of the sequence (was the model called re-entrantly?)")
-        if self.method.recover == i:
+        recover = self.method.recover
+        if recover == i:
             x = self._restore(x)
-        else:
+        elif recover is None or i < recover:  # after recovery the rest run at full length
             target = torch.minimum(self.method.targets(i, self.num_blocks, st.n), st.valid.sum(1))
             if i >= 1 and bool((target < st.valid.sum(1)).any()):
                 x = self._reduce(i, x, target)
