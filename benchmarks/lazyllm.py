@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "lazyllm", "model": "smollm2-135m", "prompts": args.prompts, "length": args.length,
         "threads": args.threads, "reps": args.reps, "timing_prompts": args.timing_prompts, "rows": rows,
-        "command": "PYTHONPATH=src python benchmarks/lazyllm.py " + " ".join(argv or []),
+        "command": "PYTHONPATH=src python benchmarks/lazyllm.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     write(result, Path(args.out))
     return result

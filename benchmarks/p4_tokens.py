@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "P4", "model": "minilm-l6", "paragraphs": args.paragraphs, "batch": args.batch,
         "timing_batches": args.timing_batches, "reps": args.reps, "threads": args.threads, "rows": rows,
-        "command": "PYTHONPATH=src python benchmarks/p4_tokens.py " + " ".join(argv or []),
+        "command": "PYTHONPATH=src python benchmarks/p4_tokens.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     write(result, Path(args.out))
     return result
