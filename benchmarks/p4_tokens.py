@@ -1,0 +1,111 @@
+"""BENCHMARK.md P4: token pruning / merging in minilm-l6, dense side by side in one run.
+
+512 doc-corpus paragraphs of 32-256 tokens (corpus order), batch 32; sentence embeddings by mean
+pooling with every method restoring full length after the last block (ToMe-style copy). Quality:
+cosine to dense (mean, 5th percentile), share of paragraphs whose nearest neighbour is unchanged.
+Cost: block FLOPs ratio (scoring included) and measured latency ratio at batch 32 (median of
+alternating dense / pruned runs). No peer: ToMe / Zero-TPrune ship no installable package for text.
+
+    PYTHONPATH=src python benchmarks/p4_tokens.py                       # the reported run
+    PYTHONPATH=src python benchmarks/p4_tokens.py --paragraphs 64       # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import trimformer
+from trimformer.tokens.bench import evaluate_encoder, paragraph_batches
+
+OUT = Path(__file__).parent / "results"
+METHODS = [
+    ("merge", {"keep": 0.6}),
+    ("merge", {"keep": 0.4}),
+    ("merge", {"keep": 0.25}),
+    ("zero-tprune", {"keep": 0.6}),
+    ("zero-tprune", {"keep": 0.3}),
+    ("acc", {"keep": 0.3}),
+    ("acc", {"speedup": 1.5}),
+]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--paragraphs", type=int, default=512)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--timing-batches", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: with the CPU shared, 2 threads stall at barriers")
+    p.add_argument("--out", default=str(OUT / "p4_tokens"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = trimformer.load("minilm-l6", with_tokenizer=True)
+    batches = paragraph_batches(tok, args.paragraphs, args.batch)
+    rows = evaluate_encoder(model, batches, METHODS, args.timing_batches, args.reps)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    result = {
+        "benchmark": "P4", "model": "minilm-l6", "paragraphs": args.paragraphs, "batch": args.batch,
+        "timing_batches": args.timing_batches, "reps": args.reps, "threads": args.threads, "rows": rows,
+        "command": "PYTHONPATH=src python benchmarks/p4_tokens.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    write(result, Path(args.out))
+    return result
+
+
+def _label(r: dict) -> str:
+    s = r["settings"]
+    return f"speedup {s['speedup']}" if s.get("speedup") else f"keep {s['keep']}"
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# P4 token pruning: {result['model']}, {result['paragraphs']} paragraphs, batch {result['batch']}",
+        "",
+        f"`{result['command'].strip()}`; {result['threads']} threads; latency = median of alternating dense / "
+        f"pruned runs over {result['timing_batches']} batches x {result['reps']} reps.",
+        "",
+        "| method | setting | cos mean | cos p5 | NN unchanged | FLOPs ratio | latency ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| dense | | 1.0000 | 1.0000 | 1.000 | 1.000 | 1.000 |",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {_label(r)} | {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {_label(r)} | {r['cos_mean']:.4f} | {r['cos_p5']:.4f} | "
+                     f"{r['nn_unchanged']:.3f} | {r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        ok = [r for r in result["rows"] if "error" not in r]
+        for name in dict.fromkeys(r["method"] for r in ok):
+            rs = [r for r in ok if r["method"] == name]
+            ax.plot([1 / r["latency_ratio"] for r in rs], [r["cos_mean"] for r in rs], "o", label=f"{name} (measured)")
+            ax.plot([1 / r["flops_ratio"] for r in rs], [r["cos_mean"] for r in rs], "x", color=ax.lines[-1].get_color(),
+                    label=f"{name} (FLOPs)")
+        ax.plot([1.0], [1.0], "*", ms=10, label="dense")
+        ax.axhline(0.98, ls=":", lw=0.8, color="grey")
+        ax.set_xlabel("speedup vs dense")
+        ax.set_ylabel("mean embedding cosine")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

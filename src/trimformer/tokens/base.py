@@ -1,0 +1,181 @@
+"""Token pruning at inference: the base config, the block-boundary context, and the plan a method returns.
+
+A method implements ONE hook: `score(ctx) -> (B, T)` importance (prune the lowest) or, for merging,
+`plan(ctx) -> Plan`. The base turns the schedule into per-row token counts, protects [CLS] / the last
+position, picks the top-k, and keeps order; `engine.py` applies the plan to the real tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .scores import attention_probs
+
+
+@dataclass
+class Context:
+    """What a method sees at the input of block `block`, over the current T tokens of each row."""
+
+    block: int
+    x: torch.Tensor  # (B, T, H) hidden states entering the block
+    q: torch.Tensor | None  # (B, h, T, D) previous block's queries (RoPE applied), if captured
+    k: torch.Tensor | None  # (B, h_kv, T, D) previous block's keys
+    valid: torch.Tensor  # (B, T) bool: real tokens (not padding, not filler)
+    protected: torch.Tensor  # (B, T) bool: never pruned ([CLS]; for decoders first and last position)
+    sizes: torch.Tensor  # (B, T) original tokens each slot stands for (merging)
+    target: torch.Tensor  # (B,) long: tokens each row keeps
+    causal: bool
+
+    @property
+    def key_bias(self) -> torch.Tensor:
+        """(B, T): -inf on invalid slots, log(size) on the rest (proportional attention)."""
+        return self.sizes.clamp(min=1).log().masked_fill(~self.valid, -1e9)  # finite: no NaN rows
+
+    def attention(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Previous block's attention probabilities (B, h, Tq, T) for the query slots `rows` (default all)."""
+        if self.q is None or self.k is None:
+            raise RuntimeError("this block's queries/keys were not captured (start must be >= 1)")
+        q = self.q if rows is None else self.q[:, :, rows]
+        return attention_probs(q, self.k, self.key_bias, self.causal, rows)
+
+    def keys(self) -> torch.Tensor:
+        """(B, T, h_kv*D) keys with heads concatenated (ToMe's similarity features); hidden states if none."""
+        if self.k is None:
+            return self.x
+        B, h, T, D = self.k.shape
+        return self.k.transpose(1, 2).reshape(B, T, h * D)
+
+
+@dataclass
+class Plan:
+    """How T current tokens become T' slots.
+
+    keep (B, T'): current index of each new slot's representative (slots in original order);
+    slot_valid (B, T'); dst (B, T): new slot each current token goes to (-1: none), used to merge
+    (when `merge`) and to recover full length; merge: average tokens into their dst weighted by size.
+    """
+
+    keep: torch.Tensor
+    slot_valid: torch.Tensor
+    dst: torch.Tensor
+    merge: bool = False
+
+
+@dataclass
+class TokenPruner:
+    """Base config. `keep`: share of each row's tokens that reaches the last block; blocks from `start`
+    on shrink geometrically. `schedule`: share at the input of every block instead (one per block).
+    `recover`: restore full length before that block (len(blocks) = after the last one), or None;
+    `fill`: what a restored token holds: "copy" its stand-in's output (ToMe's unmerge), or "skip" its
+    own state from when it was dropped (it skipped the blocks in between, as token dropping does).
+    """
+
+    keep: float = 0.5
+    start: int = 1
+    schedule: list[float] | None = None
+    recover: int | None = None
+    fill: str = "copy"
+
+    def __post_init__(self) -> None:
+        name = getattr(self, "name", type(self).__name__)
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"{name}: keep={self.keep} must be in (0, 1] (the share of tokens kept)")
+        if self.fill not in ("copy", "skip"):
+            raise ValueError(f"{name}: fill={self.fill!r} must be 'copy' or 'skip'")
+        if self.start < 1:
+            raise ValueError(f"{name}: start={self.start} must be >= 1 (scores come from the previous block)")
+        if self.schedule is not None:
+            bad = [f for f in self.schedule if not 0.0 < f <= 1.0]
+            if bad:
+                raise ValueError(f"{name}: schedule values {bad} must be in (0, 1]")
+            if any(b > a + 1e-9 for a, b in zip(self.schedule, self.schedule[1:])):
+                raise ValueError(f"{name}: schedule {self.schedule} must not increase (tokens are not re-added)")
+
+    # -- schedule -------------------------------------------------------------------------------
+    def check(self, num_blocks: int) -> None:
+        """Errors that need the model: schedule length, start and recover in range."""
+        name = getattr(self, "name", type(self).__name__)
+        if self.schedule is not None and len(self.schedule) != num_blocks:
+            raise ValueError(f"{name}: schedule has {len(self.schedule)} values, the model has {num_blocks} blocks")
+        if self.schedule is None and self.keep < 1.0 and self.start >= num_blocks:
+            raise ValueError(f"{name}: start={self.start} but the model has only {num_blocks} blocks (0..{num_blocks - 1})")
+        if self.recover is not None and not 1 <= self.recover <= num_blocks:
+            raise ValueError(f"{name}: recover={self.recover} must be a block index in 1..{num_blocks} "
+                             f"({num_blocks} = after the last block)")
+
+    def fraction(self, block: int, num_blocks: int) -> float:
+        """Share of the original tokens at the input of `block`."""
+        if self.schedule is not None:
+            return self.schedule[block]
+        if block < self.start or self.keep >= 1.0:
+            return 1.0
+        return self.keep ** ((block - self.start + 1) / (num_blocks - self.start))
+
+    def targets(self, block: int, num_blocks: int, n: torch.Tensor) -> torch.Tensor:
+        """Tokens kept per row at the input of `block`, from the rows' real lengths n (B,)."""
+        f = self.fraction(block, num_blocks)
+        return torch.ceil(n.double() * f - 1e-6).long()
+
+    def reduces(self, num_blocks: int) -> bool:
+        return any(self.fraction(i, num_blocks) < 1.0 for i in range(num_blocks))
+
+    # -- the one hook -----------------------------------------------------------------------------
+    needs_attention: ClassVar[bool] = False  # scores use attention maps (no QK-norm models yet)
+    encoder_only: ClassVar[bool] = False
+    decoder_only: ClassVar[bool] = False
+
+    def score(self, ctx: Context) -> torch.Tensor:
+        """(B, T) importance; the lowest are pruned. Subclasses implement this or `plan`."""
+        raise NotImplementedError
+
+    def plan(self, ctx: Context, recover: bool) -> Plan:
+        s = self.score(ctx).float()
+        return topk_plan(s, ctx, recover)
+
+
+def topk_plan(score: torch.Tensor, ctx: Context, recover: bool) -> Plan:
+    """Keep each row's `target` highest-scoring valid tokens (protected ones first), in original order."""
+    B, T = score.shape
+    s = score.masked_fill(~ctx.valid, float("-inf")).masked_fill(ctx.protected, float("inf"))
+    order = s.argsort(dim=1, descending=True, stable=True)  # (B, T)
+    rank = order.argsort(dim=1)  # (B, T) 0 = best
+    kept = (rank < ctx.target[:, None]) & ctx.valid
+    keep, slot_valid, slot_of = compact(kept, ctx.causal)
+    dst = slot_of
+    if recover:  # a pruned token takes the output of its most similar kept token (by keys)
+        dst = torch.where(kept, slot_of, nearest(ctx.keys(), keep, slot_valid))
+    return Plan(keep, slot_valid, dst.masked_fill(~ctx.valid, -1))
+
+
+def compact(kept: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slots for the kept tokens of each row, in original order: keep (B, T'), slot_valid (B, T'),
+    slot_of (B, T) (-1 where not kept). Rows keeping fewer get filler slots: last, or first for
+    decoders so the last position stays last."""
+    B, T = kept.shape
+    pos = torch.arange(T, device=kept.device).expand(B, T)
+    filler_key = -1 if causal else T
+    n = kept.sum(1)
+    Tn = int(n.max())
+    keep = torch.where(kept, pos, filler_key).sort(dim=1, descending=causal).values[:, :Tn]  # (B, T')
+    if causal:
+        keep = keep.flip(1)
+    slot_valid = keep != filler_key
+    first_kept = torch.where(kept, pos, T).min(1).values.clamp(max=T - 1)  # fillers copy a real token
+    keep = torch.where(slot_valid, keep, first_kept[:, None])
+    slots = torch.arange(Tn, device=kept.device).expand(B, Tn)
+    slot_of = torch.full((B, T + 1), -1, dtype=torch.long, device=kept.device)
+    slot_of = slot_of.scatter(1, torch.where(slot_valid, keep, T), torch.where(slot_valid, slots, -1))[:, :T]
+    return keep, slot_valid, slot_of
+
+
+def nearest(feat: torch.Tensor, keep: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
+    """(B, T): for every token, the slot of the kept token with the most similar features (cosine)."""
+    f = F.normalize(feat.float(), dim=-1)  # (B, T, C)
+    fk = f.gather(1, keep[..., None].expand(-1, -1, f.shape[-1]))  # (B, T', C)
+    sim = (f @ fk.transpose(1, 2)).masked_fill(~slot_valid[:, None, :], float("-inf"))  # (B, T, T')
+    return sim.argmax(-1)
+

@@ -1,0 +1,405 @@
+"""The adapter between a TokenPruner and a loaded model: forward hooks on the Anatomy's blocks.
+
+At the input of every block a pre-hook shrinks the hidden states as the method's plan says and
+gathers the block's attention mask / rotary embeddings to the surviving tokens (so tokens are
+physically dropped: FLOPs and latency fall). Hooks on the q/k projections keep a reference to the
+previous block's queries and keys for the scores. For decoders with a KV cache, every layer caches
+only the tokens it computed; later calls (decoding, continuation) see their masks gathered to match.
+Everything is added on entry and removed in `finally`: the model leaves exactly as it came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import Anatomy, anatomy_of
+from .base import Context, Plan, TokenPruner
+from .scores import apply_rope, split_heads
+
+MASK_KWARGS = ("attention_mask",)
+POSITION_KWARGS = ("position_ids",)
+
+
+@dataclass
+class _Forward:
+    """Bookkeeping for one forward call over the current tokens of each row."""
+
+    index: torch.Tensor  # (B, T) original position of each slot, -1 for fillers
+    valid: torch.Tensor  # (B, T) bool
+    sizes: torch.Tensor  # (B, T) float, original tokens per slot
+    source: torch.Tensor  # (B, T0) slot of each original token, -1 for padding
+    n: torch.Tensor  # (B,) real tokens per row at the start
+    frozen: torch.Tensor | None = None  # (B, T0, H) fill="skip": each dropped token's state when dropped
+    alive: torch.Tensor | None = None  # (B, T0) bool: the token still sits in a slot of its own
+    counts: list[list[int]] = field(default_factory=list)  # per block input: real tokens per row
+    extra_flops: float = 0.0  # scoring / matching work the method added
+
+
+class TokenSession:
+    """The handle `trimformer.tokens.prune(...)` yields: what the last forward did."""
+
+    def __init__(self, model: nn.Module, method: TokenPruner):
+        self.model = model
+        self.method = method
+        self.anatomy: Anatomy = anatomy_of(model)
+        self.causal = self.anatomy.causal
+        self.num_blocks = len(self.anatomy.blocks)
+        a0 = self.anatomy.blocks[0].attention
+        if getattr(method, "needs_attention", False) and a0 is not None and a0.qk_norm:
+            raise ValueError(f"{method.name}: models with QK-norm (Qwen3) are not supported by attention-based "
+                             "token scores yet; use 'merge' on encoders, or a LLaMA / Mistral / Qwen2 model")
+        if getattr(method, "encoder_only", False) and self.causal:
+            raise ValueError(f"{method.name} is for encoders and ViTs ({self.anatomy.family} is a decoder); "
+                             "use 'lazy' for LLM prefill")
+        if getattr(method, "decoder_only", False) and not self.causal:
+            raise ValueError(f"{method.name} is for decoder LLM prefill ({self.anatomy.family} is an encoder); "
+                             "use 'zero-tprune', 'merge' or 'acc'")
+        method.check(self.num_blocks)
+        if hasattr(method, "prepare"):
+            method.prepare(self.anatomy)
+        self.state: _Forward | None = None
+        self.kv_index: dict[int, torch.Tensor] = {}  # layer -> (B, n_l) original positions in its cache
+        self._cap: dict[str, torch.Tensor] = {}
+        self._pos: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._continuing = False
+
+    # -- results --------------------------------------------------------------------------------
+    @property
+    def counts(self) -> list[list[int]]:
+        """Real tokens per row at the input of every block, for the last forward call."""
+        return [] if self.state is None else self.state.counts
+
+    def flops(self) -> dict[str, float]:
+        """FLOPs of the blocks in the last forward, pruned vs dense (projections + attention + scoring)."""
+        if self.state is None:
+            raise RuntimeError("run a forward pass inside the context first")
+        dense = pruned = 0.0
+        n0 = self.state.counts[0]
+        for b, row in zip(self.anatomy.blocks, self.state.counts):
+            dense += sum(block_flops(b, n, self.causal) for n in n0)
+            pruned += sum(block_flops(b, n, self.causal) for n in row)
+        pruned += self.state.extra_flops
+        return {"dense": dense, "pruned": pruned, "ratio": pruned / dense, "reduction": 1 - pruned / dense}
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        out = []
+        for i, b in enumerate(self.anatomy.blocks):
+            out.append(b.module.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            a = b.attention
+            if a is None:
+                continue
+            if a.qkv is not None:
+                out.append(a.qkv.module.register_forward_hook(self._capture("qkv")))
+            else:
+                out.append(a.q.module.register_forward_hook(self._capture("q")))
+                out.append(a.k.module.register_forward_hook(self._capture("k")))
+        if self.method.recover == self.num_blocks:
+            out.append(self.anatomy.blocks[-1].module.register_forward_hook(self._restore_output))
+        return out
+
+    def _capture(self, name: str):
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            self._cap[name] = out
+
+        return hook
+
+    def _pre_hook(self, i: int):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            with torch.no_grad():
+                return self._before_block(i, args, kwargs)
+
+        return hook
+
+    def _before_block(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = args[0] if args else kwargs["hidden_states"]
+        mask, where = _find_mask(args, kwargs)
+        if i == 0:
+            self._start(x, mask, kwargs)
+        if self._continuing:
+            return self._continue(i, args, kwargs, mask, where)
+        st = self.state
+        if x.shape[:2] != st.index.shape:
+            raise RuntimeError("token pruning lost track of the sequence (was the model called re-entrantly?)")
+        recover = self.method.recover
+        if recover == i:
+            x = self._restore(x)
+        elif recover is None or i < recover:  # after recovery the rest run at full length
+            target = torch.minimum(self.method.targets(i, self.num_blocks, st.n), st.valid.sum(1))
+            if i >= 1 and bool((target < st.valid.sum(1)).any()):
+                x = self._reduce(i, x, target)
+        st.counts.append(st.valid.sum(1).tolist())
+        args, kwargs = self._gather_inputs(args, kwargs, mask, where, x)
+        if self.causal and _cache_of(kwargs) is not None:
+            self.kv_index[i] = st.index.clone()
+        return args, kwargs
+
+    def _start(self, x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> None:
+        cache = _cache_of(kwargs)
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self._continuing = past > 0
+        B, T = x.shape[:2]
+        if self._continuing:  # decoding / continuation: new tokens are never pruned, all layers cache them
+            new = torch.arange(past, past + T, device=x.device).expand(B, T)
+            self.kv_index = {i: torch.cat([ix, new], 1) for i, ix in self.kv_index.items()}
+            return
+        self.kv_index = {}
+        valid = _valid_from_mask(mask, B, T, x.device)
+        index = torch.arange(T, device=x.device).expand(B, T).clone()
+        self.state = _Forward(
+            index=index,
+            valid=valid,
+            sizes=torch.ones(B, T, device=x.device),
+            source=index.masked_fill(~valid, -1),
+            n=valid.sum(1),
+        )
+
+    def _context(self, i: int, x: torch.Tensor, target: torch.Tensor) -> Context:
+        st = self.state
+        q, k = self._qk(i - 1)
+        B, T = st.index.shape
+        # The first and last real tokens: [CLS] and [SEP] of encoders (ViT: the class token), the
+        # attention sink and the last position of decoders.
+        pos = torch.arange(T, device=x.device)
+        first = torch.where(st.valid, pos, T).argmin(1)
+        last = torch.where(st.valid, pos, -1).argmax(1)
+        protected = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        protected[torch.arange(B), first] = True
+        protected[torch.arange(B), last] = True
+        protected &= st.valid
+        return Context(i, x, q, k, st.valid, protected, st.sizes, target, self.causal)
+
+    def _qk(self, j: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a = self.anatomy.blocks[j].attention
+        if a is None:
+            return None, None
+        h, hk, D = a.num_heads, a.num_kv_heads, a.head_dim
+        if "qkv" in self._cap:
+            q_raw, k_raw, _ = self._cap["qkv"].split([h * D, hk * D, hk * D], dim=-1)
+        else:
+            q_raw, k_raw = self._cap.get("q"), self._cap.get("k")
+        if q_raw is None or k_raw is None:
+            return None, None
+        q, k = split_heads(q_raw, h, D), split_heads(k_raw, hk, D)  # (B, h, T, D), (B, h_kv, T, D)
+        if self._pos is not None:
+            cos, sin = self._pos
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
+
+    def _reduce(self, i: int, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        ctx = _CountingContext(**vars(self._context(i, x, target)))
+        plan = self.method.plan(ctx, recover=self.method.recover is not None)
+        st.extra_flops += ctx.flops
+        return apply_plan(plan, x, st, skip=self.method.recover is not None and self.method.fill == "skip")
+
+    def _restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Full length again: every original token takes the output of the slot it was pruned or merged into."""
+        st = self.state
+        B, T0 = st.source.shape
+        src = st.source.clamp(min=0)  # padding takes slot 0; it is masked anyway
+        out = x.gather(1, src[..., None].expand(B, T0, x.shape[-1]))  # (B, T0, H)
+        if st.frozen is not None:  # dropped tokens skipped the blocks in between
+            out = torch.where(st.alive[..., None], out, st.frozen.to(out.dtype))
+            st.frozen = st.alive = None
+        index = torch.arange(T0, device=x.device).expand(B, T0).clone()
+        valid = st.source >= 0
+        st.index, st.valid, st.sizes = index, valid, torch.ones(B, T0, device=x.device)
+        st.source = index.masked_fill(~valid, -1)
+        return out
+
+    def _restore_output(self, _m: nn.Module, _args: tuple, out: Any) -> Any:
+        if self._continuing or self.state is None:
+            return out
+        with torch.no_grad():
+            if isinstance(out, tuple):
+                return (self._restore(out[0]), *out[1:])
+            return self._restore(out)
+
+    def _gather_inputs(self, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any,
+                       x: torch.Tensor) -> tuple[tuple, dict]:
+        st = self.state
+        B, T = st.index.shape
+        identity = T == st.source.shape[1] and bool((st.index == torch.arange(T, device=x.device)).all())
+        merged = bool((st.sizes != 1).any())
+        args = (x, *args[1:]) if args else args
+        if "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": x}
+        pe = kwargs.get("position_embeddings")
+        if identity and not merged:
+            self._pos = pe
+            return args, kwargs
+        idx = st.index.clamp(min=0)
+        new_mask = gather_mask(mask, idx, st.valid, self.causal, st.sizes if merged else None)
+        args, kwargs = _put_mask(args, kwargs, where, new_mask)
+        if pe is not None:
+            pe = tuple(_gather_seq(t, idx) for t in pe)  # (B, T', D) each
+            kwargs["position_embeddings"] = pe
+        for name in POSITION_KWARGS:
+            if torch.is_tensor(kwargs.get(name)) and kwargs[name].dim() == 2:
+                kwargs[name] = _gather_seq(kwargs[name], idx)
+        self._pos = pe
+        return args, kwargs
+
+    def _continue(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any):
+        ix = self.kv_index.get(i)
+        self._pos = None
+        if ix is None or mask is None and bool((ix >= 0).all()):
+            return args, kwargs
+        B = ix.shape[0]
+        Tq = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        valid = ix >= 0
+        idx = ix.clamp(min=0)
+        if mask is None:  # fillers in this layer's cache must be masked for the new queries
+            new = valid[:, None, None, :].expand(B, 1, Tq, ix.shape[1])
+            if self.causal and Tq > 1:
+                qpos = ix[:, -Tq:]
+                new = new & (idx[:, None, None, :] <= qpos[:, None, :, None])
+        else:
+            m = mask.expand(B, *mask.shape[1:])
+            new = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], m.shape[2], ix.shape[1]))
+            new = _mask_keys(new, valid)
+        return _put_mask(args, kwargs, where, new)
+
+
+class _CountingContext(Context):
+    """A Context that counts the FLOPs of the attention maps a method asks for."""
+
+    flops: float = 0.0
+
+    def attention(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        B, h, T, D = self.q.shape
+        Tq = T if rows is None else len(rows)
+        self.flops += 2.0 * B * h * Tq * T * D + 5.0 * B * h * Tq * T  # q k^T, softmax
+        return super().attention(rows)
+
+
+def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, skip: bool = False) -> torch.Tensor:
+    """Shrink x (B, T, H) to (B, T', H) and update the bookkeeping."""
+    B, T, H = x.shape
+    keep, slot_valid, dst = plan.keep, plan.slot_valid, plan.dst
+    Tn = keep.shape[1]
+    if plan.merge:  # size-weighted average of every token sent to a slot (ToMe)
+        w = st.sizes.masked_fill(dst < 0, 0.0)  # (B, T)
+        slot = dst.clamp(min=0)
+        sizes = torch.zeros(B, Tn, device=x.device).scatter_add(1, slot, w)
+        xs = torch.zeros(B, Tn, H, device=x.device, dtype=x.dtype)
+        xs = xs.scatter_add(1, slot[..., None].expand(B, T, H), x * w[..., None].to(x.dtype))
+        filler = x.gather(1, keep[..., None].expand(B, Tn, H))
+        new_x = torch.where(slot_valid[..., None], xs / sizes.clamp(min=1e-9)[..., None].to(x.dtype), filler)
+        st.sizes = torch.where(slot_valid, sizes, 1.0)
+    else:
+        new_x = x.gather(1, keep[..., None].expand(B, Tn, H))  # (B, T', H)
+        st.sizes = st.sizes.gather(1, keep)
+    if skip:  # remember the state of every token that loses its own slot now
+        B0, T0 = st.source.shape
+        own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
+        own = own.scatter(1, torch.where(slot_valid, keep, T), True)[:, :T]  # (B, T) still represented by itself
+        src = st.source.clamp(min=0)
+        if st.frozen is None:
+            st.frozen, st.alive = torch.zeros(B0, T0, H, device=x.device, dtype=x.dtype), st.source >= 0
+        drop = st.alive & ~own.gather(1, src)
+        st.frozen = torch.where(drop[..., None], x.gather(1, src[..., None].expand(B0, T0, H)), st.frozen)
+        st.alive = st.alive & ~drop
+    st.index = torch.where(slot_valid, st.index.gather(1, keep), -1)
+    st.valid = slot_valid
+    # Original token o sat in slot source[o]; it now lives in dst[source[o]] (-1: dropped, no recovery).
+    src = st.source
+    moved = dst.gather(1, src.clamp(min=0))
+    st.source = torch.where(src >= 0, moved, -1)
+    return new_x
+
+
+def block_flops(block: Any, n: int, causal: bool) -> float:
+    """Multiply-adds x2 of one block on n tokens: projections, plus attention scores and mixing."""
+    params = sum(p.weight.numel() for p in block.projections().values())
+    a = block.attention
+    attn = 0.0
+    if a is not None:
+        keys = (n + 1) / 2 if causal else n  # causal: each query sees the tokens before it
+        attn = 2.0 * 2.0 * n * keys * a.num_heads * a.head_dim
+    return 2.0 * n * params + attn
+
+
+# -- masks and positions: Hugging Face conventions, not model classes ------------------------------
+def _cache_of(kwargs: dict) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _find_mask(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Any]:
+    """The 4-D attention mask a block gets: a keyword, or (BERT-like) its second positional argument."""
+    for name in MASK_KWARGS:
+        if name in kwargs:
+            return kwargs[name], name
+    if len(args) > 1 and (args[1] is None or torch.is_tensor(args[1]) and args[1].dim() == 4):
+        return args[1], 1
+    return None, "attention_mask"
+
+
+def _put_mask(args: tuple, kwargs: dict, where: Any, mask: torch.Tensor | None) -> tuple[tuple, dict]:
+    if isinstance(where, int):
+        return (*args[:where], mask, *args[where + 1:]), kwargs
+    return args, {**kwargs, where: mask}
+
+
+def _valid_from_mask(mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """(B, T) real tokens: keys some query may attend to."""
+    if mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return allowed.any(dim=2).any(dim=1).expand(B, T)[:, -T:].clone()
+
+
+def _mask_keys(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & valid[:, None, None, :]
+    return mask.masked_fill(~valid[:, None, None, :], torch.finfo(mask.dtype).min)
+
+
+def gather_mask(mask: torch.Tensor | None, idx: torch.Tensor, valid: torch.Tensor, causal: bool,
+                sizes: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The block's mask over the current slots (B, 1, T'|1, T'), filler keys masked, log(size) added."""
+    B, T = idx.shape
+    has_filler = not bool(valid.all())
+    if mask is None and not has_filler and sizes is None:
+        return None  # no padding: SDPA's own causal / full attention stays exact over the kept order
+    if not causal:  # encoders: the mask only hides padding keys, now the invalid slots (B, 1, 1, T')
+        m = valid[:, None, None, :]
+    elif mask is None:
+        m = idx[:, None, None, :] <= idx[:, None, :, None]  # (B, 1, T', T') by original positions
+    else:
+        m = mask.expand(B, *mask.shape[1:])
+        if m.shape[2] > 1:
+            m = m.gather(2, idx[:, None, :, None].expand(B, m.shape[1], T, m.shape[3]))
+        m = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], m.shape[2], T))
+    m = _mask_keys(m, valid)
+    if sizes is not None:  # proportional attention: a merged token counts as many
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, device=m.device).masked_fill(~m, torch.finfo(torch.float32).min)
+        m = m + sizes.clamp(min=1).log()[:, None, None, :].to(m.dtype)
+    return m
+
+
+def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather dim 1 (sequence) of (B|1, T, ...) by idx (B, T')."""
+    B = idx.shape[0]
+    t = t.expand(B, *t.shape[1:])
+    extra = t.shape[2:]
+    return t.gather(1, idx.view(B, -1, *([1] * len(extra))).expand(B, idx.shape[1], *extra))
+
+
+@contextmanager
+def attach(model: nn.Module, method: TokenPruner) -> Iterator[TokenSession]:
+    session = TokenSession(model, method)
+    handles = session.hooks()
+    try:
+        yield session
+    finally:
+        for h in handles:
+            h.remove()
