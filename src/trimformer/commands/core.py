@@ -108,8 +108,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .. import data, evaluate, load, prune_
     from ..evaluate import to_markdown
     from ..export import OutputExistsError
-    from ..structure.export import save  # plain HF when uniform, else per-layer shapes + modeling file
     from ..progress import quiet
+    from ..structure.export import save  # plain HF when uniform, else per-layer shapes + modeling file
 
     recipe = _recipe(args)
     if Path(args.out).exists() and not args.overwrite:
