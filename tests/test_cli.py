@@ -113,3 +113,20 @@ def test_report_plots_a_frontier(saved_llama, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "cmp" / "sparsity-wanda-0.3.png").is_file()
     assert main(["-q", "report", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_method_fields_work_as_flags(saved_llama, tmp_path):
+    out = tmp_path / "w"
+    assert main(["prune", "--model", str(saved_llama), "--method", "width", "--target", "params=0.8",
+                 "--parts", "ffn", "--multiple-of=8", "--out", str(out), "--no-eval", *FAST[:4], "-q"]) == 0
+    meta = json.loads((out / "trimformer.json").read_text())
+    assert meta["recipe"][0]["target"] == "params=0.8" and meta["recipe"][0]["multiple_of"] == 8
+    m = trimformer.load(out)
+    widths = [layer.mlp.up_proj.weight.shape[0] for layer in m.model.layers]
+    assert all(w % 8 == 0 and w < 128 for w in widths)
+
+
+def test_unknown_method_flag_is_a_clear_error(saved_llama, tmp_path, capsys):
+    code = main(["-q", "prune", "--model", str(saved_llama), "--method", "wanda", "--bogus", "1",
+                 "--out", str(tmp_path / "x"), "--no-eval"])
+    assert code == 2 and "no step of the recipe has such a setting" in capsys.readouterr().err

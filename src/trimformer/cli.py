@@ -27,8 +27,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def method_flags(extra: list[str]) -> list[str]:
+    """['--target', 'params=0.8', '--multiple-of=8'] -> ['target=params=0.8', 'multiple_of=8']."""
+    out, i = [], 0
+    while i < len(extra):
+        flag = extra[i]
+        if not flag.startswith("--") or len(flag) < 3:
+            raise ValueError(f"unrecognized argument {flag!r}")
+        name, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ValueError(f"{flag} needs a value (method settings are --field VALUE)")
+            value, i = extra[i + 1], i + 1
+        out.append(f"{name.replace('-', '_')}={value}")
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if getattr(args, "func", None) is None or args.command != "prune":
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:  # `prune --target params=0.8` is `prune --set target=params=0.8`: any method field as a flag
+            args.set = list(args.set) + method_flags(extra)
+        except ValueError as e:
+            p.error(str(e))
     from .progress import set_quiet
 
     set_quiet(args.quiet)
