@@ -62,6 +62,12 @@ class WeightPruner:
         W = proj.weight
         W.mul_(self.mask(W.float(), stats, sparsity).to(W.dtype))
 
+    def prune_block(self, bc: calibrate.BlockCalib, projs: dict[str, Proj]) -> None:
+        """Prune the selected projections of one block; methods that update weights override this."""
+        stats = bc.collect(projs, hessian=self.needs_hessian)
+        for name, p in projs.items():
+            self.prune_layer(p, stats[name], self.layer_sparsity(name))
+
     def layer_sparsity(self, name: str) -> float:
         """Per-layer target; allocation wrappers override it."""
         return self.sparsity
@@ -101,11 +107,8 @@ class WeightPruner:
             projs = self.selected(bc.block.projections(), filter_fn)
             if not projs:
                 continue
-            stats = bc.collect(projs, hessian=self.needs_hessian)
-            for name, p in projs.items():
-                self.prune_layer(p, stats[name], self.layer_sparsity(name))
-                done[name] = _sparsity(p)
-            del stats
+            self.prune_block(bc, projs)
+            done.update({name: _sparsity(p) for name, p in projs.items()})
         return done
 
 
