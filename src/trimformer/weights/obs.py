@@ -52,7 +52,8 @@ def obs_prune(
     this input (q/k/v stacked) but keep their own per-layer share. `nm`: (N kept, M) instead.
     The unstructured mask is chosen per block of columns (score w^2 / U_jj^2, lowest removed).
     """
-    W = W.clone().float()  # (rows, cols)
+    dtype = torch.promote_types(torch.float32, U.dtype)
+    W, U = W.to(dtype, copy=True), U.to(dtype)  # (rows, cols), (cols, cols)
     rows, cols = W.shape
     if nm is not None and (cols % nm[1] or blocksize % nm[1]):
         raise ValueError(f"N:M {nm[0]}:{nm[1]} needs the input width ({cols}) and blocksize ({blocksize}) to be multiples of {nm[1]}")
