@@ -31,14 +31,24 @@ def topk_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> t
         n_prune = round(sparsity * scores.shape[1])
         mask = torch.ones_like(scores, dtype=torch.bool)
         if n_prune:
-            idx = torch.topk(scores, n_prune, dim=1, largest=False).indices  # (out, n_prune)
+            idx = torch.sort(scores, dim=1, stable=True).indices[:, :n_prune]  # (out, n_prune); sort beats topk here
             mask.scatter_(1, idx, False)
         return mask
-    n_prune = round(sparsity * scores.numel())
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_prune:
-        mask[torch.topk(scores.flatten(), n_prune, largest=False).indices] = False
-    return mask.view_as(scores)
+    return ~lowest(scores, round(sparsity * scores.numel()))
+
+
+def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k lowest entries; ties at the threshold taken in order (kthvalue: far faster than topk for large k)."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    flat = score.flatten()
+    t = flat.kthvalue(k).values
+    mask = flat < t
+    need = k - int(mask.sum())
+    if need > 0:
+        mask[(flat == t).nonzero().flatten()[:need]] = True
+    return mask.view_as(score)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

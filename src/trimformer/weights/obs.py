@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from .masks import lowest
+
 log = logging.getLogger("trimformer.weights")
 
 
@@ -82,16 +84,3 @@ def obs_prune(
         Wt[i2:] -= U[i1:i2, i2:].t() @ Err1  # lazy update of every later column at once: (cols-i2, b) @ (b, rows)
     return Wt.t()  # (rows, cols)
 
-
-def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k lowest entries (kthvalue + ties in order: much faster than topk when k is large)."""
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k <= 0:
-        return mask
-    flat = score.flatten()
-    t = flat.kthvalue(k).values
-    below = flat < t
-    need = k - int(below.sum())
-    if need > 0:
-        below[(flat == t).nonzero().flatten()[:need]] = True
-    return below.view_as(score)
