@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import core
+from .commands import core, weights
 
 # One line per area (explicit, no discovery). Each module has `add_commands(subparsers)`.
-AREAS = [core]
+AREAS = [core, weights]
 
 
 def parser() -> argparse.ArgumentParser:
