@@ -14,7 +14,7 @@ from .. import calibrate
 from ..calibrate import LayerStats
 from ..models import Anatomy, Proj
 from ..progress import bar
-from .masks import check_sparsity, nm_mask, parse_pattern, topk_mask
+from .masks import block_mask, check_sparsity, nm_mask, parse_block, parse_pattern, topk_mask
 
 FilterFn = Callable[[nn.Module, str], bool]
 SHORT_NAMES = {"attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
@@ -25,7 +25,8 @@ class WeightPruner:
     """Base config of every weight method: how much, in what pattern, where.
 
     sparsity: share of weights removed per layer (ignored by N:M patterns, which fix it at 1 - N/M).
-    pattern: 'unstructured' or 'N:M' (N kept of every M consecutive inputs, e.g. '2:4').
+    pattern: 'unstructured', 'N:M' (N kept of every M consecutive inputs, e.g. '2:4'), or 'block:RxC'
+      (whole blocks of R rows x C inputs, e.g. 'block:1x4', 'block:4x4', for block-sparse kernels).
     targets: which projections, by short name ('attn.q', 'mlp.down', ...; 'all' for every one).
     layers: per-layer overrides, {glob: sparsity}, the glob matched against the full module name
       ('model.layers.0.*') or the short name ('mlp.down'); the last matching entry wins. With an
@@ -43,7 +44,8 @@ class WeightPruner:
     per_row: ClassVar[bool] = False  # compare scores within each output row (Wanda) or across the layer
 
     def __post_init__(self) -> None:
-        self.nm = parse_pattern(self.pattern)
+        self.block = parse_block(self.pattern)
+        self.nm = None if self.block else parse_pattern(self.pattern)
         if self.nm is None:
             check_sparsity(self.sparsity)
         else:
@@ -76,6 +78,8 @@ class WeightPruner:
         s = self.score(W, stats)
         if self.nm is not None:
             return nm_mask(s, *self.nm)
+        if self.block is not None:
+            return block_mask(s, sparsity, *self.block)
         return topk_mask(s, sparsity, per_row=self.per_row)
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from .masks import lowest
+from .masks import block_scores, lowest
 
 log = logging.getLogger("trimformer.weights")
 
@@ -46,12 +46,15 @@ def obs_prune(
     *,
     sparsity: float | list[tuple[int, int, float]] = 0.5,
     nm: tuple[int, int] | None = None,
+    block: tuple[int, int] | None = None,
     blocksize: int = 128,
 ) -> torch.Tensor:
     """Prune W (rows, cols) with OBS updates given U, the upper Cholesky factor of H^-1; returns the new W.
 
     `sparsity`: share removed, or a list of (row_start, row_stop, share) for row segments that share
     this input (q/k/v stacked) but keep their own per-layer share. `nm`: (N kept, M) instead.
+    `block`: (R, C) removes whole blocks of R rows x C columns (score summed over the block, as oBERT's
+    block OBS with a diagonal inverse); the OBS update stays exact for the chosen mask.
     The unstructured mask is chosen per block of columns (score w^2 / U_jj^2, lowest removed).
     """
     dtype = torch.promote_types(torch.float32, U.dtype)
@@ -59,6 +62,8 @@ def obs_prune(
     rows, cols = W.shape
     if nm is not None and (cols % nm[1] or blocksize % nm[1]):
         raise ValueError(f"N:M {nm[0]}:{nm[1]} needs the input width ({cols}) and blocksize ({blocksize}) to be multiples of {nm[1]}")
+    if block is not None and (blocksize % block[1] or cols % block[1] or rows % block[0]):
+        raise ValueError(f"block {block[0]}x{block[1]} must tile the ({rows}, {cols}) weight and blocksize {blocksize}")
     segments = [(0, rows, sparsity)] if isinstance(sparsity, (int, float)) else sparsity
     Wt = W.t().to(dtype, memory_format=torch.contiguous_format, copy=True)  # (cols, rows): a column of W is a contiguous row here (3x faster updates)
     d = torch.diag(U)  # (cols,)
@@ -70,8 +75,11 @@ def obs_prune(
         prune = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
             score = W1.square() / d[i1:i2, None].square()  # (b, rows): OBS error of removing each weight
+            bh, bw = block or (1, 1)
             for r0, r1, share in segments:
-                prune[:, r0:r1] = lowest(score[:, r0:r1], int(share * (r1 - r0) * (i2 - i1)))
+                s = block_scores(score[:, r0:r1].t(), bh, bw)  # (seg rows/bh, b/bw)
+                low = lowest(s, int(share * s.numel()))
+                prune[:, r0:r1] = low.repeat_interleave(bh, 0).repeat_interleave(bw, 1).t()
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:  # choose each N:M group on the already-updated weights
                 n, m = nm

@@ -38,6 +38,8 @@ class SparseGPT(WeightPruner):
             raise ValueError(f"blocksize must be a positive number of columns, got {self.blocksize!r}")
         if self.nm is not None and self.blocksize % self.nm[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} for pattern {self.pattern!r}")
+        if self.block is not None and self.blocksize % self.block[1]:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of the block width {self.block[1]}")
 
     def score(self, W: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
         raise NotImplementedError("SparseGPT chooses its mask while it updates the weights (obs_prune)")
@@ -59,6 +61,6 @@ class SparseGPT(WeightPruner):
         W, spans = stack_rows(projs)  # (sum of outs, in)
         U = inverse_cholesky(H, self.percdamp, what=projs[0].name)
         segments = [(r0, r1, self.layer_sparsity(p.name)) for p, (r0, r1) in zip(projs, spans)]
-        W = obs_prune(W, U, sparsity=segments, nm=self.nm, blocksize=self.blocksize)
+        W = obs_prune(W, U, sparsity=segments, nm=self.nm, block=self.block, blocksize=self.blocksize)
         for p, (r0, r1) in zip(projs, spans):
             p.weight.copy_(W[r0:r1].to(p.weight.dtype))
