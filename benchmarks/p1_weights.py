@@ -104,7 +104,8 @@ def start_llmc(py: str, calib_file: str, method: str, pattern: str, tmp: str) ->
     cmd = [py, str(Path(__file__).parent / "peers" / "llmc_prune.py"), "--model", str(_cache_dir(MODEL)),
            "--calib", calib_file, "--method", method, "--pattern", pattern, "--out", out]
     log = open(out + ".log", "w")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True), out
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MKL_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env), out  # same threads as ours
 
 
 def finish_llmc(proc: subprocess.Popen, out: str) -> tuple[dict, dict]:
@@ -190,19 +191,26 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_layer_sparsity"}), flush=True)
         del model
+        write(a, rows, kl_n, dense_bytes, act_bytes, done=False)  # keep what is measured if the run is cut short
+    write(a, rows, kl_n, dense_bytes, act_bytes, done=True)
+
+
+def write(a: argparse.Namespace, rows: list[dict], kl_n: int, dense_bytes: int, act_bytes: int, done: bool) -> None:
     report = {
         "protocol": {"model": MODEL, "calib_windows": a.calib, "eval_windows": a.eval, "kl_windows": kl_n,
                      "length": a.length, "full_P1": (a.calib, a.eval, kl_n, a.length) == (64, 64, 16, 512),
                      "threads": torch.get_num_threads(), "parallel_peers": a.parallel_peers, "dense_model_MB": dense_bytes / 2**20,
                      "one_block_calib_activations_MB": act_bytes / 2**20,
                      "command": "PYTHONPATH=src python benchmarks/p1_weights.py " + " ".join(sys.argv[1:])},
+        "complete": done,
         "rows": rows,
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    if done:
+        print(markdown(report))
 
 
 def markdown(report: dict) -> str:
@@ -212,6 +220,7 @@ def markdown(report: dict) -> str:
         "",
         f"Calibration {p['calib_windows']} x {p['length']} tokens; ppl_doc over {p['eval_windows']} evaluation windows, "
         f"kl_doc / top1_agree over the first {p['kl_windows']}; {'full P1' if p['full_P1'] else 'REDUCED protocol'}; "
+        ("" if report.get("complete") else "**Run cut short: only the rows below were measured.** ") +
         f"{p['threads']} torch thread(s) on a shared, contended 2-core machine (times are one run each: compare ratios)"
         + ("; llm-compressor jobs ran concurrently with trimformer's, so every time shares the CPU." if p.get("parallel_peers") else "."),
         f"Dense model {p['dense_model_MB']:.0f} MB; one block's calibration activations (in + out) "
