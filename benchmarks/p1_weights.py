@@ -220,8 +220,8 @@ def markdown(report: dict) -> str:
         "",
         f"Calibration {p['calib_windows']} x {p['length']} tokens; ppl_doc over {p['eval_windows']} evaluation windows, "
         f"kl_doc / top1_agree over the first {p['kl_windows']}; {'full P1' if p['full_P1'] else 'REDUCED protocol'}; "
-        ("" if report.get("complete") else "**Run cut short: only the rows below were measured.** ") +
-        f"{p['threads']} torch thread(s) on a shared, contended 2-core machine (times are one run each: compare ratios)"
+        + ("" if report.get("complete") else "**run cut short: only the rows below were measured**; ")
+        + f"{p['threads']} torch thread(s) on a shared, contended 2-core machine (times are one run each: compare ratios)"
         + ("; llm-compressor jobs ran concurrently with trimformer's, so every time shares the CPU." if p.get("parallel_peers") else "."),
         f"Dense model {p['dense_model_MB']:.0f} MB; one block's calibration activations (in + out) "
         f"{p['one_block_calib_activations_MB']:.0f} MB.",
