@@ -5,6 +5,6 @@ from .base import WeightPruner
 
 WEIGHTS: Registry[WeightPruner] = Registry("weight")
 
-from . import magnitude, wanda  # noqa: E402,F401  (explicit: fills WEIGHTS)
+from . import allocation, magnitude, sparsegpt, wanda  # noqa: E402,F401  (explicit: fills WEIGHTS)
 
 __all__ = ["WEIGHTS", "WeightPruner"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import ClassVar
 
 import torch
@@ -13,9 +14,10 @@ from .. import calibrate
 from ..calibrate import LayerStats
 from ..models import Anatomy, Proj
 from ..progress import bar
-from .masks import check_sparsity, nm_mask, parse_pattern, topk_mask
+from .masks import block_mask, check_sparsity, nm_mask, parse_block, parse_pattern, topk_mask
 
 FilterFn = Callable[[nn.Module, str], bool]
+SHORT_NAMES = {"attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
 
 
 @dataclass
@@ -23,13 +25,18 @@ class WeightPruner:
     """Base config of every weight method: how much, in what pattern, where.
 
     sparsity: share of weights removed per layer (ignored by N:M patterns, which fix it at 1 - N/M).
-    pattern: 'unstructured' or 'N:M' (N kept of every M consecutive inputs, e.g. '2:4').
+    pattern: 'unstructured', 'N:M' (N kept of every M consecutive inputs, e.g. '2:4'), or 'block:RxC'
+      (whole blocks of R rows x C inputs, e.g. 'block:1x4', 'block:4x4', for block-sparse kernels).
     targets: which projections, by short name ('attn.q', 'mlp.down', ...; 'all' for every one).
+    layers: per-layer overrides, {glob: sparsity}, the glob matched against the full module name
+      ('model.layers.0.*') or the short name ('mlp.down'); the last matching entry wins. With an
+      N:M pattern the only override is 0 (leave the layer dense).
     """
 
     sparsity: float = 0.5
     pattern: str = "unstructured"
     targets: str = "all"
+    layers: dict[str, float] | None = None
 
     name: ClassVar[str] = "?"
     needs_calibration: ClassVar[bool] = True
@@ -37,12 +44,29 @@ class WeightPruner:
     per_row: ClassVar[bool] = False  # compare scores within each output row (Wanda) or across the layer
 
     def __post_init__(self) -> None:
-        self.nm = parse_pattern(self.pattern)
+        self.block = parse_block(self.pattern)
+        self.nm = None if self.block else parse_pattern(self.pattern)
         if self.nm is None:
             check_sparsity(self.sparsity)
         else:
             self.sparsity = 1.0 - self.nm[0] / self.nm[1]
         self._targets = None if self.targets in ("all", "", None) else {t.strip() for t in self.targets.split(",")}
+        unknown = (self._targets or set()) - SHORT_NAMES
+        if unknown:
+            raise ValueError(f"targets: unknown projection(s) {', '.join(sorted(unknown))}; "
+                             f"use 'all' or a comma list of {', '.join(sorted(SHORT_NAMES))}")
+        if self.layers is not None and not isinstance(self.layers, dict):
+            raise ValueError(f"layers must map a layer glob to a sparsity, e.g. {{'mlp.down': 0.3}}, got {self.layers!r}")
+        for glob, share in (self.layers or {}).items():
+            try:
+                check_sparsity(share)
+            except ValueError as e:
+                raise ValueError(f"layers[{glob!r}]: {e}") from None
+            if self.nm is not None and share != 0:
+                raise ValueError(f"layers[{glob!r}] = {share}: with pattern {self.pattern!r} a layer is either "
+                                 "N:M or left dense (0)")
+        self._table: dict[str, float] = {}  # per-layer shares set by an allocation variant (allocation.py)
+        self._short: dict[str, str] = {}  # full module name -> short name, filled by apply_
 
     # -- the one hook a method implements -----------------------------------------------------
     def score(self, W: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
@@ -54,6 +78,8 @@ class WeightPruner:
         s = self.score(W, stats)
         if self.nm is not None:
             return nm_mask(s, *self.nm)
+        if self.block is not None:
+            return block_mask(s, sparsity, *self.block)
         return topk_mask(s, sparsity, per_row=self.per_row)
 
     @torch.no_grad()
@@ -62,13 +88,34 @@ class WeightPruner:
         W = proj.weight
         W.mul_(self.mask(W.float(), stats, sparsity).to(W.dtype))
 
+    def prune_block(self, bc: calibrate.BlockCalib, projs: dict[str, Proj]) -> None:
+        """Prune the selected projections of one block; methods that update weights override this."""
+        stats = bc.collect(projs, hessian=self.needs_hessian)
+        for name, p in projs.items():
+            self.prune_layer(p, stats[name], self.layer_sparsity(name))
+
     def layer_sparsity(self, name: str) -> float:
-        """Per-layer target; allocation wrappers override it."""
-        return self.sparsity
+        """Per-layer target: a `layers` override, else the allocation's share, else `sparsity`."""
+        share = self._table.get(name, self.sparsity)
+        for glob, value in (self.layers or {}).items():
+            if fnmatch(name, glob) or fnmatch(self._short.get(name, ""), glob):
+                share = value
+        return share
+
+    def check_layers(self, anatomy: Anatomy) -> None:
+        """Every `layers` glob must match some projection: a typo must not silently prune at full strength."""
+        self._short = {p.name: short for b in anatomy.blocks for short, p in b.projections().items()}
+        for glob in self.layers or {}:
+            if not any(fnmatch(full, glob) or fnmatch(short, glob) for full, short in self._short.items()):
+                examples = ", ".join(list(self._short)[:2] + sorted(set(self._short.values()))[:3])
+                raise ValueError(f"layers: {glob!r} matches no projection of this model; globs match full names "
+                                 f"or short names, e.g. {examples}")
 
     def selected(self, block_projs: dict[str, Proj], filter_fn: FilterFn | None) -> dict[str, Proj]:
         out = {}
         for short, p in block_projs.items():
+            if self.layer_sparsity(p.name) == 0.0:
+                continue  # left dense (a `layers` override or the allocation)
             if self._targets is not None and short not in self._targets and short.split(".")[0] not in self._targets:
                 continue
             if filter_fn is not None and not filter_fn(p.module, p.name):
@@ -86,12 +133,15 @@ class WeightPruner:
         progress: bool = True,
     ) -> dict[str, float]:
         """Prune every selected projection; returns the realised sparsity per layer."""
-        if self.sparsity == 0.0 and self.nm is None:
+        self.check_layers(anatomy)
+        if self.sparsity == 0.0 and self.nm is None and not self._table and not self.layers:
             return {}
         done: dict[str, float] = {}
         if not self.needs_calibration:
             for block in bar(anatomy.blocks, desc=f"{self.name}", unit="block", disable=not progress):
                 for name, p in self.selected(block.projections(), filter_fn).items():
+                    if self.layer_sparsity(name) == 0.0:
+                        continue
                     self.prune_layer(p, None, self.layer_sparsity(name))
                     done[name] = _sparsity(p)
             return done
@@ -101,11 +151,8 @@ class WeightPruner:
             projs = self.selected(bc.block.projections(), filter_fn)
             if not projs:
                 continue
-            stats = bc.collect(projs, hessian=self.needs_hessian)
-            for name, p in projs.items():
-                self.prune_layer(p, stats[name], self.layer_sparsity(name))
-                done[name] = _sparsity(p)
-            del stats
+            self.prune_block(bc, projs)
+            done.update({name: _sparsity(p) for name, p in projs.items()})
         return done
 
 

@@ -1,0 +1,161 @@
+"""Non-uniform sparsity across layers under one global target: variants that wrap any weight method.
+
+A variant decides each layer's share (parameter-weighted mean = `sparsity`), then the wrapped method
+prunes every layer at its own share. Recipe: `{method: owl, base: sparsegpt, sparsity: 0.6}`,
+with the base method's own fields in `settings`. The result is the realised sparsity per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..models import Anatomy, Proj
+from ..progress import bar
+from . import WEIGHTS
+from .base import FilterFn, WeightPruner
+from .masks import check_sparsity
+
+
+def rebalance(raw: dict[str, float], sizes: dict[str, int], target: float, hi: float = 0.99) -> dict[str, float]:
+    """Shift per-layer shares by one constant (clipped to [0, hi]) so their parameter-weighted mean is `target`."""
+    total = sum(sizes.values())
+
+    def mean(shift: float) -> float:
+        return sum(min(max(raw[k] + shift, 0.0), hi) * sizes[k] for k in raw) / total
+
+    lo_s, hi_s = -1.0 - max(raw.values()), 1.0 - min(raw.values())
+    for _ in range(60):  # bisection: mean() is monotone in the shift
+        mid = (lo_s + hi_s) / 2
+        lo_s, hi_s = (mid, hi_s) if mean(mid) < target else (lo_s, mid)
+    shift = (lo_s + hi_s) / 2
+    return {k: min(max(v + shift, 0.0), hi) for k, v in raw.items()}
+
+
+@dataclass
+class Allocation:
+    """Base of the allocation variants: a global `sparsity`, spread over layers, pruned by method `base`."""
+
+    sparsity: float = 0.5
+    base: str = "wanda"
+    settings: dict[str, Any] = field(default_factory=dict)
+    targets: str = "all"
+
+    name: ClassVar[str] = "?"
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.base in WEIGHTS and issubclass(WEIGHTS.get(self.base), Allocation):
+            raise ValueError(f"base {self.base!r} is itself an allocation; wrap a pruning method (wanda, sparsegpt, ...)")
+        inner = WEIGHTS.build(self.base, {**self.settings, "sparsity": self.sparsity, "targets": self.targets})
+        if inner.nm is not None:
+            raise ValueError(f"{self.name}: pattern {inner.pattern!r} fixes every layer's share; "
+                             "allocation spreads an unstructured budget (drop the pattern)")
+        self._inner: WeightPruner = inner
+
+    def allocate(self, anatomy: Anatomy, calibration: torch.Tensor | None, projs: dict[str, Proj],
+                 batch_size: int, progress: bool) -> dict[str, float]:
+        """Each layer's share of removed weights; parameter-weighted mean = self.sparsity."""
+        raise NotImplementedError
+
+    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn: FilterFn | None = None,
+               batch_size: int = 1, progress: bool = True) -> dict[str, float]:
+        inner = copy.copy(self._inner)
+        projs = {n: p for b in anatomy.blocks for n, p in inner.selected(b.projections(), filter_fn).items()}
+        inner._table = self.allocate(anatomy, calibration, projs, batch_size, progress)
+        return inner.apply_(anatomy, calibration, filter_fn=filter_fn, batch_size=batch_size, progress=progress)
+
+
+@WEIGHTS.register("global")
+@dataclass
+class GlobalMagnitude(Allocation):
+    """One |W| threshold over every selected layer decides each layer's share (global magnitude pruning)."""
+
+    def allocate(self, anatomy, calibration, projs, batch_size, progress):
+        mags = torch.cat([p.weight.detach().abs().flatten().float() for p in projs.values()])
+        k = round(self.sparsity * mags.numel())
+        if k == 0:
+            return dict.fromkeys(projs, 0.0)
+        t = mags.kthvalue(k).values  # the k-th smallest |W| of the whole model
+        below = {n: (p.weight.detach().abs() < t).sum().item() for n, p in projs.items()}
+        ties = k - sum(below.values())  # weights equal to t, shared out in layer order
+        shares = {}
+        for n, p in projs.items():
+            extra = min(ties, (p.weight.detach().abs() == t).sum().item())
+            ties -= extra
+            shares[n] = (below[n] + extra) / p.weight.numel()
+        return shares
+
+
+@WEIGHTS.register("owl")
+@dataclass
+class OWL(Allocation):
+    """OWL, outlier-weighted layer sparsity (Yin et al. 2023, arXiv:2310.05175): blocks with more outliers
+    (Wanda scores |W|*||X|| above M times their mean) keep more weights; shares span target +- lam."""
+
+    lam: float = 0.08
+    M: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.lam < 0.5:
+            raise ValueError(f"lam (the spread of block shares around the target) must be in [0, 0.5), got {self.lam!r}")
+        if self.M <= 0:
+            raise ValueError(f"M (outlier = score above M x the block mean) must be positive, got {self.M!r}")
+
+    def allocate(self, anatomy, calibration, projs, batch_size, progress):
+        if calibration is None:
+            raise ValueError("owl needs calibration windows (it measures activation outliers)")
+        sq = input_sq(anatomy, calibration, projs, batch_size, progress)
+        block_of = {p.name: b.index for b in anatomy.blocks for p in b.projections().values()}
+        outliers: dict[int, list[float]] = {}  # block -> [outlier count, weight count]
+        for n, p in projs.items():
+            score = p.weight.detach().abs().float() * sq[n].sqrt()[None, :]  # (out, in) Wanda score
+            acc = outliers.setdefault(block_of[n], [0.0, 0.0])
+            acc[0] += (score > self.M * score.mean()).sum().item()
+            acc[1] += score.numel()
+        ratio = {b: c / t for b, (c, t) in outliers.items()}
+        lo, hi = min(ratio.values()), max(ratio.values())
+        spread = {b: (r - lo) / (hi - lo) * 2 * self.lam if hi > lo else 0.0 for b, r in ratio.items()}
+        raw = {n: self.sparsity - spread[block_of[n]] for n in projs}  # more outliers -> fewer pruned
+        return rebalance(raw, {n: p.weight.numel() for n, p in projs.items()}, self.sparsity)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def input_sq(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, Proj], batch_size: int,
+             progress: bool) -> dict[str, torch.Tensor]:
+    """Per-input-channel sum of x^2 of each projection, from one forward of the dense model (stops after the last block)."""
+    sq: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            X = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            sq[name] = sq[name] + X.square().sum(0) if name in sq else X.square().sum(0)
+
+        return hook
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    hooks = [p.module.register_forward_pre_hook(make_hook(n)) for n, p in projs.items()]
+    hooks.append(anatomy.blocks[-1].module.register_forward_hook(stop))
+    device = next(anatomy.model.parameters()).device
+    try:
+        for i in bar(range(0, calibration.shape[0], batch_size), desc="outliers", unit="batch", disable=not progress):
+            ids = calibration[i : i + batch_size].to(device)
+            try:
+                anatomy.model(input_ids=ids, **({"use_cache": False} if anatomy.causal else {}))
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return sq

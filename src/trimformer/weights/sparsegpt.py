@@ -1,0 +1,66 @@
+"""SparseGPT: prune, then move the remaining weights to compensate (OBS updates; Frantar & Alistarh 2023,
+arXiv:2301.00774).
+
+percdamp: damping added to the Hessian diagonal, as a share of its mean.
+blocksize: columns per lazy update (and per unstructured mask choice).
+true_sequential: solve q/k/v, then o, gate/up, down, each on inputs that already went through the
+pruned parts before it (weights/sequential.py); False collects every Hessian from the dense block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..calibrate import BlockCalib, LayerStats
+from ..models import Proj
+from . import WEIGHTS
+from .base import WeightPruner
+from .obs import inverse_cholesky, obs_prune
+from .sequential import input_groups, stack_rows
+
+
+@WEIGHTS.register("sparsegpt")
+@dataclass
+class SparseGPT(WeightPruner):
+    percdamp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = True
+
+    needs_hessian = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.percdamp <= 1.0:
+            raise ValueError(f"percdamp must be in [0, 1] (a share of the mean Hessian diagonal), got {self.percdamp!r}")
+        if not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"blocksize must be a positive number of columns, got {self.blocksize!r}")
+        if self.nm is not None and self.blocksize % self.nm[1]:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} for pattern {self.pattern!r}")
+        if self.block is not None and self.blocksize % self.block[1]:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of the block width {self.block[1]}")
+
+    def score(self, W: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+        raise NotImplementedError("SparseGPT chooses its mask while it updates the weights (obs_prune)")
+
+    @torch.no_grad()
+    def prune_block(self, bc: BlockCalib, projs: dict[str, Proj]) -> None:
+        remaining = dict(projs)
+        while remaining:
+            groups = input_groups(bc, remaining, first_only=self.true_sequential)
+            if not groups:
+                raise RuntimeError(f"no calibration input reached {', '.join(remaining)}")
+            for g in groups:
+                members = [remaining.pop(name) for name in g.names]
+                self.solve(members, g.H)
+
+    @torch.no_grad()
+    def solve(self, projs: list[Proj], H: torch.Tensor) -> None:
+        """Prune projections that share one input (and Hessian H) together; write the updated weights back."""
+        W, spans = stack_rows(projs)  # (sum of outs, in)
+        U = inverse_cholesky(H, self.percdamp, what=projs[0].name)
+        segments = [(r0, r1, self.layer_sparsity(p.name)) for p, (r0, r1) in zip(projs, spans)]
+        W = obs_prune(W, U, sparsity=segments, nm=self.nm, block=self.block, blocksize=self.blocksize)
+        for p, (r0, r1) in zip(projs, spans):
+            p.weight.copy_(W[r0:r1].to(p.weight.dtype))

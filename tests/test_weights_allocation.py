@@ -1,0 +1,131 @@
+"""Non-uniform allocation (OWL, global magnitude), per-layer overrides and recipes with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny
+
+import trimformer
+from trimformer import Recipe
+from trimformer.weights import WEIGHTS
+from trimformer.weights.allocation import rebalance
+
+
+def _weighted_mean(model, result: dict[str, float]) -> float:
+    sizes = {n: model.get_submodule(n).weight.numel() for n in result}
+    return sum(result[n] * sizes[n] for n in result) / sum(sizes.values())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ("owl", {"base": "wanda", "sparsity": 0.6, "lam": 0.1}),
+        ("owl", {"base": "sparsegpt", "sparsity": 0.5, "settings": {"blocksize": 32}}),
+        ("global", {"base": "magnitude", "sparsity": 0.5}),
+        ("global", {"base": "wanda", "sparsity": 0.7, "targets": "mlp"}),
+    ],
+)
+def test_allocation_averages_to_the_global_target(spec, calib):
+    model = tiny("llama")
+    trimformer.prune_(model, WEIGHTS.build(*spec), calibration=calib, progress=False)
+    result = model.trimformer_history[-1]["result"]
+    assert _weighted_mean(model, result) == pytest.approx(spec[1]["sparsity"], abs=2e-3)
+    if spec[1].get("targets") == "mlp":
+        assert all(".mlp." in n for n in result)
+
+
+def test_owl_is_non_uniform_and_spreads_within_lam(calib):
+    model = tiny("llama")
+    trimformer.prune_(model, WEIGHTS.build("owl", {"base": "wanda", "sparsity": 0.5, "lam": 0.1}), calibration=calib,
+                      progress=False)
+    shares = model.trimformer_history[-1]["result"].values()
+    # two blocks: one gets target - lam, the other target + lam (Wanda's per-row rounding aside)
+    assert max(shares) - min(shares) == pytest.approx(0.2, abs=0.02)
+
+
+def test_global_magnitude_equals_one_threshold_over_the_model():
+    model = tiny("llama")
+    projs = {n: p for n, p in trimformer.anatomy_of(model).projections()}
+    before = torch.cat([p.weight.detach().abs().flatten() for p in projs.values()])
+    t = before.kthvalue(round(0.5 * before.numel())).values
+    kept_expected = {n: p.weight.detach().abs() > t for n, p in projs.items()}
+    trimformer.prune_(model, WEIGHTS.build("global", {"base": "magnitude", "sparsity": 0.5}), progress=False)
+    for n, p in projs.items():
+        assert torch.equal(p.weight != 0, kept_expected[n])
+
+
+def test_rebalance_hits_the_target_with_clipping():
+    raw = {"a": 0.9, "b": 0.1, "c": 0.5}
+    sizes = {"a": 100, "b": 300, "c": 600}
+    out = rebalance(raw, sizes, 0.8)
+    assert sum(out[k] * sizes[k] for k in raw) / 1000 == pytest.approx(0.8, abs=1e-6)
+    assert max(out.values()) <= 0.99
+
+
+def test_allocation_rejects_nm_and_nesting():
+    with pytest.raises(ValueError, match="unstructured"):
+        WEIGHTS.build("owl", {"base": "wanda", "settings": {"pattern": "2:4"}})
+    with pytest.raises(ValueError, match="itself an allocation"):
+        WEIGHTS.build("owl", {"base": "global"})
+    with pytest.raises(KeyError, match="did you mean|Did you mean"):
+        WEIGHTS.build("owl", {"base": "wandaa"})
+
+
+def test_layer_overrides_win_and_zero_leaves_dense(calib):
+    model = tiny("llama")
+    method = WEIGHTS.build("wanda", {"sparsity": 0.5, "layers": {"mlp.down": 0.25, "model.layers.0.*": 0.0}})
+    trimformer.prune_(model, method, calibration=calib, progress=False)
+    result = model.trimformer_history[-1]["result"]
+    assert not any(n.startswith("model.layers.0.") for n in result)
+    assert model.model.layers[0].mlp.down_proj.weight.count_nonzero() == model.model.layers[0].mlp.down_proj.weight.numel()
+    assert result["model.layers.1.mlp.down_proj"] == pytest.approx(0.25, abs=0.01)
+    assert result["model.layers.1.mlp.up_proj"] == pytest.approx(0.5)
+
+
+RECIPE = """
+steps:
+  - method: sparsegpt
+    sparsity: 0.5
+    blocksize: 32
+    targets: mlp
+    layers: {"model.layers.1.*": 0.7}
+  - method: wanda
+    sparsity: 0.4
+    targets: attn
+"""
+
+
+def test_yaml_recipe_with_steps_and_layer_overrides(tmp_path, calib):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    model = tiny("llama")
+    trimformer.prune_(model, Recipe.from_file(path), calibration=calib, progress=False)
+    first, second = (h["result"] for h in model.trimformer_history)
+    assert first["model.layers.0.mlp.up_proj"] == pytest.approx(0.5, abs=1e-3)
+    assert first["model.layers.1.mlp.up_proj"] == pytest.approx(0.7, abs=1e-3)
+    assert all(".self_attn." in n for n in second) and all(v == pytest.approx(0.4, abs=0.02) for v in second.values())
+
+
+@pytest.mark.parametrize(
+    "steps, error, match",
+    [
+        ([{"method": "sparsgpt"}], KeyError, "Did you mean 'sparsegpt'"),
+        ([{"method": "wanda", "sparsity": 1.5}], ValueError, r"sparsity must be in \[0, 1\)"),
+        ([{"method": "wanda", "layers": {"mlp.down": -0.1}}], ValueError, r"layers\['mlp.down'\]"),
+        ([{"method": "wanda", "targets": "mlp.dwn"}], ValueError, "unknown projection"),
+        ([{"method": "wanda", "sparsty": 0.5}], ValueError, "Did you mean 'sparsity'"),
+        ([{"method": "wanda", "pattern": "2:4", "layers": {"mlp.up": 0.3}}], ValueError, "N:M or left dense"),
+    ],
+)
+def test_bad_recipes_give_clear_errors(steps, error, match):
+    with pytest.raises(error, match=match):
+        Recipe.from_obj({"steps": steps})
+
+
+def test_unknown_layer_pattern_is_an_error_naming_it(calib):
+    model = tiny("llama")
+    recipe = Recipe.from_obj([{"method": "wanda", "layers": {"model.layer.0.*": 0.0}}])  # 'layer' for 'layers'
+    with pytest.raises(ValueError, match=r"'model.layer.0.\*' matches no projection"):
+        trimformer.prune_(model, recipe, calibration=calib, progress=False)
+    assert all(p.weight.count_nonzero() == p.weight.numel() for _, p in trimformer.anatomy_of(model).projections())

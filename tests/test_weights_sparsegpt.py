@@ -1,0 +1,120 @@
+"""SparseGPT / OBS: the closed-form optimum, better reconstruction than magnitude, exact N:M, real models."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny
+
+import trimformer
+from trimformer.weights import WEIGHTS
+from trimformer.weights.masks import sparsity_of
+from trimformer.weights.obs import inverse_cholesky, obs_prune
+
+
+def test_obs_matches_the_hand_computed_optimum():
+    # w = [1, 1], H = [[2, 1], [1, 2]]: H^-1 = [[2, -1], [-1, 2]] / 3, its upper Cholesky factor has
+    # diagonal (sqrt(2/3), sqrt(1/2)), so the OBS errors are 1/(2/3) = 1.5 for w0 and 1/(1/2) = 2 for w1:
+    # w0 goes, and w1 moves by -w0 * H01 / H11 ... = +0.5 (delta = -w0/[H^-1]_00 * H^-1[:, 0]).
+    W = torch.tensor([[1.0, 1.0]])
+    H = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    out = obs_prune(W, inverse_cholesky(H, percdamp=0.0), sparsity=0.5)
+    assert torch.allclose(out, torch.tensor([[0.0, 1.5]]), atol=1e-6)
+    d = out - W
+    assert torch.isclose(d @ H @ d.T, torch.tensor([[1.5]]), atol=1e-6)  # the OBS error w0^2 / [H^-1]_00
+
+
+def test_obs_equals_least_squares_when_pruned_columns_come_first():
+    # Sequential OBS is exact when every pruned weight precedes every kept one: compare with lstsq.
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    w = torch.tensor([[0.1, -0.2, 0.15, 3.0, -2.5, 2.0]], dtype=torch.float64)  # small ones first
+    out = obs_prune(w, inverse_cholesky(H, 0.0), sparsity=0.5)
+    assert (out[0, :3] == 0).all() and (out[0, 3:] != 0).all()
+    # optimum of ||X w^T - X_kept v^T||^2 over the kept columns
+    v = torch.linalg.lstsq(X[:, 3:], X @ w[0], rcond=None).solution
+    assert torch.allclose(out[0, 3:].double(), v, atol=1e-4)
+
+
+def _recon_error(W_new: torch.Tensor, W: torch.Tensor, X: torch.Tensor) -> float:
+    return (X @ (W_new - W).T).square().sum().item()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_beats_magnitude_on_layer_reconstruction(pattern):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    W = torch.randn(32, 64, generator=g)
+    H = X.T @ X
+    nm = (2, 4) if pattern == "2:4" else None
+    obs = obs_prune(W, inverse_cholesky(H, 0.01), sparsity=0.5, nm=nm, blocksize=16)
+    mag = W * WEIGHTS.build("magnitude", {"pattern": pattern}).mask(W, None, 0.5)
+    assert sparsity_of(obs) == pytest.approx(0.5) and sparsity_of(mag) == pytest.approx(0.5)
+    assert _recon_error(obs, W, X) < 0.7 * _recon_error(mag, W, X)
+
+
+def test_nm_mask_is_exact_in_every_group():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 32, generator=g)
+    W = torch.randn(8, 32, generator=g)
+    out = obs_prune(W, inverse_cholesky(X.T @ X, 0.01), nm=(2, 4), blocksize=8)
+    assert ((out.reshape(8, 8, 4) != 0).sum(-1) == 2).all()
+
+
+def test_row_segments_keep_their_own_sparsity():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 32, generator=g)
+    W = torch.randn(24, 32, generator=g)
+    out = obs_prune(W, inverse_cholesky(X.T @ X, 0.01), sparsity=[(0, 8, 0.25), (8, 24, 0.75)], blocksize=16)
+    assert sparsity_of(out[:8]) == pytest.approx(0.25)
+    assert sparsity_of(out[8:]) == pytest.approx(0.75)
+
+
+def test_singular_hessian_gets_more_damping_and_says_so(caplog):
+    H = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # rank 1 (two identical inputs): no Cholesky without damping
+    with caplog.at_level(logging.WARNING, logger="trimformer.weights"):
+        U = inverse_cholesky(H, percdamp=0.0)
+    assert torch.isfinite(U).all()
+    assert "not positive definite" in caplog.text
+
+
+def test_dead_inputs_do_not_break_the_solve():
+    X = torch.randn(64, 8)
+    X[:, 3] = 0  # an input channel that is always zero
+    U = inverse_cholesky(X.T @ X, 0.01)
+    assert torch.isfinite(U).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_on_models_reaches_the_target(family, pattern, calib):
+    model = tiny(family)
+    trimformer.prune_(model, WEIGHTS.build("sparsegpt", {"pattern": pattern, "blocksize": 32}), calibration=calib,
+                      progress=False)
+    result = model.trimformer_history[-1]["result"]
+    assert result and all(s == pytest.approx(0.5, abs=1e-3) for s in result.values())
+
+
+def test_true_sequential_and_one_pass_give_lower_output_error_than_wanda():
+    g = torch.Generator().manual_seed(5)
+    calib = torch.randint(3, 128, (16, 64), generator=g)  # 1024 tokens: Hessians of full rank
+    x = torch.randint(3, 128, (2, 32), generator=g)  # held out
+    dense = tiny("llama")
+    ref = dense(input_ids=x).logits
+    errs = {}
+    for name, settings in [("wanda", {}), ("sparsegpt", {}), ("sparsegpt", {"true_sequential": False})]:
+        m = tiny("llama")
+        trimformer.prune_(m, WEIGHTS.build(name, {"sparsity": 0.5, **settings}), calibration=calib, progress=False)
+        errs[f"{name}{settings}"] = (m(input_ids=x).logits - ref).square().mean().item()
+    assert errs["sparsegpt{}"] < errs["wanda{}"]
+    assert errs["sparsegpt{'true_sequential': False}"] < errs["wanda{}"]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="percdamp"):
+        WEIGHTS.build("sparsegpt", {"percdamp": -1})
+    with pytest.raises(ValueError, match="blocksize"):
+        WEIGHTS.build("sparsegpt", {"pattern": "2:4", "blocksize": 6})
