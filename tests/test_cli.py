@@ -130,3 +130,16 @@ def test_unknown_method_flag_is_a_clear_error(saved_llama, tmp_path, capsys):
     code = main(["-q", "prune", "--model", str(saved_llama), "--method", "wanda", "--bogus", "1",
                  "--out", str(tmp_path / "x"), "--no-eval"])
     assert code == 2 and "no step of the recipe has such a setting" in capsys.readouterr().err
+
+
+def test_allocation_flag_wraps_a_weight_method(saved_llama, tmp_path):
+    out = tmp_path / "owl"
+    assert main(["prune", "--model", str(saved_llama), "--method", "wanda", "--sparsity", "0.5",
+                 "--allocation", "owl", "--out", str(out), "--no-eval", *FAST[:4], "-q"]) == 0
+    meta = json.loads((out / "trimformer.json").read_text())
+    assert meta["recipe"][0]["method"] == "owl" and meta["recipe"][0]["base"] == "wanda"
+    m = trimformer.load(out)
+    a = trimformer.anatomy_of(m)
+    zeros = sum(int((p.weight == 0).sum()) for _, p in a.projections())
+    total = sum(p.weight.numel() for _, p in a.projections())
+    assert zeros / total == pytest.approx(0.5, abs=0.01)

@@ -23,7 +23,9 @@ def parser() -> argparse.ArgumentParser:
     for area in AREAS:
         area.add_commands(sub)
     for sp in sub.choices.values():  # --quiet also after the subcommand
-        sp.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        flags = [f for f in ("--quiet", "-q") if f not in sp._option_string_actions]
+        if flags:
+            sp.add_argument(*flags, dest="quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return p
 
 

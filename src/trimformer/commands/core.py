@@ -95,9 +95,27 @@ def _recipe(args: argparse.Namespace):
         sets.setdefault("sparsity", args.sparsity)
     if args.pattern is not None:
         sets.setdefault("pattern", args.pattern)
-    recipe = recipe.override(sets) if sets else recipe
+    recipe = _wrap_allocation(args.method, sets) or (recipe.override(sets) if sets else recipe)
     recipe.build()  # validate every value before any heavy work
     return recipe
+
+
+def _wrap_allocation(method: str | None, sets: dict):
+    """`--method sparsegpt --allocation owl` is the step {method: owl, base: sparsegpt, ...}."""
+    from dataclasses import fields
+
+    from ..methods import Recipe, find
+    from ..weights import WEIGHTS
+
+    alloc = sets.get("allocation")
+    if not method or alloc is None or method not in WEIGHTS:
+        return None
+    if "allocation" in {f.name for f in fields(find(method))}:
+        return None
+    wrapper = {f.name for f in fields(find(alloc))} - {"settings"}
+    outer = {k: v for k, v in sets.items() if k in wrapper and k != "allocation"}
+    inner = {k: v for k, v in sets.items() if k not in wrapper and k != "allocation"}
+    return Recipe.one(str(alloc), base=method, settings=inner, **outer)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

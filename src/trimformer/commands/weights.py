@@ -19,8 +19,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("analyze", help="per-layer sparsity and PQ Index (Diao et al.) of a model's projections")
     p.add_argument("model", help="model directory, .gguf file or bundled name")
-    p.add_argument("-p", type=float, default=0.5, help="PQ Index p (0 < p < q; default 0.5)")
-    p.add_argument("-q", type=float, default=1.0, help="PQ Index q (default 1.0)")
+    p.add_argument("--pq-p", dest="pq_p", type=float, default=0.5, help="PQ Index p (0 < p < q; default 0.5)")
+    p.add_argument("--pq-q", dest="pq_q", type=float, default=1.0, help="PQ Index q (default 1.0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_analyze)
 
@@ -46,9 +46,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .. import load
     from ..weights.metrics import analyze
 
-    if not 0 < args.p < args.q:
-        raise ValueError(f"PQ Index needs 0 < p < q, got -p {args.p} -q {args.q}")
-    r = analyze(load(args.model), args.p, args.q)
+    if not 0 < args.pq_p < args.pq_q:
+        raise ValueError(f"PQ Index needs 0 < p < q, got --pq-p {args.pq_p} --pq-q {args.pq_q}")
+    r = analyze(load(args.model), args.pq_p, args.pq_q)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
