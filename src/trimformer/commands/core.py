@@ -61,8 +61,11 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
         help="prune a model, evaluate it against the dense model, save checkpoint + report",
-        description=f"Methods: {names}. Writes OUT/ with the pruned checkpoint (safetensors), report.json, "
-        "report.md and trimformer.json (the recipe and command). The input model is never modified.",
+        description=f"Methods: {names}. Any field of the method's config is also a flag (e.g. "
+        "`--method width --target params=0.8 --multiple-of 8`); `--allocation owl|global` spreads a weight "
+        "method's sparsity over layers. Writes OUT/ with the pruned checkpoint (safetensors; heterogeneous "
+        "structured results add trimformer_modeling.py), report.json, report.md and trimformer.json (the recipe "
+        "and command). The input model is never modified.",
     )
     p.add_argument("--model", required=True, help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
     p.add_argument("--method", help=f"one method ({names}); or use --recipe")
