@@ -36,6 +36,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "wanda 50%": ("wanda", {"sparsity": 0.5}),
     "wanda 2:4": ("wanda", {"pattern": "2:4"}),
     "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
+    "sparsegpt 50% non-sequential": ("sparsegpt", {"sparsity": 0.5, "true_sequential": False}),
     "llmc sparsegpt 50%": ("llmc", {"method": "sparsegpt", "pattern": "0:0"}),
     "sparsegpt 2:4": ("sparsegpt", {"pattern": "2:4"}),
     "llmc sparsegpt 2:4": ("llmc", {"method": "sparsegpt", "pattern": "2:4"}),
