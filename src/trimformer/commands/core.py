@@ -44,6 +44,16 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
     g.add_argument("--speed-runs", type=int, default=5, help="timed runs per model, median reported (default 5)")
 
 
+def _evaluate(args: argparse.Namespace, model, tok, reference) -> dict:
+    """Run `evaluate` with the options added by `_add_eval_options`."""
+    from .. import evaluate
+    from ..progress import quiet
+
+    return evaluate(model, tok, reference=reference, windows=args.eval_windows, kl_windows=args.kl_windows,
+                    length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
+                    progress=not quiet())
+
+
 def _parse_sets(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -126,7 +136,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .. import data, evaluate, load, prune_
+    from .. import data, load, prune_
     from ..evaluate import to_markdown
     from ..export import OutputExistsError
     from ..progress import quiet
@@ -150,9 +160,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = None
     if not args.no_eval:
         reference = load(args.model)
-        report = evaluate(model, tok, reference=reference, windows=args.eval_windows, kl_windows=args.kl_windows,
-                          length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
-                          progress=not quiet())
+        report = _evaluate(args, model, tok, reference)
         report["calibration"] = None if calib is None else {"source": args.calib, "windows": args.calib_windows,
                                                            "window_tokens": args.calib_length}
     meta = {"trimformer": __import__("trimformer").__version__, "model": args.model,
@@ -178,9 +186,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .. import evaluate, load
+    from .. import load
     from ..evaluate import to_markdown
-    from ..progress import quiet
 
     try:
         model, tok = load(args.model, with_tokenizer=True)
@@ -190,9 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load(args.model)
         _, tok = load(args.reference, with_tokenizer=True)
     reference = load(args.reference) if args.reference else None
-    report = evaluate(model, tok, reference=reference, windows=args.eval_windows, kl_windows=args.kl_windows,
-                      length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
-                      progress=not quiet())
+    report = _evaluate(args, model, tok, reference)
     if args.json:
         from ..export.hf import atomic_file
 

@@ -16,8 +16,23 @@ def _inner(press: str | Press, ratio: float) -> Press:
     return build_press(press, ratio) if isinstance(press, str) else press
 
 
+class _Wrapper(Press):
+    """Delegates observing, scoring and channel choice to the wrapped `self.press`; subclasses change budgets."""
+
+    press: Press
+
+    def observe(self, obs: Observation) -> None:
+        self.press.observe(obs)
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        return self.press.score(obs)
+
+    def channels(self, obs: Observation) -> torch.Tensor | None:
+        return self.press.channels(obs)
+
+
 @dataclass(init=False)
-class PerHead(Press):
+class PerHead(_Wrapper):
     """AdaKV (Feng et al., 2024): one budget per layer shared by its heads; the heads with sharper
     scores keep more. Every head keeps at least `floor` x its uniform share. Scores must be comparable
     across heads (attention-based presses). Heads end up with different lengths, stored packed."""
@@ -36,14 +51,6 @@ class PerHead(Press):
             raise ValueError(f"PerHead: floor must be in [0, 1], got {self.floor}")
         self.press = _inner(self.press, self.ratio)
 
-    def observe(self, obs: Observation) -> None:
-        self.press.observe(obs)
-
-    def score(self, obs: Observation) -> torch.Tensor:
-        return self.press.score(obs)
-
-    def channels(self, obs: Observation) -> torch.Tensor | None:
-        return self.press.channels(obs)
 
     def select(self, scores: torch.Tensor, keep: torch.Tensor, obs: Observation) -> torch.Tensor:
         B, H, L = scores.shape
@@ -56,7 +63,7 @@ class PerHead(Press):
 
 
 @dataclass(init=False)
-class PerLayer(Press):
+class PerLayer(_Wrapper):
     """PyramidKV (Cai et al., 2024): lower layers keep more, upper layers less, the mean share removed
     staying `ratio`. `spread` is how far the first and last layers' kept shares differ from the mean."""
 
@@ -79,14 +86,6 @@ class PerLayer(Press):
         t = 0.0 if num_layers == 1 else 1.0 - 2.0 * layer / (num_layers - 1)  # +1 first layer, -1 last
         return min(max(1.0 - kept * (1.0 + self.spread * t), 0.0), 0.99)
 
-    def observe(self, obs: Observation) -> None:
-        self.press.observe(obs)
-
-    def score(self, obs: Observation) -> torch.Tensor:
-        return self.press.score(obs)
-
-    def channels(self, obs: Observation) -> torch.Tensor | None:
-        return self.press.channels(obs)
 
     def select(self, scores: torch.Tensor, keep: torch.Tensor, obs: Observation) -> torch.Tensor:
         return self.press.select(scores, keep, obs)
