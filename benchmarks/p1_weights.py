@@ -37,13 +37,23 @@ METHODS: dict[str, tuple[str, dict]] = {
     "wanda 2:4": ("wanda", {"pattern": "2:4"}),
     "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
     "sparsegpt 50% non-sequential": ("sparsegpt", {"sparsity": 0.5, "true_sequential": False}),
+    "sparsegpt 50% fp32": ("sparsegpt", {"sparsity": 0.5, "precision": "fp32"}),
+    "sparsegpt 50% non-sequential fp32": ("sparsegpt", {"sparsity": 0.5, "true_sequential": False, "precision": "fp32"}),
+    "sparsegpt 2:4 fp32": ("sparsegpt", {"pattern": "2:4", "precision": "fp32"}),
     "llmc sparsegpt 50%": ("llmc", {"method": "sparsegpt", "pattern": "0:0"}),
     "sparsegpt 2:4": ("sparsegpt", {"pattern": "2:4"}),
     "llmc sparsegpt 2:4": ("llmc", {"method": "sparsegpt", "pattern": "2:4"}),
     "llmc wanda 50%": ("llmc", {"method": "wanda", "pattern": "0:0"}),
+    "llmc owl+sparsegpt 50%": ("llmc", {"method": "sparsegpt", "pattern": "0:0", "profile": "owl"}),
+    "llmc owl+wanda 50%": ("llmc", {"method": "wanda", "pattern": "0:0", "profile": "owl"}),
     "owl+sparsegpt 50%": ("owl", {"base": "sparsegpt", "sparsity": 0.5}),
     "owl+wanda 50%": ("owl", {"base": "wanda", "sparsity": 0.5}),
     "global+sparsegpt 50%": ("global", {"base": "sparsegpt", "sparsity": 0.5}),
+    "owl(M=8)+sparsegpt 50%": ("owl", {"base": "sparsegpt", "sparsity": 0.5, "M": 8.0}),
+    "adaptive+sparsegpt 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5}),
+    "adaptive(kl)+sparsegpt 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl"}),
+    "adaptive(kl,lam=0.15)+sparsegpt 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl",
+                                                          "lam": 0.15}),
 }
 
 
@@ -100,10 +110,11 @@ def block_sparsity(model) -> dict[str, float]:
     return {"prunable_params": total, "prunable_zeros": zeros, "sparsity": zeros / total}
 
 
-def start_llmc(py: str, calib_file: str, method: str, pattern: str, tmp: str) -> tuple[subprocess.Popen, str]:
-    out = os.path.join(tmp, f"llmc-{method}-{pattern.replace(':', '_')}.pt")
+def start_llmc(py: str, calib_file: str, method: str, pattern: str, tmp: str,
+               profile: str = "uniform") -> tuple[subprocess.Popen, str]:
+    out = os.path.join(tmp, f"llmc-{method}-{pattern.replace(':', '_')}-{profile}.pt")
     cmd = [py, str(Path(__file__).parent / "peers" / "llmc_prune.py"), "--model", str(_cache_dir(MODEL)),
-           "--calib", calib_file, "--method", method, "--pattern", pattern, "--out", out]
+           "--calib", calib_file, "--method", method, "--pattern", pattern, "--profile", profile, "--out", out]
     log = open(out + ".log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MKL_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env), out  # same threads as ours
@@ -145,7 +156,7 @@ def main() -> None:
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
     # one block's calibration activations: inputs and outputs of the block, (n, T, hidden) each, fp32
     act_bytes = 2 * a.calib * a.length * dense.config.hidden_size * 4
-    rows = [{"method": "dense", "seconds": 0.0, **evaluate(dense, evalw, ref_logp), **block_sparsity(dense)}]
+    rows = [{"method": "dense", "seconds": 0.0, "cpu_seconds": 0.0, **evaluate(dense, evalw, ref_logp), **block_sparsity(dense)}]
     print(json.dumps(rows[-1]), flush=True)
     tmp = tempfile.mkdtemp(prefix="p1w-")
     calib_file = os.path.join(tmp, "calib.pt")
@@ -157,7 +168,8 @@ def main() -> None:
         for name in names:
             kind, settings = METHODS[name]
             if kind == "llmc":
-                peers[name] = start_llmc(a.peer_python, calib_file, settings["method"], settings["pattern"], tmp)
+                peers[name] = start_llmc(a.peer_python, calib_file, settings["method"], settings["pattern"], tmp,
+                                         settings.get("profile", "uniform"))
     order = [n for n in names if METHODS[n][0] != "llmc"] + [n for n in names if METHODS[n][0] == "llmc"] \
         if a.parallel_peers else names
     for name in order:
@@ -165,7 +177,8 @@ def main() -> None:
         model = trimformer.load(MODEL)
         if kind == "llmc":
             try:
-                job = peers.get(name) or start_llmc(a.peer_python, calib_file, settings["method"], settings["pattern"], tmp)
+                job = peers.get(name) or start_llmc(a.peer_python, calib_file, settings["method"], settings["pattern"], tmp,
+                                         settings.get("profile", "uniform"))
                 info, state = finish_llmc(*job)
             except RuntimeError as e:  # a failed peer is reported, not fatal to the run
                 rows.append({"method": name, "error": str(e)[-500:]})
@@ -175,17 +188,17 @@ def main() -> None:
             if missing:
                 raise RuntimeError(f"llm-compressor saved unknown tensors: {sorted(missing)[:3]}")
             model.load_state_dict(state, strict=False)
-            seconds, rss_peak = info["seconds"], info["rss_peak"] - info["rss_base"]
+            seconds, cpu, rss_peak = info["seconds"], info.get("cpu_seconds"), info["rss_peak"] - info["rss_base"]
             per_layer = None
         else:
             with PeakRSS() as mem:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 trimformer.prune_(model, WEIGHTS.build(kind, settings), calibration=calib, progress=False)
-                seconds = time.perf_counter() - t0
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             rss_peak = mem.peak - mem.base
             result = model.trimformer_history[-1]["result"]
             per_layer = {k: round(v, 4) for k, v in result.items()}
-        row = {"method": name, "seconds": seconds, "rss_peak_above_model_MB": rss_peak / 2**20,
+        row = {"method": name, "seconds": seconds, "cpu_seconds": cpu, "rss_peak_above_model_MB": rss_peak / 2**20,
                **evaluate(model, evalw, ref_logp), **block_sparsity(model)}
         if per_layer and kind in ("owl", "global"):
             row["per_layer_sparsity"] = per_layer
@@ -229,17 +242,21 @@ def markdown(report: dict) -> str:
         "",
         f"`{p['command']}`",
         "",
-        "| method | sparsity | ppl_doc | kl_doc | top1_agree | pruning s | peak RSS above model (MB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | sparsity | ppl_doc | kl_doc | top1_agree | pruning s (wall) | pruning CPU s | peak RSS above model (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][-120:]!r} | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'][-120:]!r} | | | | | | |")
             continue
         rss = r.get("rss_peak_above_model_MB")
         lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {r['ppl_doc']:.2f} | {r['kl_doc']:.4f} | "
-                     f"{r['top1_agree']:.3f} | {r['seconds']:.1f} | {'' if rss is None else f'{rss:.0f}'} |")
+                     f"{r['top1_agree']:.3f} | {r['seconds']:.1f} | {_num(r.get('cpu_seconds'), '.1f')} | {_num(rss, '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
 
 
 if __name__ == "__main__":

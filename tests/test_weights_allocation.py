@@ -129,3 +129,54 @@ def test_unknown_layer_pattern_is_an_error_naming_it(calib):
     with pytest.raises(ValueError, match=r"'model.layer.0.\*' matches no projection"):
         trimformer.prune_(model, recipe, calibration=calib, progress=False)
     assert all(p.weight.count_nonzero() == p.weight.numel() for _, p in trimformer.anatomy_of(model).projections())
+
+
+@pytest.mark.parametrize("importance", ["cosine", "kl"])
+def test_adaptive_prunes_the_more_important_block_less(importance, calib):
+    from trimformer.weights.allocation import block_damage, block_importance
+
+    model = tiny("llama")
+    anatomy = trimformer.anatomy_of(model)
+    projs = dict(anatomy.projections())
+    before = {n: p.weight.detach().clone() for n, p in projs.items()}
+    if importance == "cosine":
+        imp = block_importance(anatomy, calib, 1, False)
+    else:
+        imp = block_damage(anatomy, calib, projs, 0.6, 2, False, precision="fp32")
+        assert all(torch.equal(p.weight, before[n]) for n, p in projs.items())  # the probe restores every weight
+    assert set(imp) == {0, 1} and all(v > 0 for v in imp.values())
+    method = WEIGHTS.build("adaptive", {"base": "wanda", "sparsity": 0.5, "lam": 0.1, "importance": importance,
+                                        "settings": {"precision": "fp32"}})
+    trimformer.prune_(model, method, calibration=calib, progress=False)
+    result = model.trimformer_history[-1]["result"]
+    assert _weighted_mean(model, result) == pytest.approx(0.5, abs=2e-3)
+    share = {b: [v for n, v in result.items() if f"layers.{b}." in n] for b in (0, 1)}
+    hi, lo = max(imp, key=imp.get), min(imp, key=imp.get)
+    assert max(share[hi]) < min(share[lo])  # the block that matters more keeps more weights
+    assert sum(share[lo]) / len(share[lo]) - sum(share[hi]) / len(share[hi]) == pytest.approx(0.2, abs=0.03)
+
+
+def test_adaptive_rejects_bad_settings():
+    with pytest.raises(ValueError, match="importance must be one of"):
+        WEIGHTS.build("adaptive", {"importance": "entropy"})
+    with pytest.raises(ValueError, match="lam"):
+        WEIGHTS.build("adaptive", {"lam": 0.7})
+    with pytest.raises(ValueError, match="precision must be one of"):
+        WEIGHTS.build("wanda", {"precision": "fp16"})
+
+
+def test_bf16_calibration_stays_close_to_fp32(calib):
+    from trimformer.calibrate import resolve_precision
+
+    assert resolve_precision("fp32") is None and resolve_precision("bf16") is torch.bfloat16
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny("llama")
+        trimformer.prune_(model, WEIGHTS.build("sparsegpt", {"sparsity": 0.5, "blocksize": 32, "precision": precision}),
+                          calibration=calib, progress=False)
+        results[precision] = {n: p.weight.detach().clone() for n, p in trimformer.anatomy_of(model).projections()}
+    for n, w32 in results["fp32"].items():
+        w16 = results["bf16"][n]
+        assert (w16 == 0).float().mean() == pytest.approx(0.5, abs=0.01)  # the exact share either way
+        agree = ((w16 == 0) == (w32 == 0)).float().mean().item()
+        assert agree > 0.9, f"{n}: bf16 calibration chose a different mask for {1 - agree:.0%} of weights"

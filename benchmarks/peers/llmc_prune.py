@@ -1,7 +1,7 @@
 """Run llm-compressor's one-shot pruning (in its own venv) on given calibration windows; save the pruned weights.
 
 Used by benchmarks/p1_weights.py as a subprocess with /work/peers/llmc/bin/python. Writes the decoder layers'
-state dict (torch.save) and a JSON line with the wall time of `oneshot` and the peak RSS while it ran.
+state dict (torch.save) and a JSON line with the wall and CPU time of `oneshot` and the peak RSS while it ran.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--method", choices=["sparsegpt", "wanda"], required=True)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default="0:0", help="llm-compressor mask_structure: 0:0 (unstructured) or 2:4")
+    p.add_argument("--profile", choices=["uniform", "owl"], default="uniform",
+                   help="llm-compressor sparsity_profile (owl: its outlier-weighted layer sparsity)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -43,7 +45,8 @@ def main() -> None:
     windows = torch.load(a.calib)  # (n, T)
     ds = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     cls = SparseGPTModifier if a.method == "sparsegpt" else WandaPruningModifier
-    modifier = cls(sparsity=a.sparsity, mask_structure=a.pattern, targets=["Linear"], ignore=["lm_head"])
+    extra = {"sparsity_profile": "owl"} if a.profile == "owl" else {}
+    modifier = cls(sparsity=a.sparsity, mask_structure=a.pattern, targets=["Linear"], ignore=["lm_head"], **extra)
 
     base = rss_bytes()
     peak = [base]
@@ -56,15 +59,15 @@ def main() -> None:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, dataset=ds, recipe=[modifier], num_calibration_samples=windows.shape[0],
             max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     stop.set()
     th.join()
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".layers." in k}
     torch.save(state, a.out)
-    print(json.dumps({"seconds": seconds, "rss_base": base, "rss_peak": peak[0]}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_base": base, "rss_peak": peak[0]}))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ of the next one. Only one block's statistics live at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +41,31 @@ class _Stop(Exception):
     pass
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The dtype calibration forwards and X^T X run in: None (the model's own) or torch.bfloat16.
+
+    'auto' picks bf16 where the hardware multiplies bf16 natively (CPUs with AMX or AVX512-BF16, CUDA GPUs
+    with bf16), where it is 4-7x faster than fp32; statistics are always accumulated in fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if native else None
+    return None
+
+
 @dataclass
 class BlockCalib:
     """One block and its calibration inputs (one entry per calibration batch)."""
@@ -47,15 +73,33 @@ class BlockCalib:
     block: Block
     inputs: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
-    _outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+    compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards and X^T X (resolve_precision)
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The context every calibration forward of this block runs in (bf16 autocast, or nothing)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        device = self.inputs[0].device.type if self.inputs else "cpu"
+        return torch.autocast(device, dtype=self.compute_dtype)
+
+    def gram(self, X: torch.Tensor) -> torch.Tensor:
+        """X^T X for X (tokens, in), in the compute dtype, returned in fp32 (the sum over batches stays fp32)."""
+        with torch.autocast(X.device.type, enabled=False):
+            if self.compute_dtype is None:
+                X = X.float()
+                return X.t() @ X
+            X = X.to(self.compute_dtype)
+            return (X.t() @ X).float()
 
     @torch.no_grad()
     def run(self) -> list[torch.Tensor]:
         """Run the block (as it is now) on every calibration batch."""
         outs = []
-        for x, kw in zip(self.inputs, self.kwargs):
-            y = self.block.module(x, **kw)
-            outs.append(y[0] if isinstance(y, tuple) else y)
+        with self.compute():
+            for x, kw in zip(self.inputs, self.kwargs):
+                y = self.block.module(x, **kw)
+                y = y[0] if isinstance(y, tuple) else y
+                outs.append(y if y.dtype == x.dtype else y.to(x.dtype))
         return outs
 
     @torch.no_grad()
@@ -71,7 +115,7 @@ class BlockCalib:
                 sq = (X * X).sum(0)
                 st.sq = sq if st.sq is None else st.sq + sq
                 if hessian:
-                    XtX = X.t() @ X  # (in, in)
+                    XtX = self.gram(X)  # (in, in)
                     st.H = XtX if st.H is None else st.H + XtX
                 st.n += X.shape[0]
 
@@ -121,11 +165,24 @@ def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1)
 
 
 def blocks(
-    anatomy: Anatomy, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True, desc: str = "calibrating"
+    anatomy: Anatomy,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "calibrating",
+    precision: str = "fp32",
 ) -> Iterator[BlockCalib]:
-    """Yield each block with its calibration inputs; after the caller prunes it, its outputs feed the next."""
+    """Yield each block with its calibration inputs; after the caller prunes it, its outputs feed the next.
+
+    precision: 'fp32' runs the forwards in the model's dtype; 'bf16' / 'auto' (see resolve_precision) run
+    them and X^T X under bf16 autocast, which is several times faster where bf16 is native.
+    """
     inputs, kwargs = capture_inputs(anatomy, windows, batch_size)
+    compute_dtype = resolve_precision(precision, inputs[0].device if inputs else "cpu")
+    if compute_dtype is not None and next(anatomy.model.parameters()).dtype == compute_dtype:
+        compute_dtype = None  # the model already runs in that dtype
     for block in bar(anatomy.blocks, desc=desc, unit="block", disable=not progress):
-        bc = BlockCalib(block, inputs, kwargs)
+        bc = BlockCalib(block, inputs, kwargs, compute_dtype)
         yield bc
         inputs = bc.run()  # outputs of the pruned block

@@ -1,5 +1,6 @@
 """Non-uniform sparsity across layers under one global target: variants that wrap any weight method.
 
+Variants: `global` (one magnitude threshold), `owl` (outlier ratio), `adaptive` (block importance).
 A variant decides each layer's share (parameter-weighted mean = `sparsity`), then the wrapped method
 prunes every layer at its own share. Recipe: `{method: owl, base: sparsegpt, sparsity: 0.6}`,
 with the base method's own fields in `settings`. The result is the realised sparsity per layer.
@@ -8,12 +9,14 @@ with the base method's own fields in `settings`. The result is the realised spar
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .. import calibrate
 from ..models import Anatomy, Proj
 from ..progress import bar
 from . import WEIGHTS
@@ -125,8 +128,124 @@ class OWL(Allocation):
         return rebalance(raw, {n: p.weight.numel() for n, p in projs.items()}, self.sparsity)
 
 
+@WEIGHTS.register("adaptive")
+@dataclass
+class Adaptive(Allocation):
+    """Adapt-Pruner-style adaptive sparsity (Pan et al. 2025, arXiv:2502.03460) from each block's sensitivity.
+
+    importance 'cosine': how much the block changes the residual stream, 1 - cos(input, output), averaged
+    over calibration tokens (one dense forward). 'kl': the measured damage, KL(dense || model) on a few
+    calibration windows when that block alone is pruned at `probe` sparsity with Wanda scores (one forward
+    per block). Blocks are ranked on log importance: the most important gets `target - lam`, the least
+    `target + lam`, linearly in between (`power` bends it), then one shift restores the weighted mean.
+    """
+
+    lam: float = 0.1
+    power: float = 1.0
+    importance: str = "cosine"
+    probe: float = 0.6
+    probe_windows: int = 2
+
+    IMPORTANCE: ClassVar[tuple[str, ...]] = ("cosine", "kl")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.lam < 0.5:
+            raise ValueError(f"lam (the spread of block shares around the target) must be in [0, 0.5), got {self.lam!r}")
+        if self.power <= 0:
+            raise ValueError(f"power must be positive, got {self.power!r}")
+        if self.importance not in self.IMPORTANCE:
+            raise ValueError(f"importance must be one of {', '.join(self.IMPORTANCE)}, got {self.importance!r}")
+        check_sparsity(self.probe)
+        if self.probe_windows < 1:
+            raise ValueError(f"probe_windows must be >= 1, got {self.probe_windows!r}")
+
+    def allocate(self, anatomy, calibration, projs, batch_size, progress):
+        if calibration is None:
+            raise ValueError("adaptive needs calibration windows (it measures each block's importance)")
+        if self.importance == "cosine":
+            imp = block_importance(anatomy, calibration, batch_size, progress)
+        else:
+            imp = block_damage(anatomy, calibration, projs, self.probe, self.probe_windows, progress,
+                               precision=self._inner.precision)
+        logs = {b: math.log(max(v, 1e-12)) for b, v in imp.items()}
+        lo, hi = min(logs.values()), max(logs.values())
+        z = {b: ((v - lo) / (hi - lo)) ** self.power if hi > lo else 0.5 for b, v in logs.items()}  # 0..1
+        block_of = {p.name: b.index for b in anatomy.blocks for p in b.projections().values()}
+        raw = {n: self.sparsity + self.lam * (1 - 2 * z[block_of[n]]) for n in projs}  # important -> fewer pruned
+        self.block_importance = imp
+        return rebalance(raw, {n: p.weight.numel() for n, p in projs.items()}, self.sparsity)
+
+
 class _Stop(Exception):
     pass
+
+
+@torch.no_grad()
+def block_importance(anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool) -> dict[int, float]:
+    """1 - cos(block input, block output) per block, averaged over every calibration token (one dense forward)."""
+    sums: dict[int, float] = {}
+    count = 0
+
+    def make_hook(index: int):
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # (batch, T)
+            sums[index] = sums.get(index, 0.0) + (1 - cos).sum().item()
+
+        return hook
+
+    hooks = [b.module.register_forward_hook(make_hook(b.index), with_kwargs=True) for b in anatomy.blocks]
+    device = next(anatomy.model.parameters()).device
+    try:
+        for i in bar(range(0, calibration.shape[0], batch_size), desc="block importance", unit="batch",
+                     disable=not progress):
+            ids = calibration[i : i + batch_size].to(device)
+            anatomy.model(input_ids=ids, **({"use_cache": False} if anatomy.causal else {}))
+            count += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {b: v / count for b, v in sums.items()}
+
+
+@torch.no_grad()
+def block_damage(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, Proj], probe: float, windows: int,
+                 progress: bool, precision: str = "fp32") -> dict[int, float]:
+    """KL(dense || model with only block b pruned at `probe`, Wanda scores) per block, on `windows` windows.
+
+    The probe forwards run under bf16 autocast where `precision` resolves to it (only the ranking matters)."""
+    device = next(anatomy.model.parameters()).device
+    ids = calibration[:windows].to(device)
+    sq = input_sq(anatomy, calibration[:windows], projs, 1, progress=False)
+    kw = {"use_cache": False} if anatomy.causal else {}
+    dtype = calibrate.resolve_precision(precision, device)
+
+    def logp() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = anatomy.model(input_ids=ids, **kw)
+        logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return torch.log_softmax(logits.float(), -1)
+
+    ref = logp()
+    damage = {}
+    for b in bar(anatomy.blocks, desc="block damage", unit="block", disable=not progress):
+        mine = {n: p for n, p in projs.items() if n in {q.name for q in b.projections().values()}}
+        saved = {n: p.weight.detach().clone() for n, p in mine.items()}
+        try:
+            for n, p in mine.items():
+                score = p.weight.abs().float() * sq[n].sqrt()[None, :]  # (out, in) Wanda score
+                k = int(probe * score.shape[1])
+                if k:
+                    low = score.topk(k, dim=1, largest=False).indices
+                    p.weight.scatter_(1, low, 0.0)
+            q = logp()
+            damage[b.index] = torch.nn.functional.kl_div(q, ref, log_target=True, reduction="sum").item() / ids.numel()
+        finally:
+            for n, p in mine.items():
+                p.weight.copy_(saved[n])
+    return damage
 
 
 @torch.no_grad()

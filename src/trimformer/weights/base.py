@@ -31,12 +31,16 @@ class WeightPruner:
     layers: per-layer overrides, {glob: sparsity}, the glob matched against the full module name
       ('model.layers.0.*') or the short name ('mlp.down'); the last matching entry wins. With an
       N:M pattern the only override is 0 (leave the layer dense).
+    precision: dtype of the calibration forwards and X^T X: 'auto' (bf16 where the hardware multiplies it
+      natively: CPUs with AMX / AVX512-BF16, CUDA; else the model's dtype), 'bf16' or 'fp32'. Statistics
+      are summed and weights updated in fp32 either way.
     """
 
     sparsity: float = 0.5
     pattern: str = "unstructured"
     targets: str = "all"
     layers: dict[str, float] | None = None
+    precision: str = "auto"
 
     name: ClassVar[str] = "?"
     needs_calibration: ClassVar[bool] = True
@@ -65,6 +69,7 @@ class WeightPruner:
             if self.nm is not None and share != 0:
                 raise ValueError(f"layers[{glob!r}] = {share}: with pattern {self.pattern!r} a layer is either "
                                  "N:M or left dense (0)")
+        calibrate.resolve_precision(self.precision)  # validates the name
         self._table: dict[str, float] = {}  # per-layer shares set by an allocation variant (allocation.py)
         self._short: dict[str, str] = {}  # full module name -> short name, filled by apply_
 
@@ -147,7 +152,8 @@ class WeightPruner:
             return done
         if calibration is None:
             raise ValueError(f"method {self.name!r} needs calibration windows (token ids of shape (n, length))")
-        for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc=self.name):
+        for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc=self.name,
+                                   precision=self.precision):
             projs = self.selected(bc.block.projections(), filter_fn)
             if not projs:
                 continue

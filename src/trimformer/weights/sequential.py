@@ -55,8 +55,9 @@ def input_groups(bc: BlockCalib, projs: dict[str, Proj], first_only: bool = Fals
             if same is not None:
                 owner.setdefault(name, owner.get(same, same))
             else:
-                X = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-                H[name] = X.t() @ X if name not in H else H[name].addmm_(X.t(), X)
+                X = x.reshape(-1, x.shape[-1])  # (tokens, in)
+                XtX = bc.gram(X)  # (in, in), fp32
+                H[name] = XtX if name not in H else H[name].add_(XtX)
                 n[name] = n.get(name, 0) + X.shape[0]
             if len(batch_seen) == len(projs):
                 raise _Stop  # every hooked projection has its input: the rest of the block is not needed
@@ -68,7 +69,8 @@ def input_groups(bc: BlockCalib, projs: dict[str, Proj], first_only: bool = Fals
         for x, kw in zip(bc.inputs, bc.kwargs):
             batch_seen.clear()
             try:
-                bc.block.module(x, **kw)
+                with bc.compute():
+                    bc.block.module(x, **kw)
             except _Stop:
                 pass
     finally:
