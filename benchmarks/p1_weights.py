@@ -52,7 +52,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "owl(M=8)+sparsegpt 50%": ("owl", {"base": "sparsegpt", "sparsity": 0.5, "M": 8.0}),
     "adaptive+sparsegpt 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5}),
     "adaptive(kl)+sparsegpt 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl"}),
-    "adaptive(kl,lam=0.15)+sparsegpt 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl",
+    "adaptive(kl lam=0.15)+sparsegpt 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl",
                                                           "lam": 0.15}),
 }
 
