@@ -44,7 +44,11 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, family, pattern,
     assert cfg["quant_method"] == "compressed-tensors" and cfg["sparsity_config"]["format"] == expected
     assert cfg["sparsity_config"]["global_sparsity"] == pytest.approx(0.5, abs=0.01)
     keys = load_file(out / "model.safetensors")
-    assert any(k.endswith(".weight.bitmask") for k in keys) and not any(k.endswith("q_proj.weight") for k in keys)
+    # compressed-tensors' key layout: <module>.bitmask / .compressed / .shape, no dense <module>.weight left
+    assert any(k.endswith("layers.0.self_attn.q_proj.bitmask") for k in keys)
+    assert not any(k.endswith("q_proj.weight") or ".weight." in k for k in keys)
+    shape = next(v for k, v in keys.items() if k.endswith(".shape"))
+    assert shape.dtype == torch.int64 and shape.shape == ((2, 1) if pattern == "2:4" else (2,))
     back = load_compressed(out)
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)

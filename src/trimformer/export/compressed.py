@@ -1,10 +1,11 @@
 """Sparse checkpoints in the compressed-tensors layouts: `sparse-bitmask` (any sparsity) and `sparse-24-bitmask` (2:4).
 
-Per compressed weight `<layer>.weight` the file holds (as compressed-tensors defines them):
-  sparse-bitmask:    .shape (2,) int32, .compressed (nnz,) values in row-major order,
+Per compressed weight `<layer>.weight` the file holds `<layer>.<part>` (as compressed-tensors <= 0.14 writes and
+reads them; `<layer>.weight.<part>`, which trimformer wrote before, is still read):
+  sparse-bitmask:    .shape (2,) int64, .compressed (nnz,) values in row-major order,
                      .bitmask (rows, ceil(cols/8)) uint8 (bit j of a row set = weight j kept, little-endian),
-                     .row_offsets (rows,) int32 (index in .compressed where each row starts);
-  sparse-24-bitmask: .shape, .bitmask as above, .compressed (rows, cols/2): the two kept values of every four.
+                     .row_offsets (rows,) int64 (index in .compressed where each row starts);
+  sparse-24-bitmask: .shape (2, 1), .bitmask as above, .compressed (rows, cols/2): the two kept values of every four.
 config.json gets `quantization_config = {quant_method: compressed-tensors, sparsity_config: {...}}` built with the
 library's own config classes. compressed-tensors >= 0.19 keeps these configs and the bit-packing helpers but no
 longer ships the sparse compressors (and serving engines dropped the sparse kernels), so writing and reading the
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..models import anatomy_of
-from .hf import atomic_dir
+from .hf import add_legacy_fields, atomic_dir
 
 FORMATS = (CompressionFormat.sparse_bitmask.value, CompressionFormat.sparse_24_bitmask.value)
 PARTS = ("shape", "compressed", "bitmask", "row_offsets")
@@ -40,7 +41,7 @@ def compress(W: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     """One (rows, cols) weight -> its compressed tensors (suffixes of PARTS)."""
     rows, cols = W.shape
     keep = W != 0
-    out = {"shape": torch.tensor([rows, cols], dtype=torch.int32), "bitmask": pack_bitmasks(keep)}
+    out = {"shape": torch.tensor([rows, cols]), "bitmask": pack_bitmasks(keep)}  # int64, as compressed-tensors
     if fmt == CompressionFormat.sparse_24_bitmask.value:
         # exactly 2 per group of 4: pad groups with fewer non-zeros by keeping (zero) entries, first ones first
         g = keep.reshape(rows, cols // 4, 4)  # (rows, groups, 4)
@@ -48,15 +49,16 @@ def compress(W: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
         g2 = torch.zeros_like(g).scatter_(-1, order.sort(-1).values, True)
         out["bitmask"] = pack_bitmasks(g2.reshape(rows, cols))
         out["compressed"] = W[g2.reshape(rows, cols)].reshape(rows, cols // 2).contiguous()
+        out["shape"] = out["shape"].reshape(-1, 1)  # the 2:4 layout stores the shape as a column
     else:
         out["compressed"] = W[keep].contiguous()  # (nnz,) row-major
         counts = keep.sum(1, dtype=torch.int64)
-        out["row_offsets"] = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+        out["row_offsets"] = torch.cumsum(counts, 0) - counts
     return out
 
 
 def decompress(parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
-    rows, cols = (int(x) for x in parts["shape"])
+    rows, cols = (int(x) for x in parts["shape"].flatten())
     mask = unpack_bitmasks(parts["bitmask"], [rows, cols])  # (rows, cols) bool
     W = torch.zeros(rows, cols, dtype=parts["compressed"].dtype)
     W[mask] = parts["compressed"].flatten()
@@ -88,13 +90,15 @@ def save_compressed(model: nn.Module, out: str | os.PathLike, *, fmt: str = "aut
         for f in sorted(tmp.glob("*.safetensors")):
             state = load_file(f)
             for key in [k for k in state if k.endswith(".weight") and k[: -len(".weight")] in weights]:
+                module = key[: -len(".weight")]
                 for part, t in compress(state.pop(key), fmt).items():
-                    state[f"{key}.{part}"] = t
+                    state[f"{module}.{part}"] = t
             save_file(state, f, metadata={"format": "pt"})
         cfg = json.loads((tmp / "config.json").read_text())
-        cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt,
+        cfg["quantization_config"] = {"quant_method": "compressed-tensors",  # no top-level format: that means quantization
                                       "sparsity_config": sparsity_config}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        add_legacy_fields(tmp / "config.json")
     return Path(out)
 
 
@@ -117,10 +121,12 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
         state.update(load_file(f))
     dense: dict[str, torch.Tensor] = {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    targets = set((q.get("sparsity_config") or {}).get("targets") or [])
     for key, t in state.items():
         base, _, part = key.rpartition(".")
-        if part in PARTS and base.endswith(".weight"):
-            groups.setdefault(base, {})[part] = t
+        module = base[: -len(".weight")] if base.endswith(".weight") else base
+        if part in PARTS and (module in targets or base.endswith(".weight")):
+            groups.setdefault(f"{module}.weight", {})[part] = t
         else:
             dense[key] = t
     for key, parts in groups.items():

@@ -40,6 +40,22 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def add_legacy_fields(config_path: Path) -> None:
+    """Also write the rope settings the way transformers 4.x and serving engines built on it read them.
+
+    transformers 5 keeps them under `rope_parameters`; older readers look for top-level `rope_theta` (and
+    `rope_scaling`) and would silently fall back to a default base, changing every logit.
+    """
+    cfg = json.loads(config_path.read_text())
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in cfg:
+        return
+    cfg["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in cfg:
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    config_path.write_text(json.dumps(cfg, indent=2))
+
+
 def save_pretrained(
     model: nn.Module,
     out: str | os.PathLike,
@@ -55,6 +71,7 @@ def save_pretrained(
     """
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        add_legacy_fields(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():
