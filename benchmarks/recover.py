@@ -97,28 +97,31 @@ def worker(args: argparse.Namespace) -> None:
         reset = True
     except OSError:
         reset = False
+    gc_flag = {"on": True, "off": False, "default": None}[args.gc_run]
     cfg = RecoverConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=2,
-                        lora_rank=args.lora_rank or None, loss=args.loss, gradient_checkpointing=args.gc_run)
+                        lora_rank=args.lora_rank or None, loss=args.loss, gradient_checkpointing=gc_flag,
+                        loss_chunk=args.loss_chunk)
     t0 = time.perf_counter()
     recover_(student, teacher, data, cfg)
     wall = time.perf_counter() - t0
     peak = rss_kib("VmHWM")
     r = student.trimformer_history[-1]["result"]
     save_pretrained(student, args.out)
-    json.dump({"settings": cfg.settings(), "train_windows": int(data.shape[0]), "wall_s": wall,
+    json.dump({"settings": cfg.settings(), "checkpointing": cfg.checkpointing, "train_windows": int(data.shape[0]), "wall_s": wall,
                "tokens_per_s": r["tokens_per_s"], "losses": r["losses"], "peak_rss_mib": peak / 1024,
                "loaded_rss_mib": base / 1024, "peak_above_loaded_mib": (peak - base) / 1024 if reset else None},
               open(Path(args.out) / "run.json", "w"))
 
 
-def train(kind: str, student_dir: str, out: str, args: argparse.Namespace, steps: int, lora_rank: int | None,
-          checkpointing: bool = False) -> dict:
+def train(kind: str, student_dir: str, out: str, args: argparse.Namespace, steps: int, lora_rank: int | None) -> dict:
+    """`kind`: full or lora, then optional '+gc' / '-gc' (activation checkpointing on / off instead of the
+    default: on for LoRA only) and '+whole' (whole logits instead of the chunked head loss)."""
     cmd = [sys.executable, __file__, "--worker", "--student", student_dir, "--out", out, "--steps", str(steps),
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--loss", args.loss,
            "--lr", str(args.lora_lr if lora_rank else args.lr)]
     cmd += ["--lora-rank", str(lora_rank or 0)]  # 0: full fine-tuning
-    if checkpointing:
-        cmd += ["--gc-run"]
+    cmd += ["--gc-run", "on" if "+gc" in kind else "off" if "-gc" in kind else "default"]
+    cmd += ["--loss-chunk", "0" if "+whole" in kind else str(args.loss_chunk)]
     print(f"[{kind}] {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "TRIMFORMER_QUIET": os.environ.get("TRIMFORMER_QUIET", "")})
     return json.loads((Path(out) / "run.json").read_text())
@@ -130,11 +133,13 @@ def main() -> None:
     ap.add_argument("--student", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", default="smollm2-135m")
-    ap.add_argument("--runs", default="full:20,lora:4,lora+gc:8",
-                    help="training runs NAME:STEPS (full, lora, lora+gc = LoRA with gradient checkpointing)")
+    ap.add_argument("--runs", default="full:20,lora:8",
+                    help="training runs NAME:STEPS; NAME is full or lora, optionally followed by +gc / -gc (activation "
+                    "checkpointing on / off; default on for LoRA only) and +whole (whole logits, not the chunked loss)")
     ap.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)  # (worker)
     ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--gc-run", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gc-run", default="default", help=argparse.SUPPRESS)
+    ap.add_argument("--loss-chunk", type=int, default=128, help="tokens per chunk of the fused head loss")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -174,7 +179,7 @@ def main() -> None:
         for kind in args.runs.split(","):
             name, steps = kind.split(":")
             rank = args.lora_rank if name.startswith("lora") else None
-            runs[name] = train(name, pruned_dir, f"{tmp}/{name}", args, int(steps), rank, checkpointing=name.endswith("+gc"))
+            runs[name] = train(name, pruned_dir, f"{tmp}/{name}", args, int(steps), rank)
             kind = name
             healed = trimformer.load(f"{tmp}/{kind}")
             rows[f"{label}+{kind}"] = {**quality(healed, ev, ref), **sparsity(healed, args.pattern, pruned_zeros)}
@@ -215,13 +220,15 @@ def markdown(r: dict) -> str:
         sp = f"{row['sparsity']:.4f}" if "sparsity" in row else "0"
         lines.append(f"| {name} | {row['kl']:.4f} | {row['top1_agree']:.3f} | {row['ppl']:.2f} | {sp} | "
                      f"{row.get('pattern_holds', row.get('pattern_exact', '-'))} | {row.get('same_zeros_as_pruned', '-')} |")
-    lines += ["", "| run | steps | batch x seq | lr | tokens/s | peak RSS MiB | peak above loaded MiB | kl gap closed |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| run | steps | batch x seq | lr | act. checkpointing | loss chunk (0: whole logits) | tokens/s | "
+              "peak RSS MiB | peak above loaded MiB | kl gap closed |",
+              "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for k, run in r["runs"].items():
         s = run["settings"]
         above = run["peak_above_loaded_mib"]
         lines.append(f"| {k}{' (r=' + str(s['lora_rank']) + ')' if s['lora_rank'] else ''} | {s['steps']} | {s['batch_size']} x {r['args']['seq_len']} | "
-                     f"{s['lr']:g} | {run['tokens_per_s']:.1f} | {run['peak_rss_mib']:.0f} | "
+                     f"{s['lr']:g} | {run.get('checkpointing', s['gradient_checkpointing'])} | {s.get('loss_chunk', 0)} | "
+                     f"{run['tokens_per_s']:.1f} | {run['peak_rss_mib']:.0f} | "
                      f"{'-' if above is None else f'{above:.0f}'} | {r['kl_gap_closed'][k]:.1%} |")
     for k, ratio in r["peak_rss_over_full"].items():
         if k != "full":

@@ -29,7 +29,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (full) or 1e-3 (LoRA)")
     p.add_argument("--loss", default="kl", help="'+'-joined terms of kl, hidden, lm (default kl)")
     p.add_argument("--lora-rank", type=int, default=None, help="train rank-r LoRA adapters (merged at the end)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute block activations in backward: less memory, more compute (default: on with LoRA)")
+    p.add_argument("--loss-chunk", type=int, default=128,
+                   help="tokens per chunk of the fused head + KL/LM loss (full logits never exist); 0: whole logits")
     p.add_argument("--checkpoint-dir", default=None, help="default OUT.checkpoints (removed after success)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints from an earlier run")
@@ -47,6 +50,7 @@ def config_from_args(args: argparse.Namespace):
     settings = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "loss": args.loss,
         "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
+        "loss_chunk": args.loss_chunk,
         "checkpoint_dir": args.checkpoint_dir or f"{out}.checkpoints", "checkpoint_every": args.checkpoint_every,
         "resume": not args.no_resume,
     }

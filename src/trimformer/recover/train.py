@@ -43,6 +43,10 @@ class RecoverConfig:
     lr: None picks 1e-4 for full fine-tuning, 1e-3 for LoRA. Warm-up, then cosine decay to lr/10.
     lora_rank: None trains the parameters themselves; r > 0 trains rank-r LoRA adapters (peft) on the
       block projections, merged back at the end (alpha defaults to 2r).
+    gradient_checkpointing: recompute block activations in backward (less memory, ~30 % more compute);
+      None: on with LoRA (where activations are most of what is left), off for full fine-tuning.
+    loss_chunk: KL / LM loss computed from the last hidden states this many tokens at a time, gradient
+      included, so neither model's (B, T, vocab) logits exist whole; 0 computes them whole (the reference).
     gmp_sparsity: gradual magnitude pruning to this sparsity per block projection during training, cubic
       schedule (Zhu & Gupta, 2017) from step gmp_start*steps to gmp_end*steps, every gmp_every steps.
     freeze_fraction: SlimFit-style freezing: after freeze_at*steps steps, freeze this share of the blocks
@@ -65,7 +69,8 @@ class RecoverConfig:
     train: str = "blocks"
     lora_rank: int | None = None
     lora_alpha: float | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    loss_chunk: int = 128
     gmp_sparsity: float | None = None
     gmp_start: float = 0.0
     gmp_end: float = 0.7
@@ -86,6 +91,8 @@ class RecoverConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0 (or None for the default), got {self.lr}")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be a token count >= 0 (0: whole logits), got {self.loss_chunk!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.terms = parse_loss(self.loss)
@@ -106,6 +113,10 @@ class RecoverConfig:
             raise ValueError(f"need 0 <= freeze_fraction < 1 and 0 < freeze_at < 1, got {self.freeze_fraction}, {self.freeze_at}")
         if self.freeze_fraction and self.lora_rank is not None:
             raise ValueError("freeze_fraction applies to full fine-tuning; LoRA already trains few parameters")
+
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.lora_rank) if self.gradient_checkpointing is None else self.gradient_checkpointing
 
     @property
     def learning_rate(self) -> float:
@@ -135,7 +146,8 @@ def recover_(
     if "kl" in cfg.terms and s_anat.vocab_size != t_anat.vocab_size:
         raise ValueError(f"student and teacher vocabularies differ ({s_anat.vocab_size} vs {t_anat.vocab_size}); "
                          "KL distillation needs the same tokenizer")
-    distill = Distiller(s_anat, t_anat, cfg.terms, cfg.temperature, cfg.hidden_weight, cfg.lm_weight, cfg.hidden_map)
+    distill = Distiller(s_anat, t_anat, cfg.terms, cfg.temperature, cfg.hidden_weight, cfg.lm_weight, cfg.hidden_map,
+                         cfg.loss_chunk)
 
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     prefix = s_anat.blocks_path + "."
@@ -166,7 +178,7 @@ def recover_(
                 p.requires_grad_(n in candidates)
             params = candidates
             keeper.attach()
-        if cfg.gradient_checkpointing:
+        if cfg.checkpointing:
             _checkpointing(student, "enable")
         student.train()
         opt = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -229,7 +241,7 @@ def recover_(
         keeper.detach()
         for n, p in student.named_parameters():
             p.requires_grad_(flags.get(n, p.requires_grad))
-        if cfg.gradient_checkpointing and not had_gc:
+        if cfg.checkpointing and not had_gc:
             _checkpointing(student, "disable")
         student.train(was_training)
         teacher.train(teacher_training)
