@@ -18,6 +18,7 @@ from torch import nn
 
 from ..models import anatomy_of
 from ..progress import bar
+from . import cache as cache_mod
 from . import checkpoint as ckpt
 from . import lora as lora_mod
 from .freeze import Freezer
@@ -25,7 +26,7 @@ from .loss import Distiller, parse_loss
 from .masks import MaskKeeper, gmp_targets
 
 # Fields that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume"}
+_RESUME_FREE = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "teacher_cache", "max_minutes"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +52,11 @@ class RecoverConfig:
       schedule (Zhu & Gupta, 2017) from step gmp_start*steps to gmp_end*steps, every gmp_every steps.
     freeze_fraction: SlimFit-style freezing: after freeze_at*steps steps, freeze this share of the blocks
       whose weights moved least so far (full fine-tuning only).
+    teacher_cache: a .safetensors file of the teacher's targets for every window of `data` (its last hidden
+      states, from which the loss recomputes the logits exactly; see recover/cache.py), computed once if
+      absent and reused by every epoch and later run; the teacher's blocks then never run during training.
+    max_minutes: stop after the step that reaches this much training time; the LR schedule then follows
+      whichever is further along, steps or time, so it still ends decayed.
     checkpoint_dir: write a checkpoint every `checkpoint_every` steps (keep the newest `keep_checkpoints`);
       with `resume`, a run finding one there continues from it.
     """
@@ -77,6 +83,8 @@ class RecoverConfig:
     gmp_every: int = 10
     freeze_fraction: float = 0.0
     freeze_at: float = 0.1
+    teacher_cache: str | None = None
+    max_minutes: float | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -93,6 +101,10 @@ class RecoverConfig:
             raise ValueError(f"lr must be > 0 (or None for the default), got {self.lr}")
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             raise ValueError(f"loss_chunk must be a token count >= 0 (0: whole logits), got {self.loss_chunk!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0 (or None: no time limit), got {self.max_minutes}")
+        if self.teacher_cache is not None and not str(self.teacher_cache).endswith(".safetensors"):
+            raise ValueError(f"teacher_cache must be a .safetensors file path, got {self.teacher_cache!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.terms = parse_loss(self.loss)
@@ -191,10 +203,21 @@ def recover_(
         if found is not None:
             start, losses = _restore(found, cfg, params, opt, sched, keeper, freezer)
 
+        cache = None
+        if cfg.teacher_cache:
+            if rank == 0:  # (computed by one process; the others then open it)
+                cache = cache_mod.build(cfg.teacher_cache, distill, teacher, data, batch_size=cfg.batch_size,
+                                        progress=progress)
+            if acc:
+                acc.wait_for_everyone()
+            if rank != 0:
+                cache = cache_mod.build(cfg.teacher_cache, distill, teacher, data, progress=False)
+
         B, T = cfg.batch_size, data.shape[1]
+        lr_factor = _schedule(cfg.steps, cfg.warmup_steps)
         steps = bar(range(start, cfg.steps), desc="recover", unit="step", total=cfg.steps - start,
                     disable=not progress or rank != 0)
-        t_loop, tokens = time.perf_counter(), 0
+        t_loop, tokens, stopped = time.perf_counter(), 0, None
         last_ckpt = found
         for step in steps:
             if cfg.gmp_sparsity is not None:
@@ -202,8 +225,16 @@ def recover_(
                                      int(cfg.gmp_end * cfg.steps), cfg.gmp_every)
                 if target is not None:
                     keeper.magnitude_step_(gmp_names, target)
-            ids = _batch(data, step, B, cfg.seed, rank, world).to(device)  # (B, T)
-            loss, parts = distill(model, teacher, ids)
+            if cfg.max_minutes:
+                used = (time.perf_counter() - t_loop) / (60 * cfg.max_minutes)
+                if used >= 1.0:
+                    stopped = f"time limit of {cfg.max_minutes:g} min reached after {step - start} steps"
+                    break
+                for g in opt.param_groups:  # the schedule at whichever is further along: steps or time
+                    g["lr"] = cfg.learning_rate * lr_factor(max(step, int(used * cfg.steps)))
+            rows = _rows(data.shape[0], step, B, cfg.seed, rank, world)
+            ids = data[rows].to(device)  # (B, T)
+            loss, parts = distill(model, teacher, ids, cache.get(rows) if cache else None)
             if not math.isfinite(loss.item()):
                 where = (f"the last good checkpoint is {last_ckpt}; resume from it after lowering lr"
                          if last_ckpt else "no checkpoint was written yet (set checkpoint_dir to keep one)")
@@ -245,10 +276,10 @@ def recover_(
             _checkpointing(student, "disable")
         student.train(was_training)
         teacher.train(teacher_training)
-    ran = cfg.steps - start
+    ran = len(losses) - start
     history = getattr(student, "trimformer_history", [])
     result = {
-        "steps_run": ran, "resumed_from": start, "losses": losses, "train_seconds": seconds,
+        "steps_run": ran, "resumed_from": start, "stopped": stopped, "losses": losses, "train_seconds": seconds,
         "tokens_per_s": (ran * B * T * world) / max(seconds, 1e-9), "frozen_blocks": freezer.frozen,
         "sparsity": {n: _zeros(student.get_parameter(n)) for n in sorted({*masked, *keeper.masks})},  # measured
     }
@@ -302,8 +333,11 @@ _PERMS: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
 def _batch(data: torch.Tensor, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Windows of `step`: a function of (seed, step) only, reshuffled every epoch, so resuming needs no data state."""
-    n = data.shape[0]
+    return data[_rows(data.shape[0], step, batch_size, seed, rank, world)]  # (B, T)
+
+
+def _rows(n: int, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Window indices of `step`: a function of (seed, step) only, reshuffled every epoch, so resuming needs no data state."""
     rows = []
     for j in range(batch_size):
         g = (step * world + rank) * batch_size + j  # global sample position
@@ -314,7 +348,7 @@ def _batch(data: torch.Tensor, step: int, batch_size: int, seed: int, rank: int 
                 _PERMS.clear()
             _PERMS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         rows.append(_PERMS[key][pos])
-    return data[torch.stack(rows)]  # (B, T)
+    return torch.stack(rows)  # (B,)
 
 
 def _distributed(model: nn.Module, opt: torch.optim.Optimizer, teacher: nn.Module):
