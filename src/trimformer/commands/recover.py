@@ -31,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=None, help="train rank-r LoRA adapters (merged at the end)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute block activations in backward: less memory, more compute (default: on with LoRA)")
-    p.add_argument("--loss-chunk", type=int, default=128,
+    p.add_argument("--loss-chunk", type=int, default=32,
                    help="tokens per chunk of the fused head + KL/LM loss (full logits never exist); 0: whole logits")
     p.add_argument("--checkpoint-dir", default=None, help="default OUT.checkpoints (removed after success)")
     p.add_argument("--checkpoint-every", type=int, default=50)
