@@ -55,6 +55,22 @@ def test_group_lasso_shrinks_the_groups_to_zero_and_keeps_masks():
     assert all(not (lasso.get_parameter(n)[z] != 0).any() for n, z in zeros.items())  # masks kept
 
 
+def test_proximal_step_zeroes_groups_below_the_threshold_and_scales_the_rest():
+    model = tiny("llama")
+    lasso = GroupLasso(trimformer.anatomy_of(model), ("ffn",), strength=1.0)
+    n0 = lasso.norms()["0.ffn"]
+    t = n0.median().item()  # lr * strength = the median norm: about half the neurons die
+    up0 = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    lasso.shrink_(lr=t)
+    n1 = lasso.norms()["0.ffn"]
+    dead = n0 <= t
+    assert 0 < int(dead.sum()) < len(n0) and bool((n1[dead] == 0).all())
+    assert torch.allclose(n1[~dead], n0[~dead] - t, atol=1e-5)  # ||W_g|| shrinks by exactly lr * lambda
+    up1 = model.model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(up1[~dead], up0[~dead] * (1 - t / n0[~dead])[:, None], atol=1e-6)  # the direction is kept
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, tiny("llama").model.layers[0].self_attn.q_proj.weight)
+
+
 def test_group_lasso_bad_settings():
     with pytest.raises(ValueError, match="group_lasso_parts"):
         RecoverConfig(group_lasso=0.1, group_lasso_parts="neurons")
