@@ -51,3 +51,22 @@ def test_lora_checkpoints_activations_by_default():
     assert not RecoverConfig(lora_rank=4, gradient_checkpointing=False).checkpointing
     with pytest.raises(ValueError, match="loss_chunk"):
         RecoverConfig(loss_chunk=-1)
+
+
+def test_freed_memory_is_returned_to_the_os():
+    import platform
+
+    from trimformer.recover.train import release_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert release_freed_memory()
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    blocks = [torch.ones(256 * 1024) for _ in range(64)]  # 64 x 1 MiB, under glibc's dynamic 32 MiB threshold
+    held = rss_kib()
+    del blocks
+    assert rss_kib() < held - 48 * 1024  # all of it left the process at once

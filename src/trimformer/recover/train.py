@@ -59,7 +59,8 @@ class RecoverConfig:
       whose weights moved least so far (full fine-tuning only).
     release_memory: make freed tensors go back to the OS at once (glibc: a fixed 128 KiB mmap threshold,
       process-wide from then on). glibc's default threshold grows to 32 MiB, after which freed activations
-      stay in the heap: on smollm2-135m with LoRA that kept ~250 MiB of RSS that no tensor used.
+      stay in the heap: on smollm2-135m with LoRA that kept ~390 MiB of RSS that no tensor used. It costs
+      ~20 % of the training speed there (fresh pages for every large tensor). None: on with LoRA only.
     teacher_cache: a .safetensors file of the teacher's targets for every window of `data` (its last hidden
       states, from which the loss recomputes the logits exactly; see recover/cache.py), computed once if
       absent and reused by every epoch and later run; the teacher's blocks then never run during training.
@@ -85,7 +86,7 @@ class RecoverConfig:
     lora_alpha: float | None = None
     gradient_checkpointing: bool | None = None
     loss_chunk: int = 32
-    release_memory: bool = True
+    release_memory: bool | None = None
     gmp_sparsity: float | None = None
     gmp_start: float = 0.0
     gmp_end: float = 0.7
@@ -190,7 +191,7 @@ def recover_(
                        for b in s_anat.blocks}, cfg.freeze_fraction, max(int(cfg.freeze_at * cfg.steps), 1))
     gmp_names = [p.name + ".weight" for _, p in s_anat.projections() if p.name + ".weight" in candidates]
 
-    if cfg.release_memory:
+    if cfg.release_memory or (cfg.release_memory is None and cfg.lora_rank):
         release_freed_memory()
     torch.manual_seed(cfg.seed)
     was_training, had_gc = student.training, _checkpointing(student, "is")
