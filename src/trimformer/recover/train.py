@@ -317,7 +317,9 @@ def release_freed_memory() -> bool:
     """Fix glibc's mmap threshold at 128 KiB so large freed blocks are unmapped at once; False if not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD; also stops its dynamic growth
+        ok = bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD; also stops its dynamic growth
+        libc.malloc_trim(0)  # and give back what the heap already holds free
+        return ok
     except (OSError, AttributeError):
         return False
 
