@@ -116,7 +116,7 @@ def test_resume_repeats_the_same_next_steps(tmp_path):
         if calls["n"] == 5:
             raise KeyboardInterrupt
 
-    h = interrupted.lm_head.register_forward_hook(stop_at_fifth)
+    h = interrupted.model.norm.register_forward_hook(stop_at_fifth)  # (the head is fused into the loss)
     with pytest.raises(KeyboardInterrupt):
         recover_(interrupted, teacher, windows(5), RecoverConfig(**cfg, checkpoint_dir=str(tmp_path), checkpoint_every=2),
                  progress=False)
@@ -144,7 +144,7 @@ def test_nan_loss_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
         calls["n"] += 1
         return out * float("nan") if calls["n"] == 6 else out
 
-    student.lm_head.register_forward_hook(nan_at_sixth)
+    student.model.norm.register_forward_hook(nan_at_sixth)
     zeros = zeros_of(student)
     with pytest.raises(NonFiniteLossError, match=r"step 6.*step-000004"):
         recover_(student, teacher, windows(), RecoverConfig(steps=10, batch_size=2, lr=1e-3, checkpoint_dir=str(tmp_path),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -31,7 +32,11 @@ def prune_(
     steps = method.build() if isinstance(method, Recipe) else [method]
     anatomy = anatomy_of(model)
     history = getattr(model, "trimformer_history", [])
+    # a step that heals from the dense model (recipe step `recover`, teacher: dense) gets a copy made now
+    dense = copy.deepcopy(model).eval() if any(getattr(s, "needs_dense", False) for s in steps) else None
     for step in steps:
+        if getattr(step, "needs_dense", False):
+            step.dense = dense
         t0 = time.perf_counter()
         result = step.apply_(anatomy, calibration, filter_fn=filter_fn, batch_size=batch_size, progress=progress)
         anatomy = anatomy_of(model)  # structure steps change shapes

@@ -8,12 +8,13 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from .recover.step import RECOVER
 from .registry import Registry, coerce_fields
 from .structure import STRUCTURE
 from .weights import WEIGHTS
 
 # Offline families whose methods have `apply_(anatomy, calibration, ...)`; explicit, in order.
-REGISTRIES: list[Registry] = [WEIGHTS, STRUCTURE]
+REGISTRIES: list[Registry] = [WEIGHTS, STRUCTURE, RECOVER]
 
 
 def find(name: str) -> type:

@@ -79,7 +79,9 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
     p.add_argument("--method", help=f"one method ({names}); or use --recipe")
-    p.add_argument("--recipe", help="YAML/TOML/JSON recipe: a list of steps {method: name, field: value, ...}")
+    p.add_argument("--recipe", help="YAML/TOML/JSON recipe: a list of steps {method: name, field: value, ...}; a step "
+                   "{method: recover, steps: N, teacher: dense} heals the model so far by distillation from the "
+                   "model before the recipe, on the calibration windows (any RecoverConfig field)")
     p.add_argument("--sparsity", type=float, help="share of weights removed per layer, in [0, 1) (weight methods)")
     p.add_argument("--pattern", help="'unstructured' or 'N:M' such as 2:4 (weight methods)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -29,7 +29,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (full) or 1e-3 (LoRA)")
     p.add_argument("--loss", default="kl", help="'+'-joined terms of kl, hidden, lm (default kl)")
     p.add_argument("--lora-rank", type=int, default=None, help="train rank-r LoRA adapters (merged at the end)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute block activations in backward: less memory, more compute (default: on with LoRA)")
+    p.add_argument("--loss-chunk", type=int, default=32,
+                   help="tokens per chunk of the fused head + KL/LM loss (full logits never exist); 0: whole logits")
+    p.add_argument("--teacher-cache", default=None, metavar="FILE.safetensors",
+                   help="cache the teacher's targets (last hidden states; the logits are recomputed exactly from "
+                   "them) for every window, computed once, reused by every epoch and later run")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes (the LR schedule follows steps or time, whichever is ahead)")
+    p.add_argument("--group-lasso", type=float, default=0.0, metavar="LAMBDA",
+                   help="sparse then prune: group lasso on FFN neurons / heads (proximal step; full fine-tuning only; "
+                   "Adam moves a group of n weights by up to lr*sqrt(n) a step, the shrink is lr*LAMBDA, so groups "
+                   "die once LAMBDA nears sqrt(n): ~40 for smollm2-135m FFN neurons)")
+    p.add_argument("--group-lasso-parts", default="ffn,heads", help="groups for --group-lasso: ffn, heads or ffn,heads")
     p.add_argument("--checkpoint-dir", default=None, help="default OUT.checkpoints (removed after success)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints from an earlier run")
@@ -47,6 +60,8 @@ def config_from_args(args: argparse.Namespace):
     settings = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "loss": args.loss,
         "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
+        "loss_chunk": args.loss_chunk, "teacher_cache": args.teacher_cache, "max_minutes": args.max_minutes,
+        "group_lasso": args.group_lasso, "group_lasso_parts": args.group_lasso_parts,
         "checkpoint_dir": args.checkpoint_dir or f"{out}.checkpoints", "checkpoint_every": args.checkpoint_every,
         "resume": not args.no_resume,
     }

@@ -9,8 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import prune_
-from ..methods import build
 from .train import RecoverConfig, recover_
 
 
@@ -33,6 +31,9 @@ def prune_recover_cycles_(
     """
     if not sparsities or any(b <= a for a, b in zip(sparsities, sparsities[1:])):
         raise ValueError(f"sparsities must be a non-empty increasing list (e.g. [0.2, 0.35, 0.5]), got {sparsities}")
+    from ..api import prune_  # (here: trimformer.methods imports this package for its recipe step)
+    from ..methods import build
+
     cfg = config or RecoverConfig()
     calib = data[:8] if calibration is None else calibration
     for i, s in enumerate(sparsities):

@@ -28,17 +28,22 @@ class LoRA:
     peft_model: nn.Module
     masked: list[str]  # base parameter names whose zeros are kept through the merge
     flags: dict[str, bool]  # requires_grad of every parameter before injection
+    layers: list[str] = field(default_factory=list)  # module names holding an adapter
     hooks: list = field(default_factory=list)
 
     @torch.no_grad()
     def merge_(self) -> nn.Module:
+        """Merge layer by layer (one mask alive at a time), then take the adapters out."""
         for h in self.hooks:
             h.remove()
-        masks = {n: self.model.get_submodule(n.rsplit(".", 1)[0]).base_layer.weight != 0 for n in self.masked}
-        merged = self.peft_model.merge_and_unload()
-        assert merged is self.model, "peft returned another model object"
-        for name, m in masks.items():
-            self.model.get_parameter(name).mul_(m)
+        for name in self.layers:
+            layer = self.model.get_submodule(name)
+            W = layer.base_layer.weight
+            keep = W != 0 if f"{name}.weight" in self.masked else None
+            layer.merge(adapter_names=[ADAPTER])
+            if keep is not None:
+                W.mul_(keep)
+        self.peft_model.unload()  # (the merged base layers stay)
         self._restore_flags()
         return self.model
 
@@ -75,7 +80,7 @@ def attach(model: nn.Module, anatomy: Anatomy, masked: set[str], rank: int, alph
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=sorted(projs),
                      fan_in_fan_out=transposed == {True})
     peft_model = get_peft_model(model, cfg)
-    handle = LoRA(model, peft_model, [], flags)
+    handle = LoRA(model, peft_model, [], flags, sorted(projs))
     for name, proj in projs.items():
         if f"{name}.weight" not in masked:
             continue

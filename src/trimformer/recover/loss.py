@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Anatomy
+from .headloss import fusable, head_loss
 
 TERMS = ("kl", "hidden", "lm")
 
@@ -83,7 +84,8 @@ class Distiller:
     """Computes the configured loss for one batch; the teacher runs on the fly under no_grad."""
 
     def __init__(self, student: Anatomy, teacher: Anatomy, terms: tuple[str, ...], temperature: float = 1.0,
-                 hidden_weight: float = 1.0, lm_weight: float = 1.0, hidden_map: list[int] | None = None):
+                 hidden_weight: float = 1.0, lm_weight: float = 1.0, hidden_map: list[int] | None = None,
+                 chunk: int | None = 128):
         self.terms, self.T = terms, temperature
         self.hidden_weight, self.lm_weight = hidden_weight, lm_weight
         if ("kl" in terms or "lm" in terms) and (student.head is None or teacher.head is None):
@@ -105,22 +107,74 @@ class Distiller:
         self.teacher_blocks = [b.module for b in teacher.blocks]
         self.s_kw = {"use_cache": False} if student.causal else {}  # (decoders: no KV cache while training)
         self.t_kw = {"use_cache": False} if teacher.causal else {}
+        logits = "kl" in terms or "lm" in terms
+        # fused: both heads are swapped for identities during the forward passes and the head loss runs chunked
+        self.fused = bool(chunk) and logits and fusable(student.head) and fusable(teacher.head)
+        self.chunk = chunk or 0
+        self.s_head, self.t_head = student.head, teacher.head
+        self.s_model, self.t_model = student.model, teacher.model
 
-    def __call__(self, student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        hs: dict[int, torch.Tensor] = {}
+    def teacher_targets(self, teacher: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the loss needs from the teacher for `ids` (B, T): 'out' (its last hidden states when fused,
+        else logits) and 'block.j' (outputs of the teacher blocks the hidden term maps to)."""
         ht: dict[int, torch.Tensor] = {}
-        hidden = "hidden" in self.terms
         t_device = next(teacher.parameters()).device
-        with torch.no_grad(), (capture_blocks(self.teacher_blocks, ht) if hidden else contextlib.nullcontext()):
-            t_out = teacher(input_ids=ids.to(t_device), **self.t_kw)
-        with capture_blocks(self.student_blocks, hs) if hidden else contextlib.nullcontext():
-            s_out = student(input_ids=ids, **self.s_kw)
+        with torch.no_grad(), (capture_blocks(self.teacher_blocks, ht) if self.mapping else contextlib.nullcontext()), \
+                (head_off(self.t_model, self.t_head) if self.fused else contextlib.nullcontext()):
+            out = {"out": teacher(input_ids=ids.to(t_device), **self.t_kw).logits} if self.logits else {}
+            if not self.logits:
+                teacher(input_ids=ids.to(t_device), **self.t_kw)
+        out.update({f"block.{j}": ht[j] for j in sorted(set(self.mapping))})
+        return out
+
+    @property
+    def logits(self) -> bool:
+        return "kl" in self.terms or "lm" in self.terms
+
+    def __call__(self, student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
+                 targets: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss for `ids` (B, T); `targets`: the teacher's, from a cache (else the teacher runs now)."""
+        t = targets if targets is not None else self.teacher_targets(teacher, ids)
+        hs: dict[int, torch.Tensor] = {}
+        hidden = "hidden" in self.terms
+        with (capture_blocks(self.student_blocks, hs) if hidden else contextlib.nullcontext()), \
+                (head_off(self.s_model, self.s_head) if self.fused else contextlib.nullcontext()):
+            s_out = student(input_ids=ids, **self.s_kw).logits  # (B, T, H) when fused, else (B, T, V)
         parts: dict[str, torch.Tensor] = {}
-        if "kl" in self.terms:
-            parts["kl"] = kl_loss(s_out.logits, t_out.logits.to(s_out.logits.device), self.T)
+        if self.fused:
+            kl_w = 1.0 if "kl" in self.terms else 0.0
+            lm_w = self.lm_weight if "lm" in self.terms else 0.0
+            head, terms = head_loss(s_out, self.s_head, t.get("out") if kl_w else None, self.t_head, ids, self.T,
+                                    kl_w, lm_w, self.chunk)
+            parts["head"] = head
+            shown = {k: v for k, v in terms.items() if k in self.terms}
+        else:
+            if "kl" in self.terms:
+                parts["kl"] = kl_loss(s_out, t["out"].to(s_out.device), self.T)
+            if "lm" in self.terms:
+                parts["lm"] = self.lm_weight * lm_loss(s_out, ids)
+            shown = {}
         if hidden:
+            ht = {j: t[f"block.{j}"] for j in set(self.mapping)}
             parts["hidden"] = self.hidden_weight * hidden_loss(hs, ht, self.mapping)
-        if "lm" in self.terms:
-            parts["lm"] = self.lm_weight * lm_loss(s_out.logits, ids)
         loss = sum(parts.values())
-        return loss, {k: v.item() for k, v in parts.items()}
+        report = {k: v.item() for k, v in parts.items() if k != "head"}
+        report.update({k: v.item() * (self.lm_weight if k == "lm" else 1.0) for k, v in shown.items()})
+        return loss, report
+
+
+@contextlib.contextmanager
+def head_off(model: nn.Module, head: nn.Module) -> Iterator[None]:
+    """Swap `head` for an identity inside `model`: its forward then returns the last hidden states as logits."""
+    for name, m in model.named_modules():
+        if m is head:
+            parent, _, attr = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            break
+    else:
+        raise ValueError("the LM head is not a submodule of its model")
+    setattr(owner, attr, nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(owner, attr, head)

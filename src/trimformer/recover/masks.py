@@ -28,12 +28,18 @@ class MaskKeeper:
     pruners leave); `given` (name -> mask, names with or without '.weight') adds or overrides.
     """
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], given: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], given: dict[str, torch.Tensor] | None = None,
+                 store_found: bool = True):
+        """`store_found=False`: only note which parameters hold zeros (`zero_names`), keep no mask for them
+        (LoRA: the frozen weights' own zeros are the masks)."""
         self.params = params
         self.masks: dict[str, torch.Tensor] = {}
+        self.zero_names: list[str] = []
         for name, p in params.items():
             if p.dim() >= 2 and p.count_nonzero().item() < p.numel():
-                self.masks[name] = p.detach() != 0
+                self.zero_names.append(name)
+                if store_found:
+                    self.masks[name] = p.detach() != 0
         for name, m in (given or {}).items():
             key = name if name in params else f"{name}.weight"
             if key not in params:
@@ -43,12 +49,15 @@ class MaskKeeper:
             if tuple(m.shape) != tuple(params[key].shape):
                 raise ValueError(f"mask {name!r} has shape {tuple(m.shape)}, its parameter {tuple(params[key].shape)}")
             self.masks[key] = m.to(device=params[key].device, dtype=torch.bool)
+            self.zero_names += [] if key in self.zero_names else [key]
         self._hooks: list = []
         self.initial_sparsity = {n: self.sparsity(n) for n in params if params[n].dim() >= 2}
 
     def sparsity(self, name: str) -> float:
         m = self.masks.get(name)
-        return 0.0 if m is None else 1.0 - m.count_nonzero().item() / m.numel()
+        if m is None:
+            return 1.0 - self.params[name].count_nonzero().item() / self.params[name].numel() if name in self.zero_names else 0.0
+        return 1.0 - m.count_nonzero().item() / m.numel()
 
     def attach(self) -> None:
         """Zero the gradients of pruned weights (so optimizer moments of pruned weights stay zero)."""

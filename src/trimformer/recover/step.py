@@ -1,0 +1,65 @@
+"""`recover` as a recipe step: prune steps, then heal, or prune a little, heal, repeat (Adapt-Pruner style).
+
+    steps:
+      - {method: wanda, sparsity: 0.25}
+      - {method: recover, steps: 100, teacher: dense}
+      - {method: wanda, sparsity: 0.5}
+      - {method: recover, steps: 100}
+
+The step trains on the recipe's calibration windows. teacher: 'dense' is the model as it was before the
+recipe's first step (`prune_` keeps a copy when a step asks for it); anything else is loaded with
+`trimformer.load` (a bundled name, a folder, a .gguf file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import Anatomy
+from ..registry import Registry
+from .train import RecoverConfig, recover_
+
+RECOVER: Registry = Registry("recover")
+
+
+@RECOVER.register("recover")
+@dataclass
+class RecoverStep(RecoverConfig):
+    """Every RecoverConfig field, plus `teacher`: 'dense' (the model before the recipe) or a model to load."""
+
+    teacher: str = "dense"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ValueError(f"teacher must be 'dense' or a model name / folder, got {self.teacher!r}")
+        self.dense: nn.Module | None = None  # set by prune_ before apply_ when needs_dense
+
+    @property
+    def needs_dense(self) -> bool:
+        return self.teacher == "dense"
+
+    def config(self) -> RecoverConfig:
+        names = {f.name for f in fields(RecoverConfig) if f.init}
+        return RecoverConfig(**{k: v for k, v in vars(self).items() if k in names})
+
+    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None, *, filter_fn: Any = None,
+               batch_size: int = 1, progress: bool = True) -> dict:
+        if calibration is None:
+            raise ValueError("the recover step trains on the calibration windows; give calibration data")
+        if self.needs_dense:
+            if self.dense is None:
+                raise ValueError("teacher 'dense' is the model before the recipe; run the recipe through "
+                                 "trimformer.prune_, or name a teacher model (teacher: smollm2-135m)")
+            teacher = self.dense
+        else:
+            from ..models.load import load
+
+            teacher = load(self.teacher)
+        model = anatomy.model
+        recover_(model, teacher, calibration, self.config(), progress=progress)
+        return model.trimformer_history.pop()["result"]  # prune_ records the step itself
