@@ -114,6 +114,29 @@ def test_ragged_heads_attend_exactly_to_what_they_hold(models):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+@torch.no_grad()
+def test_decoding_appends_in_place_and_matches_one_forward(models, monkeypatch, per_head):
+    # Token-by-token decoding (the in-place append path, with segments growing 2 slots at a time) gives
+    # the logits of one teacher-forced forward on the same compressed cache (the general path).
+    monkeypatch.setattr(kv.PressLayer, "grow", 2)
+    m, ids = models["llama"], prompt(2, 23)
+    snap = kv.SnapKV(0.5, window=4, kernel=1)
+    press = kv.PerHead(snap, ratio=0.5) if per_head else snap
+    with kv.press(m, press) as s:
+        cache = s.prefill(ids[:, :18])
+        kept = cache.kept_tokens()
+        one = m(ids[:, 18:], cache=cache.copy()).logits
+        steps = torch.cat([m(ids[:, t:t + 1], cache=cache).logits for t in range(18, 23)], 1)
+    assert per_head == bool((kept != kept[..., :1]).any())  # ragged heads only with per-head budgets
+    torch.testing.assert_close(steps, one, rtol=0, atol=1e-5)
+    assert (cache.kept_tokens() == kept + 5).all()
+    token_bytes = 2 * cache.layers[0].head_dim * 4
+    assert cache.nbytes == int(cache.kept_tokens().sum()) * token_bytes  # bytes held = tokens kept
+    slack = cache.reserved_bytes - cache.nbytes
+    assert 0 < slack <= kv.PressLayer.grow * kept.numel() * token_bytes  # < `grow` slots per segment
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_left_padded_batch_equals_rows_alone(models, family):
@@ -171,7 +194,7 @@ def test_streaming_keeps_exactly_sinks_and_window(models, family):
     layer = out.cache.layers[0]
     n = 10 + 4  # 10 kept at prefill, + 4 cached decode tokens (the last one is not fed back)
     ref = full.layers[0].keys
-    torch.testing.assert_close(layer.keys.view(1, -1, n, ref.shape[-1]),
+    torch.testing.assert_close(layer.dense()[0],
                                torch.cat([ref[:, :, :3], ref[:, :, 24 - (n - 3):]], 2), rtol=0, atol=1e-5)
 
 

@@ -120,6 +120,11 @@ class Press:
     def observe(self, obs: Observation) -> None:
         """Update per-token state in `obs.state` every forward (accumulating presses)."""
 
+    @property
+    def observes(self) -> bool:
+        """Whether `observe` does anything (else decoding under budget only appends, at no press cost)."""
+        return type(self).observe is not Press.observe
+
     # -- budgets and selection (the base's job) ------------------------------------------------------
     def layer_ratio(self, layer: int, num_layers: int) -> float:
         return self.ratio

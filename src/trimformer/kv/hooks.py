@@ -79,10 +79,33 @@ class Session:
         if not isinstance(cache, PressCache):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
+        layer = cache.layers[i]
+        if self.appends_only(cache, i, hidden.shape[1]):
+            # Decoding with nothing to evict and no per-token state: the cache appends in place, and
+            # attention reads the held tokens (the new one included) under a per-head length mask.
+            layer.append_next = True
+            kwargs["attention_mask"] = self.held_mask(layer, i, layer.lengths + 1, hidden.dtype)
+            return args, kwargs
         self.inputs[i] = (hidden, kwargs.get("position_embeddings"))
         kwargs["attention_mask"] = self.attention_mask(cache, i, hidden.shape[1], hidden.dtype,
                                                        kwargs.get("attention_mask"))
         return args, kwargs
+
+    def appends_only(self, cache: PressCache, i: int, q: int) -> bool:
+        layer = cache.layers[i]
+        return (q == 1 and layer.is_initialized and layer.stored_length() > 0 and not self.press.observes
+                and bool(cache.new_valid.all())
+                and (self.decode_budget is None or bool((layer.lengths < self.decode_budget).all())))
+
+    def held_mask(self, layer, i: int, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive (B, H_q, 1, L_max) mask for one query over ragged held lengths; None when uniform."""
+        L = int(lengths.max())
+        if bool((lengths == L).all()):
+            return None
+        held = torch.arange(L, device=lengths.device) < lengths[..., None]  # (B, H, L)
+        held = held.repeat_interleave(self.anatomy.blocks[i].attention.num_heads // held.shape[1], dim=1)
+        mask = torch.zeros(held.shape, dtype=dtype, device=held.device).masked_fill_(~held, torch.finfo(dtype).min)
+        return mask[:, :, None]  # (B, H_q, 1, L)
 
     def attention_mask(self, cache: PressCache, i: int, q: int, dtype: torch.dtype,
                        incoming: torch.Tensor | None) -> torch.Tensor | None:
@@ -115,6 +138,8 @@ class Session:
             return None
         layer = cache.layers[i]
         p = layer.pending
+        if p is None:  # the forward only appended (see `appends_only`)
+            return None
         B, H, L, _ = p["keys"].shape
         old_valid = p["old_valid"]
         if old_valid is None:
