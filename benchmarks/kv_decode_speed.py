@@ -48,12 +48,13 @@ def prefill(model, ids: torch.Tensor, name: str):
 def decode(model, cache, feed: torch.Tensor, name: str) -> float:
     """Seconds per single-token forward over `feed` (B, steps), the press active for pressed caches."""
     press = make(name)
-    t = time.perf_counter()
     if press is None:
+        t = time.perf_counter()
         for i in range(feed.shape[1]):
             model(feed[:, i:i + 1], cache=cache)
     else:
-        with kv.press(model, press):
+        with kv.press(model, press):  # hooks added before the clock starts
+            t = time.perf_counter()
             for i in range(feed.shape[1]):
                 model(feed[:, i:i + 1], cache=cache)
     return (time.perf_counter() - t) / feed.shape[1]

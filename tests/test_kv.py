@@ -8,12 +8,13 @@ from conftest import VOCAB, tiny
 from transformers import DynamicCache
 
 from trimformer import kv
+from trimformer.kv.base import rotate_half
 from trimformer.models import UnsupportedModelError
 
 FAMILIES = ["llama", "gpt2", "opt"]  # GQA + RoPE, fused qkv + learned positions, separate q/k/v + bias
 # Small windows so that the tiny prompts are longer than every observation window.
-SMALL = {"snapkv": {"window": 4, "kernel": 3}, "expected-attention": {"window": 4}, "think": {"window": 4},
-         "h2o": {}, "a2sf": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2}}
+SMALL = {"snapkv": {"window": 4, "kernel": 3}, "expected-attention": {"n_sink": 2}, "think": {"window": 4},
+         "h2o": {}, "a2sf": {}, "observed-attention": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2}}
 TOKEN_PRESSES = [n for n in SMALL if n != "think"]
 
 
@@ -114,12 +115,13 @@ def test_ragged_heads_attend_exactly_to_what_they_hold(models):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("grow", [2, 32])
 @pytest.mark.parametrize("per_head", [False, True])
 @torch.no_grad()
-def test_decoding_appends_in_place_and_matches_one_forward(models, monkeypatch, per_head):
-    # Token-by-token decoding (the in-place append path, with segments growing 2 slots at a time) gives
+def test_decoding_appends_in_place_and_matches_one_forward(models, monkeypatch, per_head, grow):
+    # Token-by-token decoding (the in-place append path, segments growing `grow` slots at a time) gives
     # the logits of one teacher-forced forward on the same compressed cache (the general path).
-    monkeypatch.setattr(kv.PressLayer, "grow", 2)
+    monkeypatch.setattr(kv.PressLayer, "grow", grow)
     m, ids = models["llama"], prompt(2, 23)
     snap = kv.SnapKV(0.5, window=4, kernel=1)
     press = kv.PerHead(snap, ratio=0.5) if per_head else snap
@@ -269,6 +271,39 @@ def test_h2o_accumulates_exact_attention(family):
         H = layer.lengths.shape[1]
         ref = att[i][0].sum(1).view(H, -1, 12).sum(1)  # sum over queries, then over each group's heads
         torch.testing.assert_close(layer.state["acc"].view(H, 12), ref, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_observed_attention_is_mean_attention_per_query_that_saw_the_token():
+    m = tiny("llama", attn_implementation="eager")
+    ids = prompt(1, 12)
+    att = m(ids, output_attentions=True).attentions  # per layer (1, H_q, T, T)
+    with kv.press(m, "observed-attention", 0.5) as s:
+        cache = s.prefill(ids)
+    for i, layer in enumerate(cache.layers):
+        H = layer.lengths.shape[1]
+        mean = att[i][0].sum(1).view(H, -1, 12).sum(1) / torch.arange(12, 0, -1)  # token j seen by T - j queries
+        keep = mean.topk(6, dim=-1).indices.sort(-1).values  # (H, 6)
+        ref = DynamicCache(config=m.config)
+        m(ids, cache=ref)
+        K = ref.layers[i].keys[0].gather(1, keep[..., None].expand(-1, -1, layer.head_dim))  # (H, 6, D)
+        torch.testing.assert_close(layer.dense()[0][0], K, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_future_rotation_is_the_mean_rope_of_the_next_positions(models):
+    # Expected attention rotates query statistics by RoPE averaged over the next n positions; check it
+    # against the model's own rotary embedding applied position by position.
+    m = models["llama"]
+    T, n, D = 10, 7, m.config.hidden_size // m.config.num_attention_heads
+    x = torch.randn(1, 1, D)
+    cos, sin = m.model.rotary_emb(x, torch.arange(T)[None])  # (1, T, D)
+    obs = kv.Observation(0, 1, torch.zeros(1, 1, T, D), torch.zeros(1, 1, T, D), torch.ones(1, 1, T, dtype=torch.bool),
+                         T, torch.ones(1, T, dtype=torch.bool), torch.zeros(1, T, 8), None, (cos, sin))
+    c, s = obs.future_rotation(n)  # (1, D)
+    fc, fs = m.model.rotary_emb(x, torch.arange(T, T + n)[None])  # (1, n, D)
+    ref = (x * fc + rotate_half(x) * fs).mean(1)  # (1, D)
+    torch.testing.assert_close(x[:, 0] * c + rotate_half(x[:, 0]) * s, ref, rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()

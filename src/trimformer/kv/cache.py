@@ -72,23 +72,34 @@ class PressLayer(CacheLayerMixin):
         self.lengths = lengths
         self.capacity = lengths.clone() if capacity is None else capacity
         self.start = (self.capacity.flatten().cumsum(0) - self.capacity.flatten()).view_as(self.capacity)
-        self._uniform = bool((self.lengths == self.lengths.flatten()[0]).all()
-                             and (self.capacity == self.capacity.flatten()[0]).all()) if lengths.numel() else True
+        n = lengths.numel()
+        self._uniform = n == 0 or bool((lengths == lengths.flatten()[0]).all()
+                                       and (self.capacity == self.capacity.flatten()[0]).all())
+        # Python-side counters, so that a decode step needs no device sync: the longest segment and the
+        # fewest free slots of any segment.
+        self._max_len = int(lengths.max()) if n else 0
+        self._room = int((self.capacity - lengths).min()) if n else 0
+        self._bias = None  # additive attention bias of the held slots, built on the first ragged append
 
     # -- reading -------------------------------------------------------------------------------------
-    def _gather(self, flat: torch.Tensor) -> torch.Tensor:
+    def _index(self, L: int) -> torch.Tensor:
+        """(B*H*L,) slot of each (row, head, position < L); positions past a head's length are clamped
+        into the buffer (other segments' data or zeros)."""
+        idx = self.start[..., None] + torch.arange(L, device=self.start.device)  # (B, H, L)
+        return idx.clamp_(max=max(self.keys.shape[0] - 1, 0)).flatten()
+
+    def _gather(self, flat: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """(N, ...) laid out by segments -> (B, H, L_max, ...): a view when uniform, else one gather."""
         B, H = self.lengths.shape
-        L = int(self.lengths.max()) if self.lengths.numel() else 0
+        L = self._max_len
         if self._uniform:
-            C = int(self.capacity.flatten()[0]) if self.capacity.numel() else 0
+            C = flat.shape[0] // max(B * H, 1)
             return flat.view(B, H, C, *flat.shape[1:])[:, :, :L]
         if flat.shape[0] == 0:
             return flat.new_zeros(B, H, L, *flat.shape[1:])
-        idx = (self.start[..., None] + torch.arange(L, device=flat.device)).clamp_(max=flat.shape[0] - 1)
-        # (B, H, L, ...); slots past a head's length: other segments' data or zeros (index_select: ~3x
-        # faster than advanced indexing on CPU)
-        return flat.index_select(0, idx.flatten()).view(B, H, L, *flat.shape[1:])
+        idx = self._index(L) if idx is None else idx
+        # index_select: ~3x faster than advanced indexing on CPU
+        return flat.index_select(0, idx).view(B, H, L, *flat.shape[1:])
 
     def held(self) -> torch.Tensor | None:
         """(B, H, L_max) mask of the slots each head holds, None if every head holds L_max."""
@@ -107,7 +118,7 @@ class PressLayer(CacheLayerMixin):
         return K, V, self.held()
 
     def stored_length(self) -> int:
-        return int(self.lengths.max()) if self.is_initialized and self.lengths.numel() else 0
+        return self._max_len if self.is_initialized else 0
 
     def uniform(self) -> bool:
         return not self.is_initialized or bool((self.lengths == self.lengths.flatten()[0]).all())
@@ -124,8 +135,11 @@ class PressLayer(CacheLayerMixin):
         if self.append_next:
             self.append_next = False
             self.append(key_states, value_states)
-            K, V, _ = self.dense()
-            return K, V
+            if self.channels is not None:
+                K, V, _ = self.dense()
+                return K, V
+            idx = None if self._uniform else self._index(self._max_len)
+            return self._gather(self.keys, idx), self._gather(self.values, idx)
         K, V, valid = self.dense()
         old = K.shape[2]
         K = torch.cat([K, key_states], dim=2)  # (B, H, L_old + q, D)
@@ -137,18 +151,38 @@ class PressLayer(CacheLayerMixin):
         self.pending = {"keys": K, "values": V, "old_valid": valid, "old": old, "new": q, "state": state}
         return K, V
 
+    def decode_bias(self, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive (B, H*groups, 1, L_max + 1) mask for the next one-token step (its key included), None
+        when every head holds the same length. Kept per layer and updated in place, one slot a step."""
+        if self._uniform:
+            return None
+        B, H = self.lengths.shape
+        L = self._max_len + 1
+        if self._bias is None or self._bias.shape[-1] < L or self._bias.dtype != dtype:
+            C = L + self.grow
+            held = torch.arange(C, device=self.lengths.device) <= self.lengths[..., None]  # (B, H, C)
+            self._bias = torch.zeros(B, H, C, dtype=dtype, device=held.device).masked_fill_(~held, torch.finfo(dtype).min)
+        else:
+            self._bias.view(B * H, -1)[torch.arange(B * H), self.lengths.flatten()] = 0  # the new token's slot
+        bias = self._bias[:, :, None, :L].expand(B, H, groups, L)  # (B, H, G, L)
+        return bias.reshape(B, H * groups, 1, L)
+
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Store (B, H, 1, D) new keys/values at the end of every segment, in place (growing full ones)."""
         B, H = self.lengths.shape
-        full = self.lengths >= self.capacity
-        if bool(full.any()):
+        if self._room < 1:
+            full = self.lengths >= self.capacity
             self._regrow(torch.where(full, self.lengths + self.grow, self.capacity))
         if self.channels is not None:
             key_states = key_states.gather(-1, self.channels[:, :, None, :])  # (B, H, 1, Dk)
         slot = (self.start + self.lengths).flatten()  # (B*H,)
         self.keys[slot] = key_states.reshape(B * H, -1)
         self.values[slot] = value_states.reshape(B * H, -1)
+        for flat in self.state.values():  # press state of a token nobody observed: zero
+            flat[slot] = 0
         self.lengths = self.lengths + 1  # the uniform flag is unchanged: every segment grew by one
+        self._max_len += 1
+        self._room -= 1
 
     def _regrow(self, capacity: torch.Tensor) -> None:
         """Re-lay the segments with a larger `capacity` (B, H): one concatenation of each segment's held
@@ -234,6 +268,7 @@ class PressCache(Cache):
     def __init__(self, num_layers: int) -> None:
         super().__init__(layers=[PressLayer() for _ in range(num_layers)])
         self.new_valid: torch.Tensor | None = None  # (B, q) which tokens of the current forward are real
+        self.all_new = True  # every token of the current forward is real (no padding)
         self.forwards = 0
 
     @property
@@ -251,7 +286,7 @@ class PressCache(Cache):
     def overhead_bytes(self) -> int:
         total = 0
         for layer in self.layers:
-            for t in (layer.lengths, layer.capacity, layer.start, layer.channels, *layer.state.values()):
+            for t in (layer.lengths, layer.capacity, layer.start, layer.channels, layer._bias, *layer.state.values()):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total

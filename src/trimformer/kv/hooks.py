@@ -72,6 +72,7 @@ class Session:
                              f"{mask.dim()}-D one")
         cache.new_valid = (mask[:, -q:].bool() if mask is not None
                            else torch.ones(B, q, dtype=torch.bool, device=x.device))
+        cache.all_new = mask is None or bool(cache.new_valid.all())
         return args, kwargs
 
     def before_attention(self, i: int, module: nn.Module, args: tuple, kwargs: dict):
@@ -84,7 +85,8 @@ class Session:
             # Decoding with nothing to evict and no per-token state: the cache appends in place, and
             # attention reads the held tokens (the new one included) under a per-head length mask.
             layer.append_next = True
-            kwargs["attention_mask"] = self.held_mask(layer, i, layer.lengths + 1, hidden.dtype)
+            a = self.anatomy.blocks[i].attention
+            kwargs["attention_mask"] = layer.decode_bias(a.num_heads // a.num_kv_heads, hidden.dtype)
             return args, kwargs
         self.inputs[i] = (hidden, kwargs.get("position_embeddings"))
         kwargs["attention_mask"] = self.attention_mask(cache, i, hidden.shape[1], hidden.dtype,
@@ -93,19 +95,11 @@ class Session:
 
     def appends_only(self, cache: PressCache, i: int, q: int) -> bool:
         layer = cache.layers[i]
-        return (q == 1 and layer.is_initialized and layer.stored_length() > 0 and not self.press.observes
-                and bool(cache.new_valid.all())
-                and (self.decode_budget is None or bool((layer.lengths < self.decode_budget).all())))
-
-    def held_mask(self, layer, i: int, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive (B, H_q, 1, L_max) mask for one query over ragged held lengths; None when uniform."""
-        L = int(lengths.max())
-        if bool((lengths == L).all()):
-            return None
-        held = torch.arange(L, device=lengths.device) < lengths[..., None]  # (B, H, L)
-        held = held.repeat_interleave(self.anatomy.blocks[i].attention.num_heads // held.shape[1], dim=1)
-        mask = torch.zeros(held.shape, dtype=dtype, device=held.device).masked_fill_(~held, torch.finfo(dtype).min)
-        return mask[:, :, None]  # (B, H_q, 1, L)
+        # Accumulating presses observe decode steps only under a decode budget, the one case where their
+        # scores are used again (without one, nothing is ever evicted after the prefill).
+        return (q == 1 and layer.is_initialized and layer.stored_length() > 0 and cache.all_new
+                and (self.decode_budget is None
+                     or (not self.press.observes and layer.stored_length() < self.decode_budget)))
 
     def attention_mask(self, cache: PressCache, i: int, q: int, dtype: torch.dtype,
                        incoming: torch.Tensor | None) -> torch.Tensor | None:
