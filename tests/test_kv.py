@@ -14,7 +14,8 @@ from trimformer.models import UnsupportedModelError
 FAMILIES = ["llama", "gpt2", "opt"]  # GQA + RoPE, fused qkv + learned positions, separate q/k/v + bias
 # Small windows so that the tiny prompts are longer than every observation window.
 SMALL = {"snapkv": {"window": 4, "kernel": 3}, "expected-attention": {"n_sink": 2}, "think": {"window": 4},
-         "h2o": {}, "a2sf": {}, "observed-attention": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2}}
+         "h2o": {}, "a2sf": {}, "observed-attention": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2},
+         "rolling": {"n_anchor": 2, "recent": 3}}
 TOKEN_PRESSES = [n for n in SMALL if n != "think"]
 
 
@@ -304,6 +305,43 @@ def test_future_rotation_is_the_mean_rope_of_the_next_positions(models):
     fc, fs = m.model.rotary_emb(x, torch.arange(T, T + n)[None])  # (1, n, D)
     ref = (x * fc + rotate_half(x) * fs).mean(1)  # (1, D)
     torch.testing.assert_close(x[:, 0] * c + rotate_half(x[:, 0]) * s, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_rolling_memory_is_attention_free_and_drops_the_most_typical_keys(models, family, monkeypatch):
+    def no_queries(*a, **k):
+        raise AssertionError("the rolling memory must not compute queries or attention")
+
+    monkeypatch.setattr(kv.Observation, "queries", no_queries)
+    monkeypatch.setattr(kv.Observation, "attention", no_queries)
+    m, ids = models[family], prompt(1, 20)
+    full = DynamicCache(config=m.config)
+    m(ids, cache=full)
+    with kv.press(m, "rolling", 0.5, n_anchor=2, recent=3) as s:
+        cache = s.prefill(ids)
+        for i, layer in enumerate(cache.layers):
+            K = full.layers[i].keys[0]  # (H, 20, D) naive reference: cosine to the mean unit key
+            u = K / K.norm(dim=-1, keepdim=True)
+            cos = (u * u.mean(1, keepdim=True)).sum(-1) / u.mean(1, keepdim=True).norm(dim=-1)  # (H, 20)
+            cos[:, :2] = cos[:, -3:] = -float("inf")  # anchor and recent always stay
+            keep = (-cos).topk(10, dim=-1).indices.sort(-1).values  # (H, 10)
+            ref = K.gather(1, keep[..., None].expand(-1, -1, K.shape[-1]))
+            torch.testing.assert_close(layer.dense()[0][0], ref, rtol=0, atol=1e-6)
+        # rolling: decoding under a budget stays bounded, anchor and newest tokens in it
+        out = m.generate(ids, max_new_tokens=6, do_sample=False, cache=s.new_cache(), return_dict_in_generate=True,
+                         pad_token_id=0)
+    assert (out.cache.kept_tokens() == 10 + 5).all()
+    with kv.press(m, "rolling", 0.5, decode_budget=10, n_anchor=2, recent=3) as s:
+        out = m.generate(ids, max_new_tokens=6, do_sample=False, cache=s.new_cache(), return_dict_in_generate=True,
+                         pad_token_id=0)
+    assert (out.cache.kept_tokens() == 10).all()
+    seq = out.sequences
+    full = DynamicCache(config=m.config)
+    m(seq[:, :-1], cache=full)
+    K, held = full.layers[0].keys[0], out.cache.layers[0].dense()[0][0]  # (H, 25, D), (H, 10, D)
+    torch.testing.assert_close(held[:, :2], K[:, :2], rtol=0, atol=1e-5)  # the anchor
+    torch.testing.assert_close(held[:, -3:], K[:, -3:], rtol=0, atol=1e-5)  # the newest tokens
 
 
 @torch.no_grad()
