@@ -43,6 +43,8 @@ NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro"
 def make_press(name: str, ratio: float) -> kv.Press:
     if name.startswith("perhead-"):
         return kv.PerHead(name.removeprefix("perhead-"), ratio=ratio)
+    if name.startswith("perlayer-"):
+        return kv.PerLayer(name.removeprefix("perlayer-"), ratio=ratio)
     return kv.build_press(name, ratio)
 
 
