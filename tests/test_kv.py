@@ -116,14 +116,15 @@ def test_ragged_heads_attend_exactly_to_what_they_hold(models):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("grow", [2, 32])
 @pytest.mark.parametrize("per_head", [False, True])
 @torch.no_grad()
-def test_decoding_appends_in_place_and_matches_one_forward(models, monkeypatch, per_head, grow):
+def test_decoding_appends_in_place_and_matches_one_forward(models, monkeypatch, per_head, grow, family):
     # Token-by-token decoding (the in-place append path, segments growing `grow` slots at a time) gives
     # the logits of one teacher-forced forward on the same compressed cache (the general path).
     monkeypatch.setattr(kv.PressLayer, "grow", grow)
-    m, ids = models["llama"], prompt(2, 23)
+    m, ids = models[family], prompt(2, 23)
     snap = kv.SnapKV(0.5, window=4, kernel=1)
     press = kv.PerHead(snap, ratio=0.5) if per_head else snap
     with kv.press(m, press) as s:
