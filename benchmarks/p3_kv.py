@@ -33,7 +33,7 @@ from trimformer import kv
 from trimformer.data import doc_pools
 from trimformer.models.load import _cache_dir
 
-OURS = ["streaming", "a2sf", "observed-attention", "snapkv", "tova", "knorm", "expected-attention", "rolling",
+OURS = ["streaming", "a2sf", "observed-attention", "vatp", "snapkv", "tova", "knorm", "expected-attention", "rolling",
         "random", "think", "perhead-snapkv", "perhead-observed-attention"]
 PEER = ["streaming", "snapkv", "tova", "knorm", "expected-attention", "observed-attention", "random", "think",
         "adakv-snapkv"]

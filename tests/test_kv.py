@@ -14,7 +14,7 @@ from trimformer.models import UnsupportedModelError
 FAMILIES = ["llama", "gpt2", "opt"]  # GQA + RoPE, fused qkv + learned positions, separate q/k/v + bias
 # Small windows so that the tiny prompts are longer than every observation window.
 SMALL = {"snapkv": {"window": 4, "kernel": 3}, "expected-attention": {"n_sink": 2}, "think": {"window": 4},
-         "h2o": {}, "a2sf": {}, "observed-attention": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2},
+         "h2o": {}, "a2sf": {}, "observed-attention": {}, "vatp": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2},
          "rolling": {"n_anchor": 2, "recent": 3}}
 TOKEN_PRESSES = [n for n in SMALL if n != "think"]
 
@@ -275,19 +275,22 @@ def test_h2o_accumulates_exact_attention(family):
         torch.testing.assert_close(layer.state["acc"].view(H, 12), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("value_norm", [False, True])
 @torch.no_grad()
-def test_observed_attention_is_mean_attention_per_query_that_saw_the_token():
+def test_observed_attention_is_mean_attention_per_query_that_saw_the_token(value_norm):
     m = tiny("llama", attn_implementation="eager")
     ids = prompt(1, 12)
     att = m(ids, output_attentions=True).attentions  # per layer (1, H_q, T, T)
-    with kv.press(m, "observed-attention", 0.5) as s:
+    with kv.press(m, "vatp" if value_norm else "observed-attention", 0.5) as s:
         cache = s.prefill(ids)
     for i, layer in enumerate(cache.layers):
         H = layer.lengths.shape[1]
         mean = att[i][0].sum(1).view(H, -1, 12).sum(1) / torch.arange(12, 0, -1)  # token j seen by T - j queries
-        keep = mean.topk(6, dim=-1).indices.sort(-1).values  # (H, 6)
         ref = DynamicCache(config=m.config)
         m(ids, cache=ref)
+        if value_norm:
+            mean = mean * ref.layers[i].values[0].norm(dim=-1)  # (H, 12)
+        keep = mean.topk(6, dim=-1).indices.sort(-1).values  # (H, 6)
         K = ref.layers[i].keys[0].gather(1, keep[..., None].expand(-1, -1, layer.head_dim))  # (H, 6, D)
         torch.testing.assert_close(layer.dense()[0][0], K, rtol=0, atol=1e-6)
 

@@ -23,7 +23,7 @@ from .cache import PressCache, PressLayer
 from .hooks import Session, build_press, press
 from .presses import Compose, PerHead, PerLayer
 from .presses.expected import ExpectedAttention
-from .presses.h2o import A2SF, H2O, ObservedAttention
+from .presses.h2o import A2SF, H2O, VATP, ObservedAttention
 from .presses.knorm import KeyNorm
 from .presses.random import Random
 from .presses.rolling import RollingMemory
@@ -35,6 +35,6 @@ from .presses.tova import TOVA
 __all__ = [
     "A2SF", "H2O", "PRESSES", "TOVA", "Compose", "ExpectedAttention", "KeyNorm", "Observation", "PerHead",
     "ObservedAttention", "PerLayer", "Press", "PressCache", "PressLayer", "Random", "RollingMemory", "Session",
-    "SnapKV", "Streaming", "ThinK",
+    "SnapKV", "Streaming", "ThinK", "VATP",
     "build_press", "press",
 ]

@@ -2,7 +2,9 @@
 every query so far. A2SF (Jo & Shin, 2024): the same with a forgetting factor, so tokens that arrived
 late are not outvoted by sheer count: score = sum_i decay**(t - i) * A[i]. Observed attention (`mean`,
 as kvpress's ObservedAttentionPress): the accumulated attention divided by the number of queries that
-could see the token, the other fair fix for late tokens."""
+could see the token, the other fair fix for late tokens. VATP (`value_norm`, after Guo et al., 2024,
+"Attention Score is not All You Need for Token Importance Indicator in KV Cache Reduction: Value Also
+Matters"): the score times the token's value norm (here L2), since a token moves the output by |v|."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class H2O(Press):
     window: int | None = None  # queries that vote at prefill; None = every prompt token (in chunks)
     decay: float | None = None  # A2SF's forgetting factor; None = plain H2O
     mean: bool = False  # score = mean attention over the queries that saw the token (observed attention)
+    value_norm: bool = False  # score x |v| (VATP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -42,9 +45,8 @@ class H2O(Press):
             obs.state["n"] = n + obs.voters(window)[:, None].to(new.dtype)  # (B, H, L)
 
     def score(self, obs: Observation) -> torch.Tensor:
-        if self.mean:
-            return obs.state["acc"] / obs.state["n"].clamp(min=1)
-        return obs.state["acc"]
+        score = obs.state["acc"] / obs.state["n"].clamp(min=1) if self.mean else obs.state["acc"]
+        return score * obs.values.norm(dim=-1) if self.value_norm else score
 
 
 @PRESSES.register("a2sf")
@@ -62,3 +64,10 @@ class A2SF(H2O):
 @dataclass
 class ObservedAttention(H2O):
     mean: bool = True
+
+
+@PRESSES.register("vatp")
+@dataclass
+class VATP(H2O):
+    mean: bool = True
+    value_norm: bool = True
