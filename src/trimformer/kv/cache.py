@@ -28,19 +28,6 @@ def pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x[keep]
 
 
-def unpack(flat: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, D) packed by `lengths` (B, H) -> (B, H, L_max, D) zero-padded and the (B, H, L_max) valid mask
-    (None if uniform)."""
-    B, H = lengths.shape
-    L = int(lengths.max()) if lengths.numel() else 0
-    if bool((lengths == L).all()):
-        return flat.view(B, H, L, flat.shape[-1]), None
-    valid = torch.arange(L, device=flat.device) < lengths[..., None]  # (B, H, L)
-    out = flat.new_zeros(B, H, L, flat.shape[-1])
-    out[valid] = flat
-    return out, valid
-
-
 class PressLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
