@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,8 +33,8 @@ from trimformer import kv
 from trimformer.data import doc_pools
 from trimformer.models.load import _cache_dir
 
-OURS = ["streaming", "h2o", "a2sf", "snapkv", "tova", "knorm", "expected-attention", "random", "think",
-        "perhead-snapkv", "snapkv+think"]
+OURS = ["streaming", "a2sf", "observed-attention", "vatp", "snapkv", "tova", "knorm", "expected-attention", "rolling",
+        "random", "think", "perhead-snapkv", "perhead-observed-attention"]
 PEER = ["streaming", "snapkv", "tova", "knorm", "expected-attention", "observed-attention", "random", "think",
         "adakv-snapkv"]
 NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas"]
@@ -42,6 +43,8 @@ NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro"
 def make_press(name: str, ratio: float) -> kv.Press:
     if name.startswith("perhead-"):
         return kv.PerHead(name.removeprefix("perhead-"), ratio=ratio)
+    if name.startswith("perlayer-"):
+        return kv.PerLayer(name.removeprefix("perlayer-"), ratio=ratio)
     return kv.build_press(name, ratio)
 
 
@@ -135,33 +138,82 @@ def run_ours(model, contexts, continuations, presses, ratios, hay_cases, answer_
     return rows, full_rows
 
 
+def peak_bytes(fn) -> tuple[object, int]:
+    """Run fn(); return its result and the peak of bytes allocated above the start (tensors freed during
+    the call included), from the CPU profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    now = peak = 0
+    for e in events:
+        now += e.self_cpu_memory_usage
+        peak = max(peak, now)
+    return out, peak
+
+
+def decode_steps(model, feed: torch.Tensor, cache) -> None:
+    for i in range(feed.shape[1]):
+        model(feed[:, i:i + 1], cache=cache)
+
+
+@torch.no_grad()
+def memory_split(model, ctx: torch.Tensor, presses: list[str], ratio: float, steps: int = 4) -> dict:
+    """Peak bytes above the model's own during prefill (cache built + transients) and during `steps`
+    one-token decode steps (cache held + transients), per press at `ratio` and for the full cache."""
+    feed = ctx[:steps][None]
+    out = {}
+    for name in ["full"] + presses:
+        if name == "full":
+            cache, pre = peak_bytes(lambda: model(ctx[None], use_cache=True).cache)
+            held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+            _, dec = peak_bytes(partial(decode_steps, model, feed, cache))
+        else:
+            with kv.press(model, make_press(name, ratio)) as s:
+                cache, pre = peak_bytes(lambda: s.prefill(ctx[None]))
+                held = cache.reserved_bytes
+                _, dec = peak_bytes(partial(decode_steps, model, feed, cache))
+        out[name] = {"prefill_peak": pre, "decode_peak": held + dec, "cache_after_prefill": held}
+        del cache
+    return out
+
+
 @torch.no_grad()
 def decode_speed(model, ctx: torch.Tensor, batch: int, steps: int, repeats: int, presses: list[str]) -> dict:
-    """Median time per decode step on a 1536-token cache: full DynamicCache vs pressed at 0.5, alternating."""
+    """Prefill time (one run each) and median time per decode step on a cache of the context: full
+    DynamicCache vs pressed at 0.5. Each cache is prefilled once; then `repeats` rounds alternate over
+    the caches, `steps` one-token forwards each (hooks added before the clock starts)."""
     ids = ctx[None].repeat(batch, 1)
-    feed = ctx[:steps][None].repeat(batch, 1)
-    times: dict[str, list[float]] = {"full": [], **{p: [] for p in presses}}
-
-    def run(name):
+    feed = ctx[:steps * repeats][None].repeat(batch, 1)
+    names = ["full", *presses]
+    caches, prefill_s = {}, {}
+    for name in names:
+        t = time.perf_counter()
         if name == "full":
-            cache = model(ids, use_cache=True).cache
-            t = time.perf_counter()
-            for i in range(steps):
-                model(feed[:, i:i + 1], cache=cache)
-            return (time.perf_counter() - t) / steps
-        with kv.press(model, make_press(name, 0.5)) as s:
-            cache = s.prefill(ids)
-            t = time.perf_counter()
-            for i in range(steps):
-                model(feed[:, i:i + 1], cache=cache)
-            return (time.perf_counter() - t) / steps
-
-    for _ in range(repeats):
-        for name in times:
-            times[name].append(run(name))
+            caches[name] = model(ids, use_cache=True).cache
+        else:
+            with kv.press(model, make_press(name, 0.5)) as s:
+                caches[name] = s.prefill(ids)
+        prefill_s[name] = time.perf_counter() - t
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        chunk = feed[:, r * steps:(r + 1) * steps]
+        for name in names:
+            if name == "full":
+                t = time.perf_counter()
+                for i in range(steps):
+                    model(chunk[:, i:i + 1], cache=caches[name])
+            else:
+                with kv.press(model, make_press(name, 0.5)):
+                    t = time.perf_counter()
+                    for i in range(steps):
+                        model(chunk[:, i:i + 1], cache=caches[name])
+            times[name].append((time.perf_counter() - t) / steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"batch": batch, "steps": steps, "repeats": repeats, "median_step_s": med,
-            "ratio_vs_full": {k: med[k] / med["full"] for k in presses}}
+    return {"batch": batch, "steps": steps, "repeats": repeats, "median_step_s": med, "prefill_s": prefill_s,
+            "ratio_vs_full": {k: med[k] / med["full"] for k in presses},
+            "prefill_ratio_vs_full": {k: prefill_s[k] / prefill_s["full"] for k in presses}}
 
 
 def answered(tok, runs: list[list[int]], cases) -> float:
@@ -183,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--speed-steps", type=int, default=32)
-    ap.add_argument("--speed-repeats", type=int, default=3)
+    ap.add_argument("--speed-repeats", type=int, default=5)
+    ap.add_argument("--speed-presses", default="snapkv,perhead-snapkv,observed-attention")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-presses", default="snapkv,perhead-snapkv,observed-attention,expected-attention,rolling")
     ap.add_argument("--peer-python", default="/work/peers/kvpress/bin/python")
     ap.add_argument("--time-budget-min", type=float, default=None,
                     help="after this, needle cases not yet run are left out (and said so)")
@@ -213,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="p3kv"))
         torch.save({"model_dir": str(_cache_dir("smollm2-135m")), "contexts": list(contexts), "continuations":
                     list(conts), "presses": peer_presses, "ratios": ratios, "needle_ratios": needle_ratios, "threads": max(threads // 2, 1), "deadline": deadline,
-                    "needles": [(c["hay"], c["question"]) for c in cases], "answer_tokens": args.answer_tokens},
+                    "needles": [(c["hay"], c["question"]) for c in cases], "answer_tokens": args.answer_tokens,
+                    "memory_ratio": None if args.no_memory else 0.5},
                    tmp / "in.pt")
         peer = subprocess.Popen([args.peer_python, str(Path(__file__).with_name("p3_kv_peer.py")),
                                  str(tmp / "in.pt"), str(tmp / "out.json")], env={**os.environ, "PYTHONPATH": ""})
@@ -223,18 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     rows, full = run_ours(model, contexts, conts, presses, ratios, cases, args.answer_tokens, needle_ratios,
                           deadline)
     ours_s = time.perf_counter() - t0
-    peer_rows, peer_err = [], None
+    peer_rows, peer_err, peer_memory = [], None, {}
     if peer is not None:
         if peer.wait() != 0:
             peer_err = f"kvpress subprocess exited with {peer.returncode}"
         else:
-            peer_rows = json.loads((tmp / "out.json").read_text())["rows"]
+            peer_out = json.loads((tmp / "out.json").read_text())
+            peer_rows, peer_memory = peer_out["rows"], peer_out.get("memory", {})
     torch.set_num_threads(threads)
-    speed = []
+    speed, memory = [], {}
     if not args.no_speed:
-        sp = ["snapkv", "perhead-snapkv"]
+        sp = [p for p in args.speed_presses.split(",") if p]
         speed = [decode_speed(model, contexts[0], int(b), args.speed_steps, args.speed_repeats, sp)
                  for b in args.speed_batches.split(",")]
+    if not args.no_memory:
+        memory = memory_split(model, contexts[0], [p for p in args.memory_presses.split(",") if p], 0.5)
 
     for src in (rows.values(), peer_rows):
         for row in src:
@@ -251,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                        "needle": answered(tok, full["needle"], cases[:len(full["needle"])]) if full["needle"] else None,
                        "needle_cases": len(full["needle"])},
         "trimformer": list(rows.values()), "kvpress": peer_rows, "kvpress_error": peer_err,
-        "decode_speed": speed, "ours_wall_s": ours_s,
+        "decode_speed": speed, "memory": memory, "kvpress_memory": peer_memory, "ours_wall_s": ours_s,
         "command": "PYTHONPATH=src python benchmarks/p3_kv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = Path(args.out)
@@ -282,10 +341,22 @@ def markdown(res: dict) -> str:
     if res.get("kvpress_error"):
         lines += ["", f"kvpress run failed: {res['kvpress_error']}"]
     for s in res["decode_speed"]:
-        lines += ["", f"Decode step time, batch {s['batch']}, cache of {p['context_len']} tokens, ratio 0.5 vs full "
-                  f"(median of {s['repeats']} alternating runs x {s['steps']} steps): "
+        lines += ["", f"Batch {s['batch']}, cache of {p['context_len']} tokens, ratio 0.5 vs full: decode step time "
+                  f"(median of {s['repeats']} alternating rounds x {s['steps']} steps) "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in s["ratio_vs_full"].items())
-                  + f" (full: {s['median_step_s']['full'] * 1e3:.1f} ms/step)"]
+                  + f" (full: {s['median_step_s']['full'] * 1e3:.1f} ms/step); prefill time (one run) "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in s["prefill_ratio_vs_full"].items())
+                  + f" (full: {s['prefill_s']['full']:.1f} s)"]
+    if res.get("memory"):
+        lines += ["", "Peak memory above the model's own, batch 1, ratio 0.5 (CPU profiler allocation events): "
+                  "prefill = cache built + transients; decode = cache held (with slack) + transients of 4 steps.",
+                  "", ""]
+        mem = [("trimformer", n, m) for n, m in res["memory"].items()]
+        mem += [("kvpress 0.5.5", n, m) for n, m in res.get("kvpress_memory", {}).items()]
+        lines[-1:] = ["| tool | cache | prefill peak | decode peak | cache after prefill |", "|---|---|---|---|---|"]
+        for tool, name, m in mem:
+            lines.append(f"| {tool} | {name} | {m['prefill_peak'] / 2**20:.1f} MiB | {m['decode_peak'] / 2**20:.1f} "
+                         f"MiB | {m['cache_after_prefill'] / 2**20:.1f} MiB |")
     best = {}
     for tool, r in rows:
         if r["ratio"] == 0.5 and not r["masked"]:

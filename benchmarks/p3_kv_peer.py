@@ -65,6 +65,35 @@ def greedy(model, cache, first: torch.Tensor, start: int, n: int) -> list[int]:
     return out
 
 
+def peak_bytes(fn) -> tuple[object, int]:
+    """fn()'s result and the peak of bytes allocated above the start (CPU profiler allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    now = peak = 0
+    for e in events:
+        now += e.self_cpu_memory_usage
+        peak = max(peak, now)
+    return out, peak
+
+
+@torch.no_grad()
+def memory_split(model_for, ctx: torch.Tensor, presses: list[str], ratio: float, steps: int = 4) -> dict:
+    """As p3_kv.memory_split: peak bytes above the model's own in prefill and in `steps` decode steps."""
+    out = {}
+    T = ctx.numel()
+    for name in presses:
+        m = model_for(name)
+        make, _ = PRESSES[name]
+        (cache, _, _), pre = peak_bytes(lambda: prefill(m, make(ratio), ctx))  # noqa: B023
+        held = kv_bytes(cache)
+        _, dec = peak_bytes(lambda: [continue_(m, cache, ctx[i:i + 1], T + i) for i in range(steps)])  # noqa: B023
+        out[name] = {"prefill_peak": pre, "decode_peak": held + dec, "cache_after_prefill": held}
+    return out
+
+
 def main(inp: str, outp: str) -> None:
     spec = torch.load(inp)
     torch.set_num_threads(spec["threads"])
@@ -121,6 +150,9 @@ def main(inp: str, outp: str) -> None:
                 both = torch.cat([hay, question])
                 cache, last, _ = prefill(m, make(r), both)
                 row["needle_aware"].append(greedy(m, cache, last, both.numel(), spec["answer_tokens"]))
+    memory = {}
+    if spec.get("memory_ratio") is not None:
+        memory = memory_split(model_for, spec["contexts"][0], spec["presses"], spec["memory_ratio"])
     for row in rows.values():
         row["ppl"] = math.exp(row["nll"] / row["n"])
         row["kl"] /= row["n"]
@@ -130,7 +162,7 @@ def main(inp: str, outp: str) -> None:
         del row["bytes"], row["prefill_ratio"]
     with open(outp, "w") as f:
         json.dump({"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-                   "rows": list(rows.values())}, f, indent=1)
+                   "rows": list(rows.values()), "memory": memory}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ from conftest import VOCAB, tiny
 from transformers import DynamicCache
 
 from trimformer import kv
+from trimformer.kv.base import rotate_half
 from trimformer.models import UnsupportedModelError
 
 FAMILIES = ["llama", "gpt2", "opt"]  # GQA + RoPE, fused qkv + learned positions, separate q/k/v + bias
 # Small windows so that the tiny prompts are longer than every observation window.
-SMALL = {"snapkv": {"window": 4, "kernel": 3}, "expected-attention": {"window": 4}, "think": {"window": 4},
-         "h2o": {}, "a2sf": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2}}
+SMALL = {"snapkv": {"window": 4, "kernel": 3}, "expected-attention": {"n_sink": 2}, "think": {"window": 4},
+         "h2o": {}, "a2sf": {}, "observed-attention": {}, "vatp": {}, "tova": {}, "knorm": {}, "random": {}, "streaming": {"n_sink": 2},
+         "rolling": {"n_anchor": 2, "recent": 3}}
 TOKEN_PRESSES = [n for n in SMALL if n != "think"]
 
 
@@ -115,6 +117,31 @@ def test_ragged_heads_attend_exactly_to_what_they_hold(models):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("grow", [2, 32])
+@pytest.mark.parametrize("per_head", [False, True])
+@torch.no_grad()
+def test_decoding_appends_in_place_and_matches_one_forward(models, monkeypatch, per_head, grow, family):
+    # Token-by-token decoding (the in-place append path, segments growing `grow` slots at a time) gives
+    # the logits of one teacher-forced forward on the same compressed cache (the general path).
+    monkeypatch.setattr(kv.PressLayer, "grow", grow)
+    m, ids = models[family], prompt(2, 23)
+    snap = kv.SnapKV(0.5, window=4, kernel=1)
+    press = kv.PerHead(snap, ratio=0.5) if per_head else snap
+    with kv.press(m, press) as s:
+        cache = s.prefill(ids[:, :18])
+        kept = cache.kept_tokens()
+        one = m(ids[:, 18:], cache=cache.copy()).logits
+        steps = torch.cat([m(ids[:, t:t + 1], cache=cache).logits for t in range(18, 23)], 1)
+    assert per_head == bool((kept != kept[..., :1]).any())  # ragged heads only with per-head budgets
+    torch.testing.assert_close(steps, one, rtol=0, atol=1e-5)
+    assert (cache.kept_tokens() == kept + 5).all()
+    token_bytes = 2 * cache.layers[0].head_dim * 4
+    assert cache.nbytes == int(cache.kept_tokens().sum()) * token_bytes  # bytes held = tokens kept
+    slack = cache.reserved_bytes - cache.nbytes
+    assert 0 < slack <= kv.PressLayer.grow * kept.numel() * token_bytes  # < `grow` slots per segment
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_left_padded_batch_equals_rows_alone(models, family):
     m = models[family]
@@ -171,7 +198,7 @@ def test_streaming_keeps_exactly_sinks_and_window(models, family):
     layer = out.cache.layers[0]
     n = 10 + 4  # 10 kept at prefill, + 4 cached decode tokens (the last one is not fed back)
     ref = full.layers[0].keys
-    torch.testing.assert_close(layer.keys.view(1, -1, n, ref.shape[-1]),
+    torch.testing.assert_close(layer.dense()[0],
                                torch.cat([ref[:, :, :3], ref[:, :, 24 - (n - 3):]], 2), rtol=0, atol=1e-5)
 
 
@@ -246,6 +273,79 @@ def test_h2o_accumulates_exact_attention(family):
         H = layer.lengths.shape[1]
         ref = att[i][0].sum(1).view(H, -1, 12).sum(1)  # sum over queries, then over each group's heads
         torch.testing.assert_close(layer.state["acc"].view(H, 12), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value_norm", [False, True])
+@torch.no_grad()
+def test_observed_attention_is_mean_attention_per_query_that_saw_the_token(value_norm):
+    m = tiny("llama", attn_implementation="eager")
+    ids = prompt(1, 12)
+    att = m(ids, output_attentions=True).attentions  # per layer (1, H_q, T, T)
+    with kv.press(m, "vatp" if value_norm else "observed-attention", 0.5) as s:
+        cache = s.prefill(ids)
+    for i, layer in enumerate(cache.layers):
+        H = layer.lengths.shape[1]
+        mean = att[i][0].sum(1).view(H, -1, 12).sum(1) / torch.arange(12, 0, -1)  # token j seen by T - j queries
+        ref = DynamicCache(config=m.config)
+        m(ids, cache=ref)
+        if value_norm:
+            mean = mean * ref.layers[i].values[0].norm(dim=-1)  # (H, 12)
+        keep = mean.topk(6, dim=-1).indices.sort(-1).values  # (H, 6)
+        K = ref.layers[i].keys[0].gather(1, keep[..., None].expand(-1, -1, layer.head_dim))  # (H, 6, D)
+        torch.testing.assert_close(layer.dense()[0][0], K, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_future_rotation_is_the_mean_rope_of_the_next_positions(models):
+    # Expected attention rotates query statistics by RoPE averaged over the next n positions; check it
+    # against the model's own rotary embedding applied position by position.
+    m = models["llama"]
+    T, n, D = 10, 7, m.config.hidden_size // m.config.num_attention_heads
+    x = torch.randn(1, 1, D)
+    cos, sin = m.model.rotary_emb(x, torch.arange(T)[None])  # (1, T, D)
+    obs = kv.Observation(0, 1, torch.zeros(1, 1, T, D), torch.zeros(1, 1, T, D), torch.ones(1, 1, T, dtype=torch.bool),
+                         T, torch.ones(1, T, dtype=torch.bool), torch.zeros(1, T, 8), None, (cos, sin))
+    c, s = obs.future_rotation(n)  # (1, D)
+    fc, fs = m.model.rotary_emb(x, torch.arange(T, T + n)[None])  # (1, n, D)
+    ref = (x * fc + rotate_half(x) * fs).mean(1)  # (1, D)
+    torch.testing.assert_close(x[:, 0] * c + rotate_half(x[:, 0]) * s, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_rolling_memory_is_attention_free_and_drops_the_most_typical_keys(models, family, monkeypatch):
+    def no_queries(*a, **k):
+        raise AssertionError("the rolling memory must not compute queries or attention")
+
+    monkeypatch.setattr(kv.Observation, "queries", no_queries)
+    monkeypatch.setattr(kv.Observation, "attention", no_queries)
+    m, ids = models[family], prompt(1, 20)
+    full = DynamicCache(config=m.config)
+    m(ids, cache=full)
+    with kv.press(m, "rolling", 0.5, n_anchor=2, recent=3) as s:
+        cache = s.prefill(ids)
+        for i, layer in enumerate(cache.layers):
+            K = full.layers[i].keys[0]  # (H, 20, D) naive reference: cosine to the mean unit key
+            u = K / K.norm(dim=-1, keepdim=True)
+            cos = (u * u.mean(1, keepdim=True)).sum(-1) / u.mean(1, keepdim=True).norm(dim=-1)  # (H, 20)
+            cos[:, :2] = cos[:, -3:] = -float("inf")  # anchor and recent always stay
+            keep = (-cos).topk(10, dim=-1).indices.sort(-1).values  # (H, 10)
+            ref = K.gather(1, keep[..., None].expand(-1, -1, K.shape[-1]))
+            torch.testing.assert_close(layer.dense()[0][0], ref, rtol=0, atol=1e-6)
+        # rolling: decoding under a budget stays bounded, anchor and newest tokens in it
+        out = m.generate(ids, max_new_tokens=6, do_sample=False, cache=s.new_cache(), return_dict_in_generate=True,
+                         pad_token_id=0)
+    assert (out.cache.kept_tokens() == 10 + 5).all()
+    with kv.press(m, "rolling", 0.5, decode_budget=10, n_anchor=2, recent=3) as s:
+        out = m.generate(ids, max_new_tokens=6, do_sample=False, cache=s.new_cache(), return_dict_in_generate=True,
+                         pad_token_id=0)
+    assert (out.cache.kept_tokens() == 10).all()
+    seq = out.sequences
+    full = DynamicCache(config=m.config)
+    m(seq[:, :-1], cache=full)
+    K, held = full.layers[0].keys[0], out.cache.layers[0].dense()[0][0]  # (H, 25, D), (H, 10, D)
+    torch.testing.assert_close(held[:, :2], K[:, :2], rtol=0, atol=1e-5)  # the anchor
+    torch.testing.assert_close(held[:, -3:], K[:, -3:], rtol=0, atol=1e-5)  # the newest tokens
 
 
 @torch.no_grad()

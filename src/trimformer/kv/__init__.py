@@ -23,9 +23,10 @@ from .cache import PressCache, PressLayer
 from .hooks import Session, build_press, press
 from .presses import Compose, PerHead, PerLayer
 from .presses.expected import ExpectedAttention
-from .presses.h2o import A2SF, H2O
+from .presses.h2o import A2SF, H2O, VATP, ObservedAttention
 from .presses.knorm import KeyNorm
 from .presses.random import Random
+from .presses.rolling import RollingMemory
 from .presses.snapkv import SnapKV
 from .presses.streaming import Streaming
 from .presses.think import ThinK
@@ -33,6 +34,7 @@ from .presses.tova import TOVA
 
 __all__ = [
     "A2SF", "H2O", "PRESSES", "TOVA", "Compose", "ExpectedAttention", "KeyNorm", "Observation", "PerHead",
-    "PerLayer", "Press", "PressCache", "PressLayer", "Random", "Session", "SnapKV", "Streaming", "ThinK",
+    "ObservedAttention", "PerLayer", "Press", "PressCache", "PressLayer", "Random", "RollingMemory", "Session",
+    "SnapKV", "Streaming", "ThinK", "VATP",
     "build_press", "press",
 ]

@@ -36,9 +36,9 @@ class Observation:
     def groups(self) -> int:
         return self.attn.num_heads // self.attn.num_kv_heads
 
-    def queries(self, window: int | None = None) -> torch.Tensor:
-        """Post-RoPE queries of the last `window` new tokens (all when None): (B, H_q, w, D).
-        Computed here, from the block input, so the model keeps its own (SDPA) attention."""
+    def queries(self, window: int | None = None, rope: bool = True) -> torch.Tensor:
+        """Post-RoPE (pre-RoPE if `rope=False`) queries of the last `window` new tokens (all when None):
+        (B, H_q, w, D). Computed here, from the block input, so the model keeps its own (SDPA) attention."""
         w = self.new if window is None else min(window, self.new)
         h = self.hidden[:, self.new - w:].contiguous()  # (B, w, hidden)
         a, D = self.attn, self.attn.head_dim
@@ -49,14 +49,39 @@ class Observation:
         q = q.view(*h.shape[:2], a.num_heads, D).transpose(1, 2)  # (B, H_q, w, D)
         if a.qk_norm:
             q = a.module.q_norm(q)
-        if self.position_embeddings is not None:  # LLaMA-style rotate-half RoPE, as the keys got it
+        if rope and self.position_embeddings is not None:  # LLaMA-style rotate-half RoPE, as the keys got it
             cos, sin = (t[:, self.new - w:].unsqueeze(1) for t in self.position_embeddings)  # (B, 1, w, D)
-            q = q * cos + _rotate_half(q) * sin
+            q = q * cos + rotate_half(q) * sin
         return q
+
+    def future_rotation(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE averaged over the `n` positions after the last new token: (cos, sin), each (B, D), so that
+        `x * cos + rotate_half(x) * sin` is the mean rotation a future query gets. None without RoPE.
+        Model-agnostic: the per-channel angle step comes from the last two tokens' (cos, sin)."""
+        if self.position_embeddings is None:
+            return None
+        cos, sin = self.position_embeddings  # (B, new, D), attention scaling included
+        z = torch.complex(cos[:, -1].double(), sin[:, -1].double())  # (B, D) last position
+        if self.new < 2:
+            return cos[:, -1], sin[:, -1]  # no step known: the last position itself
+        prev = torch.complex(cos[:, -2].double(), sin[:, -2].double())
+        theta = torch.angle(z * prev.conj())  # (B, D) angle per position step
+        k = torch.arange(1, n + 1, dtype=torch.float64, device=cos.device)[:, None, None]  # (n, 1, 1)
+        r = z * torch.polar(torch.ones_like(k * theta), k * theta).mean(0)  # (B, D)
+        return r.real.to(cos.dtype), r.imag.to(cos.dtype)
 
     def query_valid(self, window: int | None = None) -> torch.Tensor:
         w = self.new if window is None else min(window, self.new)
         return self.new_valid[:, self.new - w:]  # (B, w)
+
+    def voters(self, window: int | None = None) -> torch.Tensor:
+        """(B, L) how many of the last `window` new queries (all when None) see each key: the real ones at
+        or after its position (causal)."""
+        w = self.new if window is None else min(window, self.new)
+        B, L = self.valid.shape[0], self.valid.shape[-1]
+        at = torch.zeros(B, L, dtype=torch.long, device=self.valid.device)
+        at[:, L - w:] = self.query_valid(window).long()  # (B, w) the voting queries, at their key index
+        return at.flip(-1).cumsum(-1).flip(-1)
 
     def attention(self, window: int | None = None, decay: float | None = None, chunk: int = 256) -> torch.Tensor:
         """Attention of the last `window` new queries (all when None) on every cached key, summed over
@@ -91,7 +116,7 @@ class Observation:
         return torch.einsum("bhgcl,bc->bhl", probs, weight)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -119,6 +144,11 @@ class Press:
 
     def observe(self, obs: Observation) -> None:
         """Update per-token state in `obs.state` every forward (accumulating presses)."""
+
+    @property
+    def observes(self) -> bool:
+        """Whether `observe` does anything (decoding without a decode budget never observes: it appends)."""
+        return type(self).observe is not Press.observe
 
     # -- budgets and selection (the base's job) ------------------------------------------------------
     def layer_ratio(self, layer: int, num_layers: int) -> float:

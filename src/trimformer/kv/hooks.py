@@ -72,6 +72,7 @@ class Session:
                              f"{mask.dim()}-D one")
         cache.new_valid = (mask[:, -q:].bool() if mask is not None
                            else torch.ones(B, q, dtype=torch.bool, device=x.device))
+        cache.all_new = mask is None or bool(cache.new_valid.all())
         return args, kwargs
 
     def before_attention(self, i: int, module: nn.Module, args: tuple, kwargs: dict):
@@ -79,10 +80,26 @@ class Session:
         if not isinstance(cache, PressCache):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
+        layer = cache.layers[i]
+        if self.appends_only(cache, i, hidden.shape[1]):
+            # Decoding with nothing to evict and no per-token state: the cache appends in place, and
+            # attention reads the held tokens (the new one included) under a per-head length mask.
+            layer.append_next = True
+            a = self.anatomy.blocks[i].attention
+            kwargs["attention_mask"] = layer.decode_bias(a.num_heads // a.num_kv_heads, hidden.dtype)
+            return args, kwargs
         self.inputs[i] = (hidden, kwargs.get("position_embeddings"))
         kwargs["attention_mask"] = self.attention_mask(cache, i, hidden.shape[1], hidden.dtype,
                                                        kwargs.get("attention_mask"))
         return args, kwargs
+
+    def appends_only(self, cache: PressCache, i: int, q: int) -> bool:
+        layer = cache.layers[i]
+        # Accumulating presses observe decode steps only under a decode budget, the one case where their
+        # scores are used again (without one, nothing is ever evicted after the prefill).
+        return (q == 1 and layer.is_initialized and layer.stored_length() > 0 and cache.all_new
+                and (self.decode_budget is None
+                     or (not self.press.observes and layer.stored_length() < self.decode_budget)))
 
     def attention_mask(self, cache: PressCache, i: int, q: int, dtype: torch.dtype,
                        incoming: torch.Tensor | None) -> torch.Tensor | None:
@@ -115,6 +132,8 @@ class Session:
             return None
         layer = cache.layers[i]
         p = layer.pending
+        if p is None:  # the forward only appended (see `appends_only`)
+            return None
         B, H, L, _ = p["keys"].shape
         old_valid = p["old_valid"]
         if old_valid is None:

@@ -1,6 +1,6 @@
 """Registered presses (explicit imports fill `PRESSES`)."""
 
-from . import expected, h2o, knorm, random, snapkv, streaming, think, tova  # noqa: F401
+from . import expected, h2o, knorm, random, rolling, snapkv, streaming, think, tova  # noqa: F401
 from .wrappers import Compose, PerHead, PerLayer
 
 __all__ = ["Compose", "PerHead", "PerLayer"]

@@ -24,6 +24,10 @@ class _Wrapper(Press):
     def observe(self, obs: Observation) -> None:
         self.press.observe(obs)
 
+    @property
+    def observes(self) -> bool:
+        return self.press.observes
+
     def score(self, obs: Observation) -> torch.Tensor:
         return self.press.score(obs)
 
@@ -111,6 +115,10 @@ class Compose(Press):
 
     def observe(self, obs: Observation) -> None:
         self.tokens.observe(obs)
+
+    @property
+    def observes(self) -> bool:
+        return self.tokens.observes
 
     def budget(self, obs: Observation, decode_budget: int | None) -> torch.Tensor | None:
         return self.tokens.budget(obs, decode_budget)
