@@ -72,8 +72,8 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         "prune",
         help="prune a model, evaluate it against the dense model, save checkpoint + report",
         description=f"Methods: {names}. Any field of the method's config is also a flag (e.g. "
-        "`--method width --target params=0.8 --multiple-of 8`); `--allocation owl|global` spreads a weight "
-        "method's sparsity over layers. Writes OUT/ with the pruned checkpoint (safetensors; heterogeneous "
+        "`--method width --target params=0.8 --multiple-of 8`); `--allocation owl|adaptive|global` spreads a "
+        "weight method's sparsity over layers. Writes OUT/ with the pruned checkpoint (safetensors; heterogeneous "
         "structured results add trimformer_modeling.py), report.json, report.md and trimformer.json (the recipe "
         "and command). The input model is never modified.",
     )
