@@ -32,6 +32,18 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+def setup(args: argparse.Namespace):
+    """Teacher, tokenizer, calibration pool, held-out evaluation windows, their reference log-probs, dense row."""
+    import trimformer
+
+    teacher, tok = trimformer.load(args.teacher, with_tokenizer=True)
+    calib_pool, eval_pool = trimformer.data.doc_pools(tok)
+    ev = trimformer.data.windows(eval_pool, args.eval_windows, args.seq_len, what="evaluation pool")  # held out
+    with torch.no_grad():
+        ref = [F.log_softmax(teacher(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in ev]
+    return teacher, tok, calib_pool, ev, ref, {"dense": quality(teacher, ev, ref)}
+
+
 def rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -172,12 +184,7 @@ def main() -> None:
     import trimformer
 
     t_start = time.perf_counter()
-    teacher, tok = trimformer.load(args.teacher, with_tokenizer=True)
-    calib_pool, eval_pool = trimformer.data.doc_pools(tok)
-    ev = trimformer.data.windows(eval_pool, args.eval_windows, args.seq_len, what="evaluation pool")  # held out
-    with torch.no_grad():
-        ref = [F.log_softmax(teacher(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in ev]
-    rows = {"dense": quality(teacher, ev, ref)}
+    teacher, tok, calib_pool, ev, ref, rows = setup(args)
 
     student = trimformer.load(args.teacher)
     calib = trimformer.data.windows(calib_pool, args.calib_windows, args.seq_len, what="calibration pool")
@@ -232,12 +239,7 @@ def width(args: argparse.Namespace) -> None:
     if args.dry:
         args.seq_len, args.calib_windows, args.eval_windows, args.minutes = 64, 2, 2, min(args.minutes, 1.0)
     t_start = time.perf_counter()
-    teacher, tok = trimformer.load(args.teacher, with_tokenizer=True)
-    calib_pool, eval_pool = trimformer.data.doc_pools(tok)
-    ev = trimformer.data.windows(eval_pool, args.eval_windows, args.seq_len, what="evaluation pool")  # held out
-    with torch.no_grad():
-        ref = [F.log_softmax(teacher(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in ev]
-    rows = {"dense": quality(teacher, ev, ref)}
+    teacher, tok, calib_pool, ev, ref, rows = setup(args)
     method = {"target": f"params={args.keep}", "parts": args.parts}
     cached = args.pruned_cache and Path(args.pruned_cache, "config.json").is_file()
     t0 = time.perf_counter()
