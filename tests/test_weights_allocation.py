@@ -180,3 +180,16 @@ def test_bf16_calibration_stays_close_to_fp32(calib):
         assert (w16 == 0).float().mean() == pytest.approx(0.5, abs=0.01)  # the exact share either way
         agree = ((w16 == 0) == (w32 == 0)).float().mean().item()
         assert agree > 0.9, f"{n}: bf16 calibration chose a different mask for {1 - agree:.0%} of weights"
+
+
+def test_gram_stays_fp32_under_bf16_compute():
+    """X^T X in bf16 would lose the small eigenvalues (one dominant direction); the gram must stay exact fp32."""
+    from trimformer.calibrate import BlockCalib
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 64, generator=g) * 1e-2 + 10.0 * torch.randn(64, generator=g)  # a massive common direction
+    bc = BlockCalib(block=None, inputs=[X], kwargs=[{}], compute_dtype=torch.bfloat16)
+    with bc.compute():
+        H = bc.gram(X)
+    assert H.dtype == torch.float32 and torch.equal(H, X.t() @ X)
+    assert torch.linalg.cholesky_ex(H + 0.01 * torch.diag(H).mean() * torch.eye(64)).info == 0

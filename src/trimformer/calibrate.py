@@ -45,7 +45,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
-    """The dtype calibration forwards and X^T X run in: None (the model's own) or torch.bfloat16.
+    """The dtype calibration forwards run in: None (the model's own) or torch.bfloat16.
 
     'auto' picks bf16 where the hardware multiplies bf16 natively (CPUs with AMX or AVX512-BF16, CUDA GPUs
     with bf16), where it is 4-7x faster than fp32; statistics are always accumulated in fp32.
@@ -73,7 +73,7 @@ class BlockCalib:
     block: Block
     inputs: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
-    compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards and X^T X (resolve_precision)
+    compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards (resolve_precision)
 
     def compute(self) -> contextlib.AbstractContextManager:
         """The context every calibration forward of this block runs in (bf16 autocast, or nothing)."""
@@ -83,13 +83,15 @@ class BlockCalib:
         return torch.autocast(device, dtype=self.compute_dtype)
 
     def gram(self, X: torch.Tensor) -> torch.Tensor:
-        """X^T X for X (tokens, in), in the compute dtype, returned in fp32 (the sum over batches stays fp32)."""
+        """X^T X for X (tokens, in), always in fp32 (outside autocast).
+
+        A bf16 product would round every entry of X^T X to 8 bits; for inputs with one dominant direction
+        (attention sinks, massive activations) that error exceeds the damping and the small eigenvalues OBS
+        relies on, so the Hessian turns indefinite. The forwards may run in bf16; the statistics never do.
+        """
         with torch.autocast(X.device.type, enabled=False):
-            if self.compute_dtype is None:
-                X = X.float()
-                return X.t() @ X
-            X = X.to(self.compute_dtype)
-            return (X.t() @ X).float()
+            X = X.float()
+            return X.t() @ X
 
     @torch.no_grad()
     def run(self) -> list[torch.Tensor]:
@@ -176,7 +178,7 @@ def blocks(
     """Yield each block with its calibration inputs; after the caller prunes it, its outputs feed the next.
 
     precision: 'fp32' runs the forwards in the model's dtype; 'bf16' / 'auto' (see resolve_precision) run
-    them and X^T X under bf16 autocast, which is several times faster where bf16 is native.
+    them under bf16 autocast, several times faster where bf16 is native. X^T X is always fp32 (BlockCalib.gram).
     """
     inputs, kwargs = capture_inputs(anatomy, windows, batch_size)
     compute_dtype = resolve_precision(precision, inputs[0].device if inputs else "cpu")

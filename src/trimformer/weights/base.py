@@ -31,9 +31,9 @@ class WeightPruner:
     layers: per-layer overrides, {glob: sparsity}, the glob matched against the full module name
       ('model.layers.0.*') or the short name ('mlp.down'); the last matching entry wins. With an
       N:M pattern the only override is 0 (leave the layer dense).
-    precision: dtype of the calibration forwards and X^T X: 'auto' (bf16 where the hardware multiplies it
-      natively: CPUs with AMX / AVX512-BF16, CUDA; else the model's dtype), 'bf16' or 'fp32'. Statistics
-      are summed and weights updated in fp32 either way.
+    precision: dtype of the calibration forwards: 'auto' (bf16 where the hardware multiplies it natively:
+      CPUs with AMX / AVX512-BF16, CUDA; else the model's dtype), 'bf16' or 'fp32'. Statistics (X^T X,
+      sums of squares) are computed and weights updated in fp32 either way.
     """
 
     sparsity: float = 0.5
