@@ -45,7 +45,8 @@ def main() -> None:
     windows = torch.load(a.calib)  # (n, T)
     ds = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     cls = SparseGPTModifier if a.method == "sparsegpt" else WandaPruningModifier
-    extra = {"sparsity_profile": "owl"} if a.profile == "owl" else {}
+    # the OWL paper's setting (M = 5, lambda = 0.08), also trimformer's OWL default
+    extra = {"sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08} if a.profile == "owl" else {}
     modifier = cls(sparsity=a.sparsity, mask_structure=a.pattern, targets=["Linear"], ignore=["lm_head"], **extra)
 
     base = rss_bytes()
