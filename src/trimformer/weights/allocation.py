@@ -21,7 +21,7 @@ from ..models import Anatomy, Proj
 from ..progress import bar
 from . import WEIGHTS
 from .base import FilterFn, WeightPruner
-from .masks import check_sparsity
+from .masks import check_sparsity, topk_mask
 
 
 def rebalance(raw: dict[str, float], sizes: dict[str, int], target: float, hi: float = 0.99) -> dict[str, float]:
@@ -73,6 +73,11 @@ class Allocation:
         return inner.apply_(anatomy, calibration, filter_fn=filter_fn, batch_size=batch_size, progress=progress)
 
 
+def _check_lam(lam: float) -> None:
+    if not 0.0 <= lam < 0.5:
+        raise ValueError(f"lam (the spread of block shares around the target) must be in [0, 0.5), got {lam!r}")
+
+
 @WEIGHTS.register("global")
 @dataclass
 class GlobalMagnitude(Allocation):
@@ -105,8 +110,7 @@ class OWL(Allocation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.lam < 0.5:
-            raise ValueError(f"lam (the spread of block shares around the target) must be in [0, 0.5), got {self.lam!r}")
+        _check_lam(self.lam)
         if self.M <= 0:
             raise ValueError(f"M (outlier = score above M x the block mean) must be positive, got {self.M!r}")
 
@@ -150,8 +154,7 @@ class Adaptive(Allocation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.lam < 0.5:
-            raise ValueError(f"lam (the spread of block shares around the target) must be in [0, 0.5), got {self.lam!r}")
+        _check_lam(self.lam)
         if self.power <= 0:
             raise ValueError(f"power must be positive, got {self.power!r}")
         if self.importance not in self.IMPORTANCE:
@@ -231,15 +234,13 @@ def block_damage(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, P
     ref = logp()
     damage = {}
     for b in bar(anatomy.blocks, desc="block damage", unit="block", disable=not progress):
-        mine = {n: p for n, p in projs.items() if n in {q.name for q in b.projections().values()}}
+        names = {q.name for q in b.projections().values()}
+        mine = {n: p for n, p in projs.items() if n in names}
         saved = {n: p.weight.detach().clone() for n, p in mine.items()}
         try:
             for n, p in mine.items():
                 score = p.weight.abs().float() * sq[n].sqrt()[None, :]  # (out, in) Wanda score
-                k = int(probe * score.shape[1])
-                if k:
-                    low = score.topk(k, dim=1, largest=False).indices
-                    p.weight.scatter_(1, low, 0.0)
+                p.weight.mul_(topk_mask(score, probe, per_row=True).to(p.weight.dtype))
             q = logp()
             damage[b.index] = torch.nn.functional.kl_div(q, ref, log_target=True, reduction="sum").item() / ids.numel()
         finally:
