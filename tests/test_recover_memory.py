@@ -82,7 +82,7 @@ def test_freed_memory_is_returned_to_the_os():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    freed = {mode: int(subprocess.run([sys.executable, "-c", RSS_SCRIPT, mode], env=env, capture_output=True, text=True,
-                                      check=True, timeout=120).stdout.split()[-1]) for mode in ("release", "default")}
-    assert freed["release"] >= 60  # all of it left the process at once
-    assert freed["default"] < freed["release"] - 16  # glibc's default keeps (much of) it: what release_memory avoids
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "release"], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert int(out.split()[-1]) >= 60  # all of it left the process at once
+    # (Without the release, how much glibc keeps depends on its version and MALLOC_* settings, so it is not asserted.)
