@@ -182,14 +182,19 @@ def test_bf16_calibration_stays_close_to_fp32(calib):
         assert agree > 0.9, f"{n}: bf16 calibration chose a different mask for {1 - agree:.0%} of weights"
 
 
-def test_gram_stays_fp32_under_bf16_compute():
-    """X^T X in bf16 would lose the small eigenvalues (one dominant direction); the gram must stay exact fp32."""
+def test_gram_accumulates_in_fp32_under_bf16_compute():
+    """A bf16 X^T X would lose the small eigenvalues (one dominant direction): under bf16 compute the gram is the
+    fp32-accumulated Gram matrix of the bf16-rounded inputs (positive semi-definite), and exact fp32 otherwise."""
     from trimformer.calibrate import BlockCalib
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2048, 64, generator=g) * 1e-2 + 10.0 * torch.randn(64, generator=g)  # a massive common direction
+    assert torch.equal(BlockCalib(block=None, inputs=[X], kwargs=[{}]).gram(X), X.t() @ X)
     bc = BlockCalib(block=None, inputs=[X], kwargs=[{}], compute_dtype=torch.bfloat16)
     with bc.compute():
         H = bc.gram(X)
-    assert H.dtype == torch.float32 and torch.equal(H, X.t() @ X)
+    Xr = X.bfloat16().double()
+    assert H.dtype == torch.float32 and torch.allclose(H.double(), Xr.t() @ Xr, rtol=1e-5, atol=1e-2)
+    assert torch.linalg.eigvalsh(Xr.t() @ Xr).min() > -1e-6  # a true Gram matrix: no negative eigenvalue
     assert torch.linalg.cholesky_ex(H + 0.01 * torch.diag(H).mean() * torch.eye(64)).info == 0
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # the global matmul mode is restored
