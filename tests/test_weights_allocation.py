@@ -165,6 +165,32 @@ def test_adaptive_rejects_bad_settings():
         WEIGHTS.build("wanda", {"precision": "fp16"})
 
 
+def test_adaptive_sublayer_units_rank_attention_and_mlp_on_their_own(calib):
+    from trimformer.weights.allocation import block_damage
+
+    model = tiny("llama")
+    anatomy = trimformer.anatomy_of(model)
+    projs = dict(anatomy.projections())
+    imp = block_damage(anatomy, calib, projs, 0.6, 2, False, precision="fp32", unit="sublayer")
+    assert set(imp) == {(b, part) for b in (0, 1) for part in ("attn", "mlp")} and all(v > 0 for v in imp.values())
+    method = WEIGHTS.build("adaptive", {"base": "wanda", "sparsity": 0.5, "lam": 0.1, "importance": "kl",
+                                        "unit": "sublayer", "settings": {"precision": "fp32"}})
+    table = method.allocate(anatomy, calib, projs, 1, False)
+    sizes = {n: p.weight.numel() for n, p in projs.items()}
+    assert sum(table[n] * sizes[n] for n in projs) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-6)
+    share = {(b, part): {round(v, 9) for n, v in table.items()
+                         if f"layers.{b}.{'self_attn' if part == 'attn' else 'mlp'}." in n} for b, part in imp}
+    assert all(len(v) == 1 for v in share.values())  # one share per unit
+    by_damage = [share[u].pop() for u in sorted(imp, key=imp.get)]
+    assert by_damage == sorted(by_damage, reverse=True) and by_damage[0] - by_damage[-1] > 0.15  # less damage -> more pruned
+    trimformer.prune_(model, method, calibration=calib, progress=False)
+    assert _weighted_mean(model, model.trimformer_history[-1]["result"]) == pytest.approx(0.5, abs=5e-3)  # row rounding
+    with pytest.raises(ValueError, match="needs importance='kl'"):
+        WEIGHTS.build("adaptive", {"unit": "sublayer"})
+    with pytest.raises(ValueError, match="unit must be one of"):
+        WEIGHTS.build("adaptive", {"unit": "head", "importance": "kl"})
+
+
 def test_bf16_calibration_stays_close_to_fp32(calib):
     from trimformer.calibrate import resolve_precision
 
