@@ -37,6 +37,8 @@ class _Forward:
     n: torch.Tensor  # (B,) real tokens per row at the start
     frozen: torch.Tensor | None = None  # (B, T0, H) fill="skip": each dropped token's state when dropped
     alive: torch.Tensor | None = None  # (B, T0) bool: the token still sits in a slot of its own
+    offset: torch.Tensor | None = None  # (B, T0, H) fill="delta": own state minus its stand-in's, summed
+    mix: torch.Tensor | None = None  # (B, T0, T) soft plans: how much of each slot each original token is
     counts: list[list[int]] = field(default_factory=list)  # per block input: real tokens per row
     extra_flops: float = 0.0  # scoring / matching work the method added
 
@@ -197,17 +199,26 @@ class TokenSession:
         ctx = _CountingContext(**vars(self._context(i, x, target)))
         plan = self.method.plan(ctx, recover=self.method.recover is not None)
         st.extra_flops += ctx.flops
-        return apply_plan(plan, x, st, skip=self.method.recover is not None and self.method.fill == "skip")
+        fill = self.method.fill if self.method.recover is not None else None
+        return apply_plan(plan, x, st, skip=fill == "skip", delta=fill == "delta")
 
     def _restore(self, x: torch.Tensor) -> torch.Tensor:
         """Full length again: every original token takes the output of the slot it was pruned or merged into."""
         st = self.state
         B, T0 = st.source.shape
         src = st.source.clamp(min=0)  # padding takes slot 0; it is masked anyway
-        out = x.gather(1, src[..., None].expand(B, T0, x.shape[-1]))  # (B, T0, H)
+        if st.mix is not None:  # many-to-many: a token comes back as its mixture of slots
+            st.extra_flops += float((2.0 * st.n.double() * st.valid.sum(1).double() * x.shape[-1]).sum())
+            out = (st.mix.to(x.dtype) @ x).masked_fill((st.source < 0)[..., None], 0.0)  # (B, T0, H)
+            st.mix = None
+        else:
+            out = x.gather(1, src[..., None].expand(B, T0, x.shape[-1]))  # (B, T0, H)
         if st.frozen is not None:  # dropped tokens skipped the blocks in between
             out = torch.where(st.alive[..., None], out, st.frozen.to(out.dtype))
             st.frozen = st.alive = None
+        if st.offset is not None:  # own state + the stand-in's update since they parted
+            out = out + st.offset.to(out.dtype)
+            st.offset = None
         index = torch.arange(T0, device=x.device).expand(B, T0).clone()
         valid = st.source >= 0
         st.index, st.valid, st.sizes = index, valid, torch.ones(B, T0, device=x.device)
@@ -280,40 +291,69 @@ class _CountingContext(Context):
         return super().attention(rows)
 
 
-def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, skip: bool = False) -> torch.Tensor:
+def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, skip: bool = False, delta: bool = False) -> torch.Tensor:
     """Shrink x (B, T, H) to (B, T', H) and update the bookkeeping."""
     B, T, H = x.shape
     keep, slot_valid, dst = plan.keep, plan.slot_valid, plan.dst
     Tn = keep.shape[1]
-    if plan.merge:  # size-weighted average of every token sent to a slot (ToMe)
+    filler = x.gather(1, keep[..., None].expand(B, Tn, H))  # (B, T', H) each slot's representative
+    soft = plan.weights is not None or st.mix is not None
+    if soft:  # (B, T, T') share of each current token going to each new slot; rows of dropped tokens 0
+        W = plan.weights if plan.weights is not None else _one_hot(dst, Tn)
+        W = W.masked_fill(~st.valid[..., None] | ~slot_valid[:, None, :], 0.0)
+    if plan.weights is not None:  # many-to-many: each slot is the size-weighted mixture it receives
+        w = W * st.sizes[..., None]  # (B, T, T')
+        sizes = w.sum(1)  # (B, T')
+        xs = (w.transpose(1, 2).to(x.dtype) @ x) / sizes.clamp(min=1e-9)[..., None].to(x.dtype)  # (B, T', H)
+        new_x = torch.where(slot_valid[..., None], xs, filler)
+        st.sizes = torch.where(slot_valid, sizes, 1.0)
+    elif plan.merge:  # size-weighted average of every token sent to a slot (ToMe)
         w = st.sizes.masked_fill(dst < 0, 0.0)  # (B, T)
         slot = dst.clamp(min=0)
         sizes = torch.zeros(B, Tn, device=x.device).scatter_add(1, slot, w)
         xs = torch.zeros(B, Tn, H, device=x.device, dtype=x.dtype)
         xs = xs.scatter_add(1, slot[..., None].expand(B, T, H), x * w[..., None].to(x.dtype))
-        filler = x.gather(1, keep[..., None].expand(B, Tn, H))
         new_x = torch.where(slot_valid[..., None], xs / sizes.clamp(min=1e-9)[..., None].to(x.dtype), filler)
         st.sizes = torch.where(slot_valid, sizes, 1.0)
     else:
-        new_x = x.gather(1, keep[..., None].expand(B, Tn, H))  # (B, T', H)
+        new_x = filler
         st.sizes = st.sizes.gather(1, keep)
+    B0, T0 = st.source.shape
+    src = st.source.clamp(min=0)  # (B, T0) current slot of each original token
     if skip:  # remember the state of every token that loses its own slot now
-        B0, T0 = st.source.shape
         own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
         own = own.scatter(1, torch.where(slot_valid, keep, T), True)[:, :T]  # (B, T) still represented by itself
-        src = st.source.clamp(min=0)
         if st.frozen is None:
             st.frozen, st.alive = torch.zeros(B0, T0, H, device=x.device, dtype=x.dtype), st.source >= 0
         drop = st.alive & ~own.gather(1, src)
         st.frozen = torch.where(drop[..., None], x.gather(1, src[..., None].expand(B0, T0, H)), st.frozen)
         st.alive = st.alive & ~drop
+    if soft and st.mix is None:
+        st.mix = _one_hot(st.source, T)  # (B, T0, T)
+    if delta:  # every original token remembers how far it sits from what now stands for it
+        if soft:
+            gap = x - W.to(x.dtype) @ new_x  # (B, T, H) own state minus its mixture of new slots
+            gap = gap.masked_fill((W.sum(-1) == 0)[..., None], 0.0)
+            moved = st.mix.to(x.dtype) @ gap  # (B, T0, H)
+        else:
+            gap = x - new_x.gather(1, dst.clamp(min=0)[..., None].expand(B, T, H))  # (B, T, H)
+            gap = gap.masked_fill((dst < 0)[..., None], 0.0)
+            moved = gap.gather(1, src[..., None].expand(B0, T0, H)).masked_fill((st.source < 0)[..., None], 0.0)
+        st.offset = moved if st.offset is None else st.offset + moved
+    if soft:
+        st.mix = st.mix @ W  # (B, T0, T')
     st.index = torch.where(slot_valid, st.index.gather(1, keep), -1)
     st.valid = slot_valid
     # Original token o sat in slot source[o]; it now lives in dst[source[o]] (-1: dropped, no recovery).
-    src = st.source
-    moved = dst.gather(1, src.clamp(min=0))
-    st.source = torch.where(src >= 0, moved, -1)
+    moved_to = dst.gather(1, src)
+    st.source = torch.where(st.source >= 0, moved_to, -1)
     return new_x
+
+
+def _one_hot(slot: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T) slot indices (-1: none) -> (B, T, n) float one-hot rows (zero where -1)."""
+    out = torch.zeros(*slot.shape, n + 1, device=slot.device)
+    return out.scatter(2, torch.where(slot >= 0, slot, n)[..., None], 1.0)[..., :n]
 
 
 def block_flops(block: Any, n: int, causal: bool) -> float:

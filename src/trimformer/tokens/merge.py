@@ -4,7 +4,8 @@ Alternate tokens form sets A and B; every A token finds its most similar B token
 previous block's keys, heads concatenated); the r best-matched A tokens are averaged into their
 match, weighted by how many original tokens each stands for. Later blocks add log(size) to the
 attention logits (proportional attention), and recovery copies a merged token back to its sources.
-`r`: tokens merged per block from `start` on (ToMe's setting; overrides `keep`).
+`r`: tokens merged per block from `start` on (ToMe's setting; overrides `keep`). `features`: what
+similarity is measured on, "keys" (ToMe) or "hidden" (the block's input states; better on MiniLM).
 """
 
 from __future__ import annotations
@@ -48,13 +49,24 @@ def bipartite_soft_matching(
 @dataclass
 class Merge(TokenPruner):
     r: int | None = None
+    features: str = "keys"
 
     encoder_only: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        name = getattr(self, "name", "merge")
         if self.r is not None and self.r < 0:
-            raise ValueError(f"merge: r={self.r} must be >= 0 (tokens merged per block)")
+            raise ValueError(f"{name}: r={self.r} must be >= 0 (tokens merged per block)")
+        if self.features not in ("keys", "hidden"):
+            raise ValueError(f"{name}: features={self.features!r} must be 'keys' or 'hidden'")
+
+    def similarity_features(self, ctx: Context) -> torch.Tensor:
+        """(B, T, C): the previous block's keys (heads concatenated), or the hidden states."""
+        feat = ctx.x if self.features == "hidden" else ctx.keys()
+        n = ctx.valid.sum(1).double()  # (B,) real tokens: padding is not counted, as in the blocks
+        ctx.flops += float((2.0 * (n // 2) * ((n + 1) // 2) * feat.shape[-1]).sum())  # bipartite similarities
+        return feat
 
     def targets(self, block: int, num_blocks: int, n: torch.Tensor) -> torch.Tensor:
         if self.r is None:
@@ -67,10 +79,8 @@ class Merge(TokenPruner):
 
     def plan(self, ctx: Context, recover: bool) -> Plan:
         r = ctx.valid.sum(1) - ctx.target  # (B,) at most half a row per block, as in ToMe
-        feat = ctx.keys()
+        feat = self.similarity_features(ctx)
         merged, into = bipartite_soft_matching(feat, r, ctx.valid, ctx.protected)
-        B, T, C = feat.shape
-        ctx.flops += 2.0 * B * (T // 2) * ((T + 1) // 2) * C
         kept = ctx.valid & ~merged
         keep, slot_valid, slot_of = compact(kept, ctx.causal)
         dst = torch.where(merged, slot_of.gather(1, into.clamp(min=0)), slot_of)
