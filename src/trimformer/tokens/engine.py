@@ -20,6 +20,7 @@ from torch import nn
 
 from ..models import Anatomy, anatomy_of
 from .base import Context, Plan, TokenPruner
+from .revive import AuxCache, gather_pe, last_query_attention, revival_mask
 from .scores import apply_rope, split_heads
 
 MASK_KWARGS = ("attention_mask",)
@@ -70,6 +71,10 @@ class TokenSession:
         self._cap: dict[str, torch.Tensor] = {}
         self._pos: tuple[torch.Tensor, torch.Tensor] | None = None
         self._continuing = False
+        self.aux: AuxCache | None = None  # LazyLLM revival: states of the tokens each layer lacks
+        self._prompt_pe: Any = None  # the prompt's rotary (cos, sin), for revived tokens
+        self._prompt_ok: torch.Tensor | None = None  # (B, T0) real prompt tokens
+        self._reviving = False
 
     # -- results --------------------------------------------------------------------------------
     @property
@@ -113,7 +118,9 @@ class TokenSession:
         return hook
 
     def _pre_hook(self, i: int):
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._reviving:  # the block runs on revived tokens: inputs are already prepared
+                return None
             with torch.no_grad():
                 return self._before_block(i, args, kwargs)
 
@@ -153,6 +160,9 @@ class TokenSession:
             return
         self.kv_index = {}
         valid = _valid_from_mask(mask, B, T, x.device)
+        self.aux = None
+        if getattr(self.method, "revive", False) and cache is not None:
+            self.aux, self._prompt_pe, self._prompt_ok = AuxCache(), kwargs.get("position_embeddings"), valid
         index = torch.arange(T, device=x.device).expand(B, T).clone()
         self.state = _Forward(
             index=index,
@@ -199,6 +209,8 @@ class TokenSession:
         ctx = _CountingContext(**vars(self._context(i, x, target)))
         plan = self.method.plan(ctx, recover=self.method.recover is not None)
         st.extra_flops += ctx.flops
+        if self.aux is not None:  # LazyLLM's Aux Cache: the state each dropped token had here
+            self.aux.add(i, torch.where(st.valid & (plan.dst < 0), st.index, -1), x)
         fill = self.method.fill if self.method.recover is not None else None
         return apply_plan(plan, x, st, skip=fill == "skip", delta=fill == "delta")
 
@@ -259,12 +271,18 @@ class TokenSession:
         return args, kwargs
 
     def _continue(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any):
-        ix = self.kv_index.get(i)
         self._pos = None
+        if self.aux is not None and i >= 1 and self.aux.has(i):
+            self._revive(i, args, kwargs, mask)
+        ix = self.kv_index.get(i)
         if ix is None or mask is None and bool((ix >= 0).all()):
             return args, kwargs
-        B = ix.shape[0]
         Tq = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        return _put_mask(args, kwargs, where, self._layer_mask(ix, mask, Tq))
+
+    def _layer_mask(self, ix: torch.Tensor, mask: torch.Tensor | None, Tq: int) -> torch.Tensor:
+        """The new queries' mask (B, 1, Tq, n) over a layer's cache, whose slots hold positions ix (B, n)."""
+        B = ix.shape[0]
         valid = ix >= 0
         idx = ix.clamp(min=0)
         if mask is None:  # fillers in this layer's cache must be masked for the new queries
@@ -272,11 +290,53 @@ class TokenSession:
             if self.causal and Tq > 1:
                 qpos = ix[:, -Tq:]
                 new = new & (idx[:, None, None, :] <= qpos[:, None, :, None])
-        else:
-            m = mask.expand(B, *mask.shape[1:])
-            new = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], m.shape[2], ix.shape[1]))
-            new = _mask_keys(new, valid)
-        return _put_mask(args, kwargs, where, new)
+            return new
+        m = mask.expand(B, *mask.shape[1:])
+        new = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], m.shape[2], ix.shape[1]))
+        return _mask_keys(new, valid)
+
+    def _revive(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None) -> None:
+        """LazyLLM revival before block i: compute the top-attended tokens layer i lacks (see revive.py)."""
+        cache = _cache_of(kwargs)
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) <= i:
+            raise RuntimeError("lazy revive=True needs a transformers DynamicCache with per-layer keys "
+                               f"(got {type(cache).__name__}); use revive=False")
+        x = args[0] if args else kwargs["hidden_states"]
+        B, Tq, _ = x.shape
+        prev, ix = self.kv_index[i - 1], self.kv_index[i]
+        keys = layers[i - 1].keys  # (B, h_kv, n, D), RoPE applied
+        if keys.shape[2] != prev.shape[1]:
+            raise RuntimeError("token pruning lost track of the KV cache (was the cache edited?)")
+        lm = self._layer_mask(prev, mask, Tq)[:, 0, -1]  # (B, n) the last query's keys
+        allowed = lm if lm.dtype == torch.bool else lm > torch.finfo(lm.dtype).min / 2
+        a = self.anatomy.blocks[i - 1].attention
+        q_raw = self._cap["qkv"][..., :a.num_heads * a.head_dim] if "qkv" in self._cap else self._cap["q"]
+        att = last_query_attention(q_raw, keys, allowed, a.num_heads, a.head_dim, kwargs.get("position_embeddings"))
+        target = self.method.targets(i, self.num_blocks, self.state.n)  # (B,) as prefill kept here
+        rank = att.masked_fill(~allowed, -1.0).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        wanted = torch.where((rank < target[:, None]) & allowed, prev, -1)  # (B, n)
+        pos, states = self.aux.take(i, wanted)  # (B, R), (B, R, H)
+        if not bool((pos >= 0).any()):
+            return
+        old = ix[:, :ix.shape[1] - Tq]  # positions in layer i's cache now; the new tokens come after
+        T0 = self._prompt_ok.shape[1]
+        key_ok = (old >= 0) & ((old >= T0) | self._prompt_ok.gather(1, old.clamp(min=0, max=T0 - 1)))
+        call = {**kwargs, "attention_mask": revival_mask(old, key_ok, pos, states.dtype)}
+        call["position_embeddings"] = gather_pe(self._prompt_pe, pos)
+        if torch.is_tensor(call.get("position_ids")):
+            call["position_ids"] = pos.clamp(min=0)
+        call.pop("hidden_states", None)
+        self._reviving = True
+        try:
+            out = self.anatomy.blocks[i].module(states, **call)
+        finally:
+            self._reviving = False
+        out = out[0] if isinstance(out, tuple) else out  # (B, R, H)
+        self.kv_index[i] = torch.cat([old, pos, ix[:, old.shape[1]:]], 1)
+        if i + 1 < self.num_blocks:
+            self.aux.add(i + 1, pos, out)
+        self.aux.revived[i] = self.aux.revived.get(i, 0) + int((pos >= 0).sum())
 
 
 class _CountingContext(Context):
