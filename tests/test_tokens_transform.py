@@ -160,3 +160,12 @@ def test_bad_arguments(bert, name, settings, message):
     with pytest.raises(ValueError, match=message):
         with tokens.prune(bert, name, **settings):
             pass
+
+
+def test_cli_flops_and_transform_errors_before_loading(capsys):
+    from trimformer.cli import main
+
+    assert main(["bench-tokens", "--methods", "transfrom"]) == 2
+    assert "Did you mean 'transform'" in capsys.readouterr().err
+    assert main(["bench-tokens", "--methods", "transform", "--flops", "0.6,abc"]) == 2
+    assert "--flops '0.6,abc': expected comma-separated numbers" in capsys.readouterr().err
