@@ -150,6 +150,7 @@ def test_flops_target_is_met(bert, name):
         ("transform", {"tau": 0.0}, "tau=0.0 must be > 0"),
         ("transform", {"neighbours": 0}, "neighbours=0 must be >= 1"),
         ("merge", {"features": "values"}, "features='values' must be 'keys' or 'hidden'"),
+        ("merge", {"threshold": 1.5}, "threshold=1.5 must be a cosine"),
         ("merge", {"flops": 1.5}, "flops=1.5 must be in"),
         ("merge", {"flops": 0.5, "schedule": [1, 1, 1, 1]}, "not both"),
         ("merge", {"flops": 0.3, "start": 3}, "flops=0.3 is out of reach"),
@@ -169,3 +170,22 @@ def test_cli_flops_and_transform_errors_before_loading(capsys):
     assert "Did you mean 'transform'" in capsys.readouterr().err
     assert main(["bench-tokens", "--methods", "transform", "--flops", "0.6,abc"]) == 2
     assert "--flops '0.6,abc': expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_threshold_merges_only_similar_pairs(bert):
+    """threshold: duplicates merge, dissimilar pairs don't, whatever the schedule allows."""
+    from trimformer.tokens.merge import bipartite_soft_matching
+
+    g = torch.Generator().manual_seed(8)
+    feat = torch.randn(1, 8, 16, generator=g)
+    feat[0, 3], feat[0, 7] = feat[0, 2], feat[0, 6]  # A 2 = B 3, A 6 = B 7
+    valid, protected = torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 8, dtype=torch.bool)
+    merged, _ = bipartite_soft_matching(feat, torch.tensor([4]), valid, protected, threshold=0.99)
+    assert merged[0].nonzero().flatten().tolist() == [2, 6]
+    ids = ids_of(40, 13)
+    with tokens.prune(bert, "merge", keep=0.05, threshold=1.0) as s:  # nothing is that similar
+        hidden(bert, ids)
+    assert s.counts == [[40]] * L
+    with tokens.prune(bert, "merge", keep=0.05, threshold=-1.0) as s:  # everything may merge: the cap binds
+        hidden(bert, ids)
+    assert s.counts[1][0] < 40

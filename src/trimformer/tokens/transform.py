@@ -41,7 +41,7 @@ class Transform(Merge):
     def plan(self, ctx: Context, recover: bool) -> Plan:
         r = ctx.valid.sum(1) - ctx.target  # (B,) tokens removed per row (at most half, as in ToMe)
         feat = self.similarity_features(ctx)
-        removed, _ = bipartite_soft_matching(feat, r, ctx.valid, ctx.protected)
+        removed, _ = bipartite_soft_matching(feat, r, ctx.valid, ctx.protected, self.threshold)
         kept = ctx.valid & ~removed
         keep, slot_valid, slot_of = compact(kept, ctx.causal)
         B, T, C = feat.shape
