@@ -5,11 +5,12 @@
     session.counts, session.flops()
 
 Methods: zero-tprune, merge (ToMe), transform (many-to-many Token Transforming), acc (latency
-target), lazy (LLM prefill). Every method also
+target), lazy (LLM prefill; `revive=True` revives pruned tokens while decoding). Every method also
 takes `keep` (share of each row's tokens reaching the last block; geometric from block `start`),
-`schedule` (share at every block instead), `recover` (restore full length before that block;
-len(blocks) = after the last one, so per-token outputs keep their shape) and `fill` ("copy": a
-restored token takes its stand-in's output; "skip": its own state from when it was dropped).
+`schedule` (share at every block instead), `flops` (a share of dense block FLOPs; solves `keep`),
+`recover` (restore full length before that block; len(blocks) = after the last one, so per-token
+outputs keep their shape) and `fill` ("copy": a restored token takes its stand-in's output; "skip":
+its own state from when it was dropped; "delta": its own state plus its stand-in's update since).
 Pruned tokens are physically dropped between blocks; rows with padding keep their own counts.
 """
 

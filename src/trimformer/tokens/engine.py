@@ -4,7 +4,8 @@ At the input of every block a pre-hook shrinks the hidden states as the method's
 gathers the block's attention mask / rotary embeddings to the surviving tokens (so tokens are
 physically dropped: FLOPs and latency fall). Hooks on the q/k projections keep a reference to the
 previous block's queries and keys for the scores. For decoders with a KV cache, every layer caches
-only the tokens it computed; later calls (decoding, continuation) see their masks gathered to match.
+only the tokens it computed; later calls (decoding, continuation) see their masks gathered to match,
+and with `revive` each layer first computes the prompt tokens it now needs from the Aux Cache (revive.py).
 Everything is added on entry and removed in `finally`: the model leaves exactly as it came.
 """
 
