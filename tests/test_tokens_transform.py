@@ -189,3 +189,21 @@ def test_threshold_merges_only_similar_pairs(bert):
     with tokens.prune(bert, "merge", keep=0.05, threshold=-1.0) as s:  # everything may merge: the cap binds
         hidden(bert, ids)
     assert s.counts[1][0] < 40
+
+
+@pytest.mark.parametrize("name", ["merge", "transform"])
+def test_delta_and_threshold_padded_batch_equals_rows(bert, name):
+    """Right padding: every row of a batch comes out as the row alone (delta recovery mid-stack,
+    and content-adaptive threshold merging, whose counts differ per row)."""
+    ids = ids_of(24, 14, rows=3)
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    mask[2, 9:] = 0
+    for settings in ({"schedule": [1.0, 0.6, 0.5, 1.0], "recover": 3, "fill": "delta"},
+                     {"keep": 0.05, "threshold": 0.5, "recover": L, "features": "hidden"}):  # rows cut unevenly
+        with tokens.prune(bert, name, **settings):
+            out = hidden(bert, ids, mask).last_hidden_state
+            for b in range(3):
+                n = int(mask[b].sum())
+                row = hidden(bert, ids[b:b + 1, :n]).last_hidden_state[0]
+                torch.testing.assert_close(out[b, :n], row, atol=1e-5, rtol=1e-4)
