@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from conftest import tiny
 
-from trimformer import tokens
+from trimformer import anatomy_of, tokens
 
 L = 4
 
@@ -111,3 +112,27 @@ def test_revival_padded_batch_equals_rows(llama):
             n = int(mask[b].sum())
             row = llama.generate(input_ids=ids[b:b + 1, -n:], **g)
             assert torch.equal(gen[b, 20:], row[0, n:])
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gpt2", "opt"])
+def test_revival_other_decoders_batch_equals_rows(family):
+    """Revival across adapters (positional cache / mask on GPT-2, no RoPE on GPT-2 / OPT): each row
+    of a left-padded batch generates as the row alone; GPT-2 needs full length restored at the end."""
+    model = tiny(family).eval()
+    L_ = len(anatomy_of(model).blocks)
+    ids = torch.randint(3, 100, (2, 30), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    g = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    extra = {"recover": L_, "fill": "skip"} if family == "gpt2" else {}
+    if family == "gpt2":
+        with pytest.raises(ValueError, match="pass recover="):
+            with tokens.prune(model, "lazy", keep=0.2, start=1):
+                pass
+    with tokens.prune(model, "lazy", keep=0.2, start=1, revive=True, **extra) as s:
+        out = model.generate(input_ids=ids, attention_mask=mask, **g)
+        revived = sum(s.aux.revived.values())
+        for b in range(2):
+            n = int(mask[b].sum())
+            assert torch.equal(out[b, -3:], model.generate(input_ids=ids[b:b + 1, -n:], **g)[0, -3:])
+    assert revived > 0

@@ -11,6 +11,8 @@ Everything is added on entry and removed in `finally`: the model leaves exactly 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +67,9 @@ class TokenSession:
             raise ValueError(f"{method.name} is for decoder LLM prefill ({self.anatomy.family} is an encoder); "
                              "use 'zero-tprune', 'merge' or 'acc'")
         method.check(self.num_blocks)
+        if self.anatomy.family == "gpt2" and method.recover is None and method.reduces(self.num_blocks):
+            raise ValueError(f"{method.name}: GPT-2 reshapes its last hidden states to the input length; pass "
+                             f"recover={self.num_blocks} (with fill='skip' a dropped position keeps its state when dropped)")
         if hasattr(method, "prepare"):
             method.prepare(self.anatomy)
         self.state: _Forward | None = None
@@ -129,9 +134,11 @@ class TokenSession:
 
     def _before_block(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = args[0] if args else kwargs["hidden_states"]
-        mask, where = _find_mask(args, kwargs)
+        block = self.anatomy.blocks[i].module
+        mask, where = _find_mask(block, args, kwargs)
+        cache = _cache_of(block, args, kwargs)
         if i == 0:
-            self._start(x, mask, kwargs)
+            self._start(x, mask, kwargs, cache)
         if self._continuing:
             return self._continue(i, args, kwargs, mask, where)
         st = self.state
@@ -146,12 +153,11 @@ class TokenSession:
                 x = self._reduce(i, x, target)
         st.counts.append(st.valid.sum(1).tolist())
         args, kwargs = self._gather_inputs(args, kwargs, mask, where, x)
-        if self.causal and _cache_of(kwargs) is not None:
+        if self.causal and cache is not None:
             self.kv_index[i] = st.index.clone()
         return args, kwargs
 
-    def _start(self, x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> None:
-        cache = _cache_of(kwargs)
+    def _start(self, x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict, cache: Any) -> None:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         self._continuing = past > 0
         B, T = x.shape[:2]
@@ -211,7 +217,10 @@ class TokenSession:
         plan = self.method.plan(ctx, recover=self.method.recover is not None)
         st.extra_flops += ctx.flops
         if self.aux is not None:  # LazyLLM's Aux Cache: the state each dropped token had here
-            self.aux.add(i, torch.where(st.valid & (plan.dst < 0), st.index, -1), x)
+            B, T = st.valid.shape
+            own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
+            own = own.scatter(1, torch.where(plan.slot_valid, plan.keep, T), True)[:, :T]  # (B, T) kept as itself
+            self.aux.add(i, torch.where(st.valid & ~own, st.index, -1), x)
         fill = self.method.fill if self.method.recover is not None else None
         return apply_plan(plan, x, st, skip=fill == "skip", delta=fill == "delta")
 
@@ -274,7 +283,7 @@ class TokenSession:
     def _continue(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any):
         self._pos = None
         if self.aux is not None and i >= 1 and self.aux.has(i):
-            self._revive(i, args, kwargs, mask)
+            self._revive(i, args, kwargs, mask, where)
         ix = self.kv_index.get(i)
         if ix is None or mask is None and bool((ix >= 0).all()):
             return args, kwargs
@@ -296,9 +305,9 @@ class TokenSession:
         new = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], m.shape[2], ix.shape[1]))
         return _mask_keys(new, valid)
 
-    def _revive(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None) -> None:
+    def _revive(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any) -> None:
         """LazyLLM revival before block i: compute the top-attended tokens layer i lacks (see revive.py)."""
-        cache = _cache_of(kwargs)
+        cache = _cache_of(self.anatomy.blocks[i].module, args, kwargs)
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) <= i:
             raise RuntimeError("lazy revive=True needs a transformers DynamicCache with per-layer keys "
@@ -323,14 +332,18 @@ class TokenSession:
         old = ix[:, :ix.shape[1] - Tq]  # positions in layer i's cache now; the new tokens come after
         T0 = self._prompt_ok.shape[1]
         key_ok = (old >= 0) & ((old >= T0) | self._prompt_ok.gather(1, old.clamp(min=0, max=T0 - 1)))
-        call = {**kwargs, "attention_mask": revival_mask(old, key_ok, pos, states.dtype)}
-        call["position_embeddings"] = gather_pe(self._prompt_pe, pos)
+        call = {**kwargs}
+        if "position_embeddings" in call:
+            call["position_embeddings"] = gather_pe(self._prompt_pe, pos)
         if torch.is_tensor(call.get("position_ids")):
             call["position_ids"] = pos.clamp(min=0)
-        call.pop("hidden_states", None)
+        if "hidden_states" in call:
+            call["hidden_states"] = states
+        call_args, call = _put_mask((states, *args[1:]) if args else args, call, where,
+                                    revival_mask(old, key_ok, pos, states.dtype))
         self._reviving = True
         try:
-            out = self.anatomy.blocks[i].module(states, **call)
+            out = self.anatomy.blocks[i].module(*call_args, **call)
         finally:
             self._reviving = False
         out = out[0] if isinstance(out, tuple) else out  # (B, R, H)
@@ -429,18 +442,39 @@ def block_flops(block: Any, n: int, causal: bool) -> float:
 
 
 # -- masks and positions: Hugging Face conventions, not model classes ------------------------------
-def _cache_of(kwargs: dict) -> Any:
-    return kwargs.get("cache", kwargs.get("past_key_values"))
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _find_mask(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Any]:
-    """The 4-D attention mask a block gets: a keyword, or (BERT-like) its second positional argument."""
+def _cache_of(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The KV cache a block gets: a keyword, or the positional argument its signature names so."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    for name in CACHE_NAMES:
+        pos = _arg_position(type(block), name)
+        if pos is not None and pos < len(args):
+            return args[pos]
+    return None
+
+
+def _find_mask(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Any]:
+    """The 4-D attention mask a block gets: a keyword, or the positional argument its forward's
+    signature names `attention_mask` (BERT: second; GPT-2: third, after the cache)."""
     for name in MASK_KWARGS:
         if name in kwargs:
             return kwargs[name], name
-    if len(args) > 1 and (args[1] is None or torch.is_tensor(args[1]) and args[1].dim() == 4):
-        return args[1], 1
+    pos = _arg_position(type(block), "attention_mask")
+    if pos is not None and pos < len(args):
+        return args[pos], pos
     return None, "attention_mask"
+
+
+@functools.cache
+def _arg_position(block_type: type, name: str) -> int | None:
+    """Index of argument `name` among a block's positional arguments (self excluded), or None."""
+    names = [p.name for p in inspect.signature(block_type.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    return names.index(name) if name in names else None
 
 
 def _put_mask(args: tuple, kwargs: dict, where: Any, mask: torch.Tensor | None) -> tuple[tuple, dict]:
