@@ -7,6 +7,8 @@ The first token (attention sink) and the last position are always kept. Each lay
 the tokens that layer computed; decoding continues on that cache. `revive`: at every decoding step
 each layer re-ranks the prompt by the current position's attention and computes the top tokens it
 lacks from their saved states (LazyLLM's Aux Cache, see revive.py); without it, pruned tokens stay out.
+GPT-2 reshapes its last hidden states to the input length: there pass recover=len(blocks), fill="skip".
+On smollm2-135m revival did not raise agreement with dense generation (benchmarks/lazyllm_revive.py).
 """
 
 from __future__ import annotations
