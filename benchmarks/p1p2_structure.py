@@ -220,9 +220,9 @@ def main() -> None:
                                                   "0.5:parts=ffn,heads,,allocation=uniform"],
                    help="trimformer width settings per run: [KEEP:]key=value joined by ',,'")
     p.add_argument("--skip-tp", action="store_true")
-    p.add_argument("--finercut-windows", type=int, default=2)
-    p.add_argument("--finercut-length", type=int, default=128)
-    p.add_argument("--finercut-shortlist", type=int, default=6)
+    p.add_argument("--finercut-windows", type=int, default=8)
+    p.add_argument("--finercut-length", type=int, default=256)
+    p.add_argument("--finercut-shortlist", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended machine)")
     a = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
