@@ -189,6 +189,32 @@ def depth_part(dense, ctx) -> list[dict]:
     return rows
 
 
+def search_part(dense, ctx) -> list[dict]:
+    """search at each latency target, then uniform width cuts (FFN + heads) around it: the comparison is
+    with the best uniform cut whose measured prefill ratio is not above the search's."""
+    a = ctx["args"]
+    rows = []
+    for lat in a.latencies:
+        m = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        cfg = {"target": f"latency={lat}", "windows": a.finercut_windows, "length": a.finercut_length}
+        trimformer.prune_(m, trimformer.build("search", cfg), calibration=ctx["calib"], progress=True)
+        res = m.trimformer_history[-1]["result"]
+        rows.append(measure(f"search {cfg}", m, dense, ctx, time.perf_counter() - t0,
+                            {"tool": "trimformer", "latency_target": lat, "choices": res["choices"],
+                             "predicted_latency": res["predicted_latency"], "latency_table": res["latency_table"]}))
+        del m
+    for keep in a.uniform_keeps:
+        m = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        cfg = {"target": f"params={keep}", "parts": "ffn,heads", "allocation": "uniform", "precision": "auto"}
+        trimformer.prune_(m, trimformer.build("width", cfg), calibration=ctx["calib"], progress=False)
+        rows.append(measure(f"uniform width {cfg}", m, dense, ctx, time.perf_counter() - t0,
+                            {"tool": "trimformer", "uniform_for_search": True}))
+        del m
+    return rows
+
+
 def to_markdown(res: dict) -> str:
     lines = ["# P1 + P2, structured pruning on smollm2-135m", "",
              f"Settings: {json.dumps(res['settings'])}", "",
@@ -202,12 +228,25 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {r['name']} | {r['params_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['ppl_doc']:.2f} | "
                      f"{r['kl_doc']:.3f} | {r['top1_doc']:.3f} | {r['kl_code']:.3f} | "
                      f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} |")
+    searched = [r for r in res["rows"] if "latency_target" in r and "error" not in r]
+    uniform = [r for r in res["rows"] if r.get("uniform_for_search") and "error" not in r]
+    for r in searched:
+        fits = [u for u in uniform if u["prefill_ratio"] <= r["prefill_ratio"]]
+        lines += ["", f"Search at latency={r['latency_target']}: predicted {r['predicted_latency']:.3f}, measured "
+                  f"prefill ratio {r['prefill_ratio']:.3f}, kl_doc {r['kl_doc']:.3f}; chosen per block: "
+                  f"{', '.join(r['choices'])}"]
+        if fits:
+            best = min(fits, key=lambda u: u["kl_doc"])
+            lines.append(f"Best uniform width cut with measured prefill ratio <= the search's: {best['name']} "
+                         f"(ratio {best['prefill_ratio']:.3f}), kl_doc {best['kl_doc']:.3f}.")
+        else:
+            lines.append("No uniform width cut in this run is as fast as the search's result (see the rows).")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "width", "depth"], default="all")
+    p.add_argument("--part", choices=["all", "width", "depth", "search"], default="all")
     p.add_argument("--merge", action="store_true", help="merge the part files into p1p2_structure.json/.md")
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--ppl-windows", type=int, default=64)
@@ -220,6 +259,9 @@ def main() -> None:
                                                   "0.5:parts=ffn,heads,,allocation=uniform"],
                    help="trimformer width settings per run: [KEEP:]key=value joined by ',,'")
     p.add_argument("--skip-tp", action="store_true")
+    p.add_argument("--latencies", type=float, nargs="+", default=[0.6], help="search latency targets")
+    p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.45, 0.5, 0.55],
+                   help="params targets of the uniform width cuts the search is compared with")
     p.add_argument("--finercut-windows", type=int, default=8)
     p.add_argument("--finercut-length", type=int, default=256)
     p.add_argument("--finercut-shortlist", type=int, default=8)
@@ -250,6 +292,8 @@ def main() -> None:
         rows += width_part(dense, ctx)
     if a.part in ("all", "depth"):
         rows += depth_part(dense, ctx)
+    if a.part in ("all", "search"):
+        rows += search_part(dense, ctx)
     settings = {k: v for k, v in vars(a).items() if k != "merge"}
     settings.update({"torch": torch.__version__, "python": sys.version.split()[0]})
     res = {"part": a.part, "settings": settings, "dense": dense_row, "rows": rows}

@@ -22,13 +22,24 @@ class InputStats:
     n: int = 0
     s: torch.Tensor | None = None  # (in,)
     H: torch.Tensor | None = None  # (in, in)
+    t: torch.Tensor | None = None  # (in,) sum over tokens of x_c dL/dx_c (gradient criteria only)
+    F: torch.Tensor | None = None  # (in, in) sum over tokens of (x * dL/dx)(x * dL/dx)^T
 
     def add(self, X: torch.Tensor) -> None:
         X = X.reshape(-1, X.shape[-1]).float()  # (tokens, in)
-        s, H = X.sum(0).double(), (X.t() @ X).double()  # products in fp32 (speed), sums in fp64
+        with torch.autocast(X.device.type, enabled=False):  # X^T X never in bf16 (calibrate.BlockCalib.gram)
+            s, H = X.sum(0).double(), (X.t() @ X).double()  # products in fp32 (speed), sums in fp64
         self.s = s if self.s is None else self.s + s
         self.H = H if self.H is None else self.H + H
         self.n += X.shape[0]
+
+    def add_grad(self, X: torch.Tensor, G: torch.Tensor) -> None:
+        """Add inputs X and the gradient G of a loss with respect to them (both (..., in))."""
+        P = (X.reshape(-1, X.shape[-1]).float() * G.reshape(-1, G.shape[-1]).float())  # (tokens, in)
+        with torch.autocast(P.device.type, enabled=False):
+            t, F = P.sum(0).double(), (P.t() @ P).double()
+        self.t = t if self.t is None else self.t + t
+        self.F = F if self.F is None else self.F + F
 
     @property
     def mean(self) -> torch.Tensor:
@@ -42,14 +53,17 @@ class InputStats:
 Score = Callable[[torch.Tensor, InputStats | None, list[torch.Tensor]], torch.Tensor]
 IMPORTANCE: dict[str, Score] = {}
 NEEDS_DATA: set[str] = set()
+NEEDS_GRAD: set[str] = set()
 LS_DAMP = 1e-2  # ridge on the least-squares refit, relative to the mean input energy
 
 
-def criterion(name: str, data: bool = True) -> Callable[[Score], Score]:
+def criterion(name: str, data: bool = True, grad: bool = False) -> Callable[[Score], Score]:
     def deco(fn: Score) -> Score:
         IMPORTANCE[name] = fn
-        if data:
+        if data or grad:
             NEEDS_DATA.add(name)
+        if grad:
+            NEEDS_GRAD.add(name)
         return fn
 
     return deco
@@ -93,6 +107,45 @@ def hessian(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torc
         Wg = Wd[:, g]  # (out, |G|)
         out.append(torch.trace(Wg @ torch.linalg.solve(Hinv[g][:, g], Wg.t())))
     return torch.stack(out)
+
+
+def _need_grad(st: InputStats | None, name: str) -> InputStats:
+    if st is None or st.t is None:
+        raise ValueError(f"importance {name!r} needs gradient statistics (InputStats.add_grad); "
+                         "width collects them when importance is a gradient criterion")
+    return st
+
+
+@criterion("taylor", grad=True)
+def taylor(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torch.Tensor:
+    """First-order Taylor (Molchanov et al. 2019; LLM-Pruner): |change of the loss| when the group's mask
+    goes from 1 to 0, |sum over tokens and the group's columns of x_c dL/dx_c|. The loss is block-local
+    (see width: next-token cross-entropy of the block's output read through the final norm and head)."""
+    t = _need_grad(st, "taylor").t
+    return torch.stack([t[g].sum().abs() for g in groups])
+
+
+@criterion("fisher", grad=True)
+def fisher(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torch.Tensor:
+    """Empirical Fisher of the group's mask (Kwon et al. 2022; NViT's Hessian-aware saliency): half the sum
+    over tokens of (sum_{c in G} x_c dL/dx_c)^2, a second-order estimate of the loss change that compares
+    across heads, neurons and blocks."""
+    F = _need_grad(st, "fisher").F
+    return torch.stack([F[g][:, g].sum() / 2 for g in groups])
+
+
+@criterion("spectral", data=False)
+def spectral(W: torch.Tensor, st: InputStats | None, groups: list[torch.Tensor], energy: float = 0.9) -> torch.Tensor:
+    """Calibration-free, from the weight's spectrum (in the spirit of PruneNet, Sengupta et al. 2025, which
+    keeps the pruned matrix's singular-value distribution close to the original's): a group's share of the
+    dominant singular directions, sum over its columns c of sum_{r<=k} (s_r V[c, r])^2, W = U diag(s) V^T,
+    k the fewest directions holding `energy` of ||W||_F^2. Over all r this would be the magnitude; the
+    cut-off ignores what a column contributes only to the spectrum's tail."""
+    _, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)  # S (r,), Vh (r, in)
+    cum = (S**2).cumsum(0) / (S**2).sum()
+    k = int((cum < energy).sum().item()) + 1
+    e = ((S[:k, None] * Vh[:k]) ** 2).sum(0)  # (in,)
+    return torch.stack([e[g].sum() for g in groups])
 
 
 def damped(H: torch.Tensor, rel: float = 1e-2) -> torch.Tensor:
