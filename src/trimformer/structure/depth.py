@@ -131,6 +131,7 @@ class FinerCut:
     shortlist: after the first step, re-score only this many candidates, the best of the previous
     step (lazy greedy; 0 = re-score every candidate at every step, as in the paper).
     precision: forwards of the search in bf16 autocast where native ('auto'), or 'fp32'.
+    positions: the KL is averaged over this many evenly spaced positions per window (0 = all).
     The hidden state entering every block is cached (probe.Probe), so scoring a sublayer of block i
     re-runs blocks i.. only; after each removal the cache is refreshed from that block on."""
 
@@ -141,6 +142,7 @@ class FinerCut:
     length: int = 256
     shortlist: int = 8
     precision: str = "auto"
+    positions: int = 64
 
     def __post_init__(self) -> None:
         self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
@@ -165,7 +167,8 @@ class FinerCut:
         budget = self.remove if self.remove > 0 else self.compute * total
         if self.remove >= len(cands):
             raise ValueError(f"cannot remove {self.remove} sublayers; only {len(cands)} can go")
-        probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size, precision=self.precision)
+        probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
+                      precision=self.precision, positions=self.positions)
         removed: list[tuple[int, str]] = []
         trace = []
         latest: dict[tuple[int, str], float] = {}  # each candidate's KL when last scored

@@ -5,7 +5,9 @@ a narrower FFN) re-runs blocks i..L-1, the final norm and the head from that cac
 next-token distribution with the dense one (KL(dense || model), nats per token). FinerCut's greedy
 search, the per-block candidate library of `search` and the measured allocation of `width` use it.
 Forwards run under bf16 autocast where the CPU/GPU multiplies bf16 natively (precision="auto"); the
-dense reference is computed the same way, so an unchanged model scores ~0.
+dense reference is computed the same way, so an unchanged model scores ~0. The head and the softmax
+over the vocabulary cost as much as a few blocks, so the KL is averaged over at most `positions`
+evenly spaced positions per window (all positions still run through the blocks; the KL there is exact).
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ from ..models import Anatomy, Block
 class Probe:
     """Cached block inputs of `windows` (n, T) on a causal LM, and its dense next-token log-probs."""
 
-    def __init__(self, anatomy: Anatomy, windows: torch.Tensor, *, batch_size: int = 1, precision: str = "auto"):
+    def __init__(self, anatomy: Anatomy, windows: torch.Tensor, *, batch_size: int = 1, precision: str = "auto",
+                 positions: int = 0):
         if not anatomy.causal or anatomy.head is None:
             raise ValueError("the KL probe needs a causal LM with an output head (next-token distributions)")
+        if positions < 0:
+            raise ValueError(f"positions must be >= 0 (0 = every position), got {positions}")
+        T = windows.shape[1]
+        self.at = torch.arange(T) if positions in (0, T) or positions > T else \
+            torch.linspace(0, T - 1, positions).round().long().unique()  # (P,) scored positions
         self.anatomy = anatomy
         self.dtype = calibrate.resolve_precision(precision, next(anatomy.model.parameters()).device)
         inputs, self.kwargs = calibrate.capture_inputs(anatomy, windows, batch_size)
@@ -54,6 +62,7 @@ class Probe:
     def _logprobs(self, hs: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         an = self.anatomy
         for h in hs:
+            h = h[:, self.at]  # (B, P, d)
             with self.compute():
                 h = an.final_norm(h) if an.final_norm is not None else h
                 logits = an.head(h)

@@ -247,7 +247,8 @@ class Search:
     """Puzzle-style per-block choice under a budget. target: 'latency=R' (prefill latency measured on this
     machine, `tokens` tokens, median of `runs`) or 'params=R'. widths: FFN shares offered besides 1
     (0 = MLP removed). attention: also offer attention removal. windows/length: calibration tokens of
-    the KL scores. importance: neuron criterion of the FFN cuts (least-squares re-fit always)."""
+    the KL scores (positions: evenly spaced positions per window the KL is averaged over, 0 = all).
+    importance: neuron criterion of the FFN cuts (least-squares re-fit always)."""
 
     target: str = "latency=0.6"
     widths: str = "0.75,0.5,0.25,0"
@@ -259,6 +260,7 @@ class Search:
     tokens: int = 512
     runs: int = 5
     precision: str = "auto"
+    positions: int = 64
     _kind: str = field(default="latency", init=False, repr=False)
     _keep: float = field(default=0.6, init=False, repr=False)
 
@@ -296,7 +298,8 @@ class Search:
         if budget < 0:
             raise BudgetTooSmallError(f"target {self.target}: everything outside the blocks already costs "
                                       f"{fixed / whole:.2f} of the dense model; raise the target")
-        probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size, precision=self.precision)
+        probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
+                      precision=self.precision, positions=self.positions)
         errors, cuts = score_library(anatomy, probe, [o.ffn for o in opts], attention=self.attention,
                                      importance=self.importance, multiple_of=self.multiple_of, progress=progress)
         del probe

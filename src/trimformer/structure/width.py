@@ -73,6 +73,7 @@ class Width:
     shares: str = "0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2"
     probe_windows: int = 8
     probe_length: int = 256
+    probe_positions: int = 64
     precision: str = "fp32"
     _kind: str = field(default="params", init=False, repr=False)
     _keep: float = field(default=0.8, init=False, repr=False)
@@ -186,7 +187,7 @@ class Width:
 
         need, neuron, _ = self._costs(anatomy)
         probe = Probe(anatomy, calibration[: self.probe_windows, : self.probe_length], batch_size=batch_size,
-                      precision=self.precision)
+                      precision=self.precision, positions=self.probe_positions)
         errors, _ = score_library(anatomy, probe, self._shares, attention=False, importance=self.importance,
                                   multiple_of=self.multiple_of, progress=progress)
         del probe
