@@ -259,7 +259,8 @@ def main() -> None:
                                                   "0.5:parts=ffn,heads,,allocation=uniform"],
                    help="trimformer width settings per run: [KEEP:]key=value joined by ',,'")
     p.add_argument("--skip-tp", action="store_true")
-    p.add_argument("--latencies", type=float, nargs="+", default=[0.6], help="search latency targets")
+    p.add_argument("--latencies", type=float, nargs="*", default=[0.6], help="search latency targets (none: only the uniform cuts)")
+    p.add_argument("--out-name", help="result file stem (default p1p2_structure[_PART]); p1p2_structure_* files are merged")
     p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.45, 0.5, 0.55],
                    help="params targets of the uniform width cuts the search is compared with")
     p.add_argument("--finercut-windows", type=int, default=8)
@@ -271,7 +272,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if a.merge:
         parts = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("p1p2_structure_*.json"))]
-        res = {"settings": {pp["part"]: pp["settings"] for pp in parts}, "dense": parts[0]["dense"],
+        res = {"settings": {f.stem: pp["settings"] for f, pp in zip(sorted(RESULTS.glob("p1p2_structure_*.json")), parts)},
+               "dense": parts[0]["dense"],
                "rows": [r for pp in parts for r in pp["rows"]]}
         (RESULTS / "p1p2_structure.json").write_text(json.dumps(res, indent=2))
         (RESULTS / "p1p2_structure.md").write_text(to_markdown(res))
@@ -295,10 +297,10 @@ def main() -> None:
         rows += depth_part(dense, ctx)
     if a.part in ("all", "search"):
         rows += search_part(dense, ctx)
-    settings = {k: v for k, v in vars(a).items() if k != "merge"}
+    settings = {k: v for k, v in vars(a).items() if k not in ("merge", "out_name")}
     settings.update({"torch": torch.__version__, "python": sys.version.split()[0]})
     res = {"part": a.part, "settings": settings, "dense": dense_row, "rows": rows}
-    name = "p1p2_structure" if a.part == "all" else f"p1p2_structure_{a.part}"
+    name = a.out_name or ("p1p2_structure" if a.part == "all" else f"p1p2_structure_{a.part}")
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
     (RESULTS / f"{name}.md").write_text(to_markdown(res))
     print(to_markdown(res))
