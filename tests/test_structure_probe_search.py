@@ -127,3 +127,17 @@ def test_search_clear_errors(calib):
     with pytest.raises(BudgetTooSmallError):  # the tiny model's embeddings alone exceed 10 % of its params
         trimformer.prune_(tiny("llama"), trimformer.build("search", {"target": "params=0.1"}), calibration=calib,
                           progress=False)
+
+
+def test_width_measured_allocation_meets_target_and_spares_the_loud_block(calib):
+    model = _deeper(tiny("llama"), 4)
+    with torch.no_grad():
+        anatomy_of(model).blocks[2].mlp.down.weight.mul_(8)  # cutting block 2's FFN now costs the most
+    n0 = count_parameters(model)
+    res = trimformer.prune_(model, trimformer.build("width", {"target": "params=0.85", "allocation": "measured",
+                                                               "shares": "0.75,0.5,0.25", "precision": "fp32"}),
+                            calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert count_parameters(model) / n0 <= 0.85 + 1e-9
+    assert res["ffn"][2] == max(res["ffn"]) and len(set(res["ffn"])) > 1
+    with pytest.raises(ValueError, match="parts=ffn"):
+        trimformer.build("width", {"allocation": "measured", "parts": "ffn,heads"})
