@@ -219,15 +219,16 @@ def to_markdown(res: dict) -> str:
     lines = ["# P1 + P2, structured pruning on smollm2-135m", "",
              f"Settings: {json.dumps(res['settings'])}", "",
              f"Dense: params {res['dense']['params']:,}, ppl_doc {res['dense']['ppl_doc']:.3f}", "",
-             "| run | params ratio | FLOPs ratio | ppl_doc | kl_doc | top1_doc | kl_code | prefill ratio | prune s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | params ratio | FLOPs ratio | ppl_doc | kl_doc | top1_doc | kl_code | prefill ratio | prune s | eval windows ppl/kl (dense ppl) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['params_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['ppl_doc']:.2f} | "
                      f"{r['kl_doc']:.3f} | {r['top1_doc']:.3f} | {r['kl_code']:.3f} | "
-                     f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} |")
+                     f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} | "
+                     f"{r.get('eval_windows', '')} ({r.get('dense_ppl_doc', res['dense']['ppl_doc']):.2f}) |")
     searched = [r for r in res["rows"] if "latency_target" in r and "error" not in r]
     uniform = [r for r in res["rows"] if r.get("uniform_for_search") and "error" not in r]
     for r in searched:
@@ -272,6 +273,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if a.merge:
         parts = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("p1p2_structure_*.json"))]
+        for pp in parts:  # parts may differ in evaluation windows: each row says its count and its dense ppl
+            for r in pp["rows"]:
+                r.setdefault("eval_windows", f"{pp['settings']['ppl_windows']}/{pp['settings']['kl_windows']}")
+                r.setdefault("dense_ppl_doc", pp["dense"]["ppl_doc"])
         res = {"settings": {f.stem: pp["settings"] for f, pp in zip(sorted(RESULTS.glob("p1p2_structure_*.json")), parts)},
                "dense": parts[0]["dense"],
                "rows": [r for pp in parts for r in pp["rows"]]}
