@@ -182,7 +182,8 @@ def depth_part(dense, ctx) -> list[dict]:
     m = copy.deepcopy(dense)
     t0 = time.perf_counter()
     fc = {"compute": n_blocks / L, "windows": a.finercut_windows, "length": a.finercut_length,
-          "shortlist": a.finercut_shortlist, "positions": a.finercut_positions}
+          "shortlist": a.finercut_shortlist, "positions": a.finercut_positions, "rank": a.finercut_rank,
+          "blocks": a.finercut_blocks}
     trimformer.prune_(m, trimformer.build("finercut", fc), calibration=ctx["calib"], progress=True)
     rows.append(measure(f"finercut {fc}", m, dense, ctx, time.perf_counter() - t0,
                         {"removed": m.trimformer_history[-1]["result"]["removed"]}))
@@ -268,6 +269,8 @@ def main() -> None:
     p.add_argument("--finercut-length", type=int, default=256)
     p.add_argument("--finercut-shortlist", type=int, default=8)
     p.add_argument("--finercut-positions", type=int, default=64, help="scored positions per window (probe)")
+    p.add_argument("--finercut-rank", default="kl", help="kl | per-compute")
+    p.add_argument("--finercut-blocks", action="store_true", help="also offer whole-block moves")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended machine)")
     a = p.parse_args()
     RESULTS.mkdir(exist_ok=True)

@@ -132,6 +132,8 @@ class FinerCut:
     step (lazy greedy; 0 = re-score every candidate at every step, as in the paper).
     precision: forwards of the search in bf16 autocast where native ('auto'), or 'fp32'.
     positions: the KL is averaged over this many evenly spaced positions per window (0 = all).
+    rank: 'kl' picks the removal of lowest KL (the paper); 'per-compute' the lowest KL increase per
+    parameter removed. blocks: also offer removing a whole block (both sublayers) as one move.
     The hidden state entering every block is cached (probe.Probe), so scoring a sublayer of block i
     re-runs blocks i.. only; after each removal the cache is refreshed from that block on."""
 
@@ -143,6 +145,8 @@ class FinerCut:
     shortlist: int = 8
     precision: str = "auto"
     positions: int = 64
+    rank: str = "kl"
+    blocks: bool = False
 
     def __post_init__(self) -> None:
         self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
@@ -152,6 +156,8 @@ class FinerCut:
             raise ValueError("set exactly one of remove=N (sublayers) or compute=S (share of blocks' compute, 0<S<1)")
         if self.windows < 1 or self.length < 2 or self.shortlist < 0:
             raise ValueError(f"windows >= 1, length >= 2, shortlist >= 0; got {self.windows}, {self.length}, {self.shortlist}")
+        if self.rank not in ("kl", "per-compute"):
+            raise ValueError(f"rank {self.rank!r}: choose 'kl' or 'per-compute'")
         calibrate.resolve_precision(self.precision)
 
     def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
@@ -167,12 +173,21 @@ class FinerCut:
         budget = self.remove if self.remove > 0 else self.compute * total
         if self.remove >= len(cands):
             raise ValueError(f"cannot remove {self.remove} sublayers; only {len(cands)} can go")
+        if self.blocks and self._parts == {"attn", "mlp"}:
+            cands += [(b.index, "block") for b in anatomy.blocks if b.attention is not None and b.mlp is not None]
+
+        def parts_of(k: str) -> list[str]:
+            return ["attn", "mlp"] if k == "block" else [k]
+
+        def cost(i: int, k: str) -> float:
+            return float(len(parts_of(k))) if self.remove > 0 else \
+                float(sum(_sublayer_params(anatomy.blocks[i], kk) for kk in parts_of(k)))
         probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
                       precision=self.precision, positions=self.positions)
         removed: list[tuple[int, str]] = []
         trace = []
-        latest: dict[tuple[int, str], float] = {}  # each candidate's KL when last scored
-        gone = 0.0
+        latest: dict[tuple[int, str], float] = {}  # each candidate's rank score when last scored
+        gone, current = 0.0, 0.0
         steps = bar(range(len(cands)), desc="finercut", unit="sublayer", disable=not progress)
         with contextlib.ExitStack() as keep_silent:  # the sublayers removed so far stay silenced
             for _ in steps:
@@ -181,18 +196,25 @@ class FinerCut:
                 best = None
                 pool = sorted(cands, key=latest.__getitem__)[: self.shortlist] if latest and self.shortlist else cands
                 for i, k in pool:
-                    with silenced(anatomy.blocks[i], k):
+                    with contextlib.ExitStack() as trial:
+                        for kk in parts_of(k):
+                            trial.enter_context(silenced(anatomy.blocks[i], kk))
                         kl = probe.kl_from(i)
-                    latest[(i, k)] = kl
-                    if best is None or kl < best[0]:
-                        best = (kl, i, k)
-                kl, i, k = best
-                keep_silent.enter_context(silenced(anatomy.blocks[i], k))
+                    score = kl if self.rank == "kl" else (kl - current) / cost(i, k)
+                    latest[(i, k)] = score
+                    if best is None or score < best[0]:
+                        best = (score, kl, i, k)
+                _, kl, i, k = best
+                for kk in parts_of(k):
+                    keep_silent.enter_context(silenced(anatomy.blocks[i], kk))
                 probe.refresh(i)
-                removed.append((i, k))
-                cands.remove((i, k))
-                gone += 1 if self.remove > 0 else _sublayer_params(anatomy.blocks[i], k)
-                trace.append({"block": i, "sublayer": k, "kl": kl})
+                gone += cost(i, k)
+                current = kl
+                for kk in parts_of(k):
+                    removed.append((i, kk))
+                    trace.append({"block": i, "sublayer": kk, "kl": kl})
+                cands = [c for c in cands if c[0] != i or (c[1] not in parts_of(k) and c[1] != "block"
+                                                             and k != "block")]
         del probe
         for i, k in removed:  # surgery last: silencing used hooks, so indices stayed valid
             if k == "attn":
