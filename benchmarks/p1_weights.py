@@ -36,6 +36,13 @@ METHODS: dict[str, tuple[str, dict]] = {
     "wanda 50%": ("wanda", {"sparsity": 0.5}),
     "wanda 2:4": ("wanda", {"pattern": "2:4"}),
     "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
+    "sparsegpt 50% asymmetric": ("sparsegpt", {"sparsity": 0.5, "asymmetric": True}),
+    "sparsegpt 2:4 asymmetric": ("sparsegpt", {"pattern": "2:4", "asymmetric": True}),
+    "adaptive(kl lam=0.15)+sparsegpt asymmetric 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl",
+                                                                    "lam": 0.15, "settings": {"asymmetric": True}}),
+    "adaptive(kl sublayer lam=0.15)+sparsegpt asymmetric 50%": ("adaptive", {
+        "base": "sparsegpt", "sparsity": 0.5, "importance": "kl", "unit": "sublayer", "lam": 0.15,
+        "settings": {"asymmetric": True}}),
     "sparsegpt 50% non-sequential": ("sparsegpt", {"sparsity": 0.5, "true_sequential": False}),
     "sparsegpt 50% fp32": ("sparsegpt", {"sparsity": 0.5, "precision": "fp32"}),
     "sparsegpt 50% non-sequential fp32": ("sparsegpt", {"sparsity": 0.5, "true_sequential": False, "precision": "fp32"}),

@@ -11,7 +11,7 @@ import transformers as T
 from trimformer import tokens
 from trimformer.tokens.merge import bipartite_soft_matching
 
-ENCODER_METHODS = ["zero-tprune", "merge", "acc"]
+ENCODER_METHODS = ["zero-tprune", "merge", "transform", "acc"]
 L = 4  # blocks in the test models
 
 
@@ -315,7 +315,7 @@ def test_deterministic(bert, batch):
         ("zero-tprune", {"start": 4, "keep": 0.5}, "start=4 but the model has only 4 blocks"),
         ("acc", {"speedup": 0.5}, "speedup=0.5 must be >= 1"),
         ("merge", {"r": -1}, "r=-1 must be >= 0"),
-        ("merge", {"fill": "zeros"}, "fill='zeros' must be 'copy' or 'skip'"),
+        ("merge", {"fill": "zeros"}, "fill='zeros' must be 'copy', 'skip' or 'delta'"),
         ("lazy", {}, "is for decoder LLM prefill"),
         ("zero-tprune", {"kepp": 0.5}, "Did you mean 'keep'"),
     ],

@@ -165,6 +165,32 @@ def test_adaptive_rejects_bad_settings():
         WEIGHTS.build("wanda", {"precision": "fp16"})
 
 
+def test_adaptive_sublayer_units_rank_attention_and_mlp_on_their_own(calib):
+    from trimformer.weights.allocation import block_damage
+
+    model = tiny("llama")
+    anatomy = trimformer.anatomy_of(model)
+    projs = dict(anatomy.projections())
+    imp = block_damage(anatomy, calib, projs, 0.6, 2, False, precision="fp32", unit="sublayer")
+    assert set(imp) == {(b, part) for b in (0, 1) for part in ("attn", "mlp")} and all(v > 0 for v in imp.values())
+    method = WEIGHTS.build("adaptive", {"base": "wanda", "sparsity": 0.5, "lam": 0.1, "importance": "kl",
+                                        "unit": "sublayer", "settings": {"precision": "fp32"}})
+    table = method.allocate(anatomy, calib, projs, 1, False)
+    sizes = {n: p.weight.numel() for n, p in projs.items()}
+    assert sum(table[n] * sizes[n] for n in projs) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-6)
+    share = {(b, part): {round(v, 9) for n, v in table.items()
+                         if f"layers.{b}.{'self_attn' if part == 'attn' else 'mlp'}." in n} for b, part in imp}
+    assert all(len(v) == 1 for v in share.values())  # one share per unit
+    by_damage = [share[u].pop() for u in sorted(imp, key=imp.get)]
+    assert by_damage == sorted(by_damage, reverse=True) and by_damage[0] - by_damage[-1] > 0.15  # less damage -> more pruned
+    trimformer.prune_(model, method, calibration=calib, progress=False)
+    assert _weighted_mean(model, model.trimformer_history[-1]["result"]) == pytest.approx(0.5, abs=5e-3)  # row rounding
+    with pytest.raises(ValueError, match="needs importance='kl'"):
+        WEIGHTS.build("adaptive", {"unit": "sublayer"})
+    with pytest.raises(ValueError, match="unit must be one of"):
+        WEIGHTS.build("adaptive", {"unit": "head", "importance": "kl"})
+
+
 def test_bf16_calibration_stays_close_to_fp32(calib):
     from trimformer.calibrate import resolve_precision
 
@@ -182,14 +208,19 @@ def test_bf16_calibration_stays_close_to_fp32(calib):
         assert agree > 0.9, f"{n}: bf16 calibration chose a different mask for {1 - agree:.0%} of weights"
 
 
-def test_gram_stays_fp32_under_bf16_compute():
-    """X^T X in bf16 would lose the small eigenvalues (one dominant direction); the gram must stay exact fp32."""
+def test_gram_accumulates_in_fp32_under_bf16_compute():
+    """A bf16 X^T X would lose the small eigenvalues (one dominant direction): under bf16 compute the gram is the
+    fp32-accumulated Gram matrix of the bf16-rounded inputs (positive semi-definite), and exact fp32 otherwise."""
     from trimformer.calibrate import BlockCalib
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2048, 64, generator=g) * 1e-2 + 10.0 * torch.randn(64, generator=g)  # a massive common direction
+    assert torch.equal(BlockCalib(block=None, inputs=[X], kwargs=[{}]).gram(X), X.t() @ X)
     bc = BlockCalib(block=None, inputs=[X], kwargs=[{}], compute_dtype=torch.bfloat16)
     with bc.compute():
         H = bc.gram(X)
-    assert H.dtype == torch.float32 and torch.equal(H, X.t() @ X)
+    Xr = X.bfloat16().double()
+    assert H.dtype == torch.float32 and torch.allclose(H.double(), Xr.t() @ Xr, rtol=1e-5, atol=1e-2)
+    assert torch.linalg.eigvalsh(Xr.t() @ Xr).min() > -1e-6  # a true Gram matrix: no negative eigenvalue
     assert torch.linalg.cholesky_ex(H + 0.01 * torch.diag(H).mean() * torch.eye(64)).info == 0
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # the global matmul mode is restored

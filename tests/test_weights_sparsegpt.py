@@ -113,6 +113,50 @@ def test_true_sequential_and_one_pass_give_lower_output_error_than_wanda():
     assert errs["sparsegpt{'true_sequential': False}"] < errs["wanda{}"]
 
 
+def test_refit_to_dense_is_the_least_squares_fit_of_the_dense_outputs():
+    from trimformer.weights.sparsegpt import refit_to_dense
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 12, generator=g, dtype=torch.float64)  # the pruned model's inputs
+    Xd = X + 0.3 * torch.randn(400, 12, generator=g, dtype=torch.float64)  # the dense model's inputs
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    H, C = X.T @ X, Xd.T @ X
+    V = refit_to_dense(W, H, C, percdamp=0.0)
+    assert torch.allclose((Xd @ W.T - X @ V.T).T @ X, torch.zeros(5, 12, dtype=torch.float64), atol=1e-8)  # normal eqs
+    assert torch.allclose(refit_to_dense(W, H, H, percdamp=0.01), W, atol=1e-12)  # same inputs: nothing to correct
+
+
+def test_dense_stream_carries_the_dense_models_block_inputs(calib):
+    from trimformer import calibrate
+
+    dense = tiny("llama")
+    with torch.no_grad():
+        hidden = [dense(input_ids=w[None], output_hidden_states=True).hidden_states for w in calib]
+    model = tiny("llama")
+    anatomy = trimformer.anatomy_of(model)
+    for i, bc in enumerate(calibrate.blocks(anatomy, calib, progress=False, dense_targets=True)):
+        for b, x in enumerate(bc.dense_inputs):
+            assert torch.allclose(x, hidden[b][i], atol=1e-5)
+        assert i == 0 or not torch.allclose(bc.inputs[0], bc.dense_inputs[0])  # the pruned stream differs
+        for _, p in bc.block.projections().items():
+            p.weight.data.mul_(0.5)  # "prune" the block: its copy and the dense stream stay as they were
+
+
+def test_asymmetric_sparsegpt_reaches_the_target_with_lower_error():
+    g = torch.Generator().manual_seed(5)
+    calib = torch.randint(3, 128, (16, 64), generator=g)
+    x = torch.randint(3, 128, (2, 32), generator=g)  # held out
+    ref = tiny("llama")(input_ids=x).logits
+    errs = {}
+    for asym in (False, True):
+        m = tiny("llama")
+        trimformer.prune_(m, WEIGHTS.build("sparsegpt", {"sparsity": 0.6, "asymmetric": asym}), calibration=calib,
+                          progress=False)
+        assert all(s == pytest.approx(0.6, abs=1e-3) for s in m.trimformer_history[-1]["result"].values())
+        errs[asym] = (m(input_ids=x).logits - ref).square().mean().item()
+    assert errs[True] < errs[False]
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="percdamp"):
         WEIGHTS.build("sparsegpt", {"percdamp": -1})

@@ -8,6 +8,7 @@ of the next one. Only one block's statistics live at a time.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,21 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tor
     return None
 
 
+@contextlib.contextmanager
+def _bf16_inputs() -> Iterator[None]:
+    """fp32 matmuls on CPU round their inputs to bf16 and accumulate in fp32 (no-op where unsupported)."""
+    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    old = getattr(mm, "fp32_precision", None)
+    if old is None:
+        yield
+        return
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = old
+
+
 @dataclass
 class BlockCalib:
     """One block and its calibration inputs (one entry per calibration batch)."""
@@ -74,6 +90,8 @@ class BlockCalib:
     inputs: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards (resolve_precision)
+    dense: nn.Module | None = None  # with dense targets: an unpruned copy of the block ...
+    dense_inputs: list[torch.Tensor] | None = None  # ... and the inputs the dense model gives it
 
     def compute(self) -> contextlib.AbstractContextManager:
         """The context every calibration forward of this block runs in (bf16 autocast, or nothing)."""
@@ -82,24 +100,31 @@ class BlockCalib:
         device = self.inputs[0].device.type if self.inputs else "cpu"
         return torch.autocast(device, dtype=self.compute_dtype)
 
-    def gram(self, X: torch.Tensor) -> torch.Tensor:
-        """X^T X for X (tokens, in), always in fp32 (outside autocast).
+    def gram(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+        """X^T X (or X^T Y) for X (tokens, in), accumulated and returned in fp32 (outside autocast).
 
-        A bf16 product would round every entry of X^T X to 8 bits; for inputs with one dominant direction
+        A bf16 *result* would round every entry of X^T X to 8 bits; for inputs with one dominant direction
         (attention sinks, massive activations) that error exceeds the damping and the small eigenvalues OBS
-        relies on, so the Hessian turns indefinite. The forwards may run in bf16; the statistics never do.
+        relies on, so the Hessian turns indefinite. With bf16 forwards on a CPU, the product instead rounds
+        only the *inputs* to bf16 and accumulates in fp32 (oneDNN's bf16 fp32-matmul mode, about 3x faster):
+        the result is the exact Gram matrix of the rounded inputs, so it stays positive semi-definite.
         """
         with torch.autocast(X.device.type, enabled=False):
             X = X.float()
-            return X.t() @ X
+            Y = X if Y is None else Y.reshape(X.shape).float()
+            if self.compute_dtype == torch.bfloat16 and X.device.type == "cpu":
+                with _bf16_inputs():
+                    return X.t() @ Y
+            return X.t() @ Y
 
     @torch.no_grad()
-    def run(self) -> list[torch.Tensor]:
-        """Run the block (as it is now) on every calibration batch."""
+    def run(self, dense: bool = False) -> list[torch.Tensor]:
+        """Run the block (as it is now) on every calibration batch; `dense`: its dense copy on the dense inputs."""
+        module, inputs = (self.dense, self.dense_inputs) if dense else (self.block.module, self.inputs)
         outs = []
         with self.compute():
-            for x, kw in zip(self.inputs, self.kwargs):
-                y = self.block.module(x, **kw)
+            for x, kw in zip(inputs, self.kwargs):
+                y = module(x, **kw)
                 y = y[0] if isinstance(y, tuple) else y
                 outs.append(y if y.dtype == x.dtype else y.to(x.dtype))
         return outs
@@ -174,17 +199,24 @@ def blocks(
     progress: bool = True,
     desc: str = "calibrating",
     precision: str = "fp32",
+    dense_targets: bool = False,
 ) -> Iterator[BlockCalib]:
     """Yield each block with its calibration inputs; after the caller prunes it, its outputs feed the next.
 
     precision: 'fp32' runs the forwards in the model's dtype; 'bf16' / 'auto' (see resolve_precision) run
     them under bf16 autocast, several times faster where bf16 is native. X^T X is always fp32 (BlockCalib.gram).
+    dense_targets: also carry the dense model's stream: each BlockCalib gets an unpruned copy of its block
+    (`dense`) and the inputs the dense model gives it (`dense_inputs`), so a method can fit the dense outputs.
     """
     inputs, kwargs = capture_inputs(anatomy, windows, batch_size)
     compute_dtype = resolve_precision(precision, inputs[0].device if inputs else "cpu")
     if compute_dtype is not None and next(anatomy.model.parameters()).dtype == compute_dtype:
         compute_dtype = None  # the model already runs in that dtype
+    dense_inputs = list(inputs) if dense_targets else None
     for block in bar(anatomy.blocks, desc=desc, unit="block", disable=not progress):
-        bc = BlockCalib(block, inputs, kwargs, compute_dtype)
+        dense = copy.deepcopy(block.module) if dense_targets else None
+        bc = BlockCalib(block, inputs, kwargs, compute_dtype, dense, dense_inputs)
         yield bc
         inputs = bc.run()  # outputs of the pruned block
+        if dense_targets:
+            dense_inputs = bc.run(dense=True)

@@ -4,11 +4,13 @@
         out = model(**batch)
     session.counts, session.flops()
 
-Methods: zero-tprune, merge (ToMe), acc (latency target), lazy (LLM prefill). Every method also
+Methods: zero-tprune, merge (ToMe), transform (many-to-many Token Transforming), acc (latency
+target), lazy (LLM prefill; `revive=True` revives pruned tokens while decoding). Every method also
 takes `keep` (share of each row's tokens reaching the last block; geometric from block `start`),
-`schedule` (share at every block instead), `recover` (restore full length before that block;
-len(blocks) = after the last one, so per-token outputs keep their shape) and `fill` ("copy": a
-restored token takes its stand-in's output; "skip": its own state from when it was dropped).
+`schedule` (share at every block instead), `flops` (a share of dense block FLOPs; solves `keep`),
+`recover` (restore full length before that block; len(blocks) = after the last one, so per-token
+outputs keep their shape) and `fill` ("copy": a restored token takes its stand-in's output; "skip":
+its own state from when it was dropped; "delta": its own state plus its stand-in's update since).
 Pruned tokens are physically dropped between blocks; rows with padding keep their own counts.
 """
 
@@ -25,7 +27,7 @@ from ..registry import Registry
 TOKENS: Registry = Registry("token")
 
 # Explicit imports fill the registry (no discovery).
-from . import acc, lazy, merge, zero_tprune  # noqa: E402,F401
+from . import acc, lazy, merge, transform, zero_tprune  # noqa: E402,F401
 from .base import Context, Plan, TokenPruner  # noqa: E402
 from .engine import TokenSession, attach  # noqa: E402
 

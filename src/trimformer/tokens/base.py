@@ -57,12 +57,16 @@ class Plan:
     keep (B, T'): current index of each new slot's representative (slots in original order);
     slot_valid (B, T'); dst (B, T): new slot each current token goes to (-1: none), used to merge
     (when `merge`) and to recover full length; merge: average tokens into their dst weighted by size.
+    weights (B, T, T'), optional: many-to-many plans; row t says how token t's mass splits over the
+    new slots (rows sum to 1 for tokens that go somewhere); slots are size-weighted mixtures, and
+    recovery gives each token the same mixture of the slots' outputs. `dst` is then its largest share.
     """
 
     keep: torch.Tensor
     slot_valid: torch.Tensor
     dst: torch.Tensor
     merge: bool = False
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -70,8 +74,13 @@ class TokenPruner:
     """Base config. `keep`: share of each row's tokens that reaches the last block; blocks from `start`
     on shrink geometrically. `schedule`: share at the input of every block instead (one per block).
     `recover`: restore full length before that block (len(blocks) = after the last one), or None;
-    `fill`: what a restored token holds: "copy" its stand-in's output (ToMe's unmerge), or "skip" its
-    own state from when it was dropped (it skipped the blocks in between, as token dropping does).
+    `fill`: what a restored token holds: "copy" its stand-in's output (ToMe's unmerge), "skip" its
+    own state from when it was dropped (it skipped the blocks in between, as token dropping does), or
+    "delta" its own state plus the update its stand-in got since (residual unmerge; with recovery
+    after the last block, mean pooling equals "copy"'s, but blocks after an earlier recovery see
+    every token's own state again). `flops`: a target share of dense block FLOPs instead of `keep`;
+    the geometric `keep` is solved for it when the model is known (block cost taken as linear in
+    tokens, which holds within a few % for short sequences; the measured ratio is in `session.flops()`).
     """
 
     keep: float = 0.5
@@ -79,20 +88,27 @@ class TokenPruner:
     schedule: list[float] | None = None
     recover: int | None = None
     fill: str = "copy"
+    flops: float | None = None
 
     def __post_init__(self) -> None:
         name = getattr(self, "name", type(self).__name__)
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"{name}: keep={self.keep} must be in (0, 1] (the share of tokens kept)")
-        if self.fill not in ("copy", "skip"):
-            raise ValueError(f"{name}: fill={self.fill!r} must be 'copy' or 'skip'")
+        if self.flops is not None:
+            if not 0.0 < self.flops <= 1.0:
+                raise ValueError(f"{name}: flops={self.flops} must be in (0, 1] (a share of dense FLOPs)")
+            if self.schedule is not None:
+                raise ValueError(f"{name}: give either flops (a target) or schedule (explicit shares), not both")
+        if self.fill not in ("copy", "skip", "delta"):
+            raise ValueError(f"{name}: fill={self.fill!r} must be 'copy', 'skip' or 'delta'")
         if self.start < 1:
             raise ValueError(f"{name}: start={self.start} must be >= 1 (scores come from the previous block)")
         if self.schedule is not None:
             bad = [f for f in self.schedule if not 0.0 < f <= 1.0]
             if bad:
                 raise ValueError(f"{name}: schedule values {bad} must be in (0, 1]")
-            if any(b > a + 1e-9 for a, b in zip(self.schedule, self.schedule[1:])):
+            until = len(self.schedule) if self.recover is None else self.recover  # full length after recovery
+            if any(b > a + 1e-9 for a, b in zip(self.schedule[:until], self.schedule[1:until])):
                 raise ValueError(f"{name}: schedule {self.schedule} must not increase (tokens are not re-added)")
 
     # -- schedule -------------------------------------------------------------------------------
@@ -106,6 +122,29 @@ class TokenPruner:
         if self.recover is not None and not 1 <= self.recover <= num_blocks:
             raise ValueError(f"{name}: recover={self.recover} must be a block index in 1..{num_blocks} "
                              f"({num_blocks} = after the last block)")
+        if self.flops is not None:
+            self.keep = self.solve_keep(self.flops, num_blocks)
+
+    def solve_keep(self, flops: float, num_blocks: int) -> float:
+        """The geometric `keep` whose token shares average `flops` over the blocks (bisection)."""
+        name = getattr(self, "name", type(self).__name__)
+        end = num_blocks if self.recover is None else self.recover
+
+        def mean_share(keep: float) -> float:
+            shares = [1.0 if i < self.start or i >= end else keep ** ((i - self.start + 1) / (num_blocks - self.start))
+                      for i in range(num_blocks)]
+            return sum(shares) / num_blocks
+
+        if flops >= 1.0:
+            return 1.0
+        if self.start >= min(end, num_blocks) or mean_share(1e-3) > flops:
+            raise ValueError(f"{name}: flops={flops} is out of reach with start={self.start}, recover={self.recover} "
+                             f"on {num_blocks} blocks (at least {mean_share(1e-3):.2f}); start earlier")
+        lo, hi = 1e-3, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_share(mid) < flops else (lo, mid)
+        return hi
 
     def fraction(self, block: int, num_blocks: int) -> float:
         """Share of the original tokens at the input of `block`."""

@@ -92,6 +92,7 @@ def evaluate_encoder(
             "method": name,
             "settings": {k: v for k, v in settings.items()},
             "solved_schedule": getattr(method, "solved", None),
+            "keep": method.keep,
             "cos_mean": cos.mean().item(),
             "cos_p5": cos.quantile(0.05).item(),
             "nn_unchanged": (_neighbours(e) == nn_dense).float().mean().item(),

@@ -4,12 +4,15 @@ At the input of every block a pre-hook shrinks the hidden states as the method's
 gathers the block's attention mask / rotary embeddings to the surviving tokens (so tokens are
 physically dropped: FLOPs and latency fall). Hooks on the q/k projections keep a reference to the
 previous block's queries and keys for the scores. For decoders with a KV cache, every layer caches
-only the tokens it computed; later calls (decoding, continuation) see their masks gathered to match.
+only the tokens it computed; later calls (decoding, continuation) see their masks gathered to match,
+and with `revive` each layer first computes the prompt tokens it now needs from the Aux Cache (revive.py).
 Everything is added on entry and removed in `finally`: the model leaves exactly as it came.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from torch import nn
 
 from ..models import Anatomy, anatomy_of
 from .base import Context, Plan, TokenPruner
+from .revive import AuxCache, gather_pe, last_query_attention, revival_mask
 from .scores import apply_rope, split_heads
 
 MASK_KWARGS = ("attention_mask",)
@@ -37,6 +41,8 @@ class _Forward:
     n: torch.Tensor  # (B,) real tokens per row at the start
     frozen: torch.Tensor | None = None  # (B, T0, H) fill="skip": each dropped token's state when dropped
     alive: torch.Tensor | None = None  # (B, T0) bool: the token still sits in a slot of its own
+    offset: torch.Tensor | None = None  # (B, T0, H) fill="delta": own state minus its stand-in's, summed
+    mix: torch.Tensor | None = None  # (B, T0, T) soft plans: how much of each slot each original token is
     counts: list[list[int]] = field(default_factory=list)  # per block input: real tokens per row
     extra_flops: float = 0.0  # scoring / matching work the method added
 
@@ -61,6 +67,9 @@ class TokenSession:
             raise ValueError(f"{method.name} is for decoder LLM prefill ({self.anatomy.family} is an encoder); "
                              "use 'zero-tprune', 'merge' or 'acc'")
         method.check(self.num_blocks)
+        if self.anatomy.family == "gpt2" and method.recover is None and method.reduces(self.num_blocks):
+            raise ValueError(f"{method.name}: GPT-2 reshapes its last hidden states to the input length; pass "
+                             f"recover={self.num_blocks} (with fill='skip' a dropped position keeps its state when dropped)")
         if hasattr(method, "prepare"):
             method.prepare(self.anatomy)
         self.state: _Forward | None = None
@@ -68,6 +77,10 @@ class TokenSession:
         self._cap: dict[str, torch.Tensor] = {}
         self._pos: tuple[torch.Tensor, torch.Tensor] | None = None
         self._continuing = False
+        self.aux: AuxCache | None = None  # LazyLLM revival: states of the tokens each layer lacks
+        self._prompt_pe: Any = None  # the prompt's rotary (cos, sin), for revived tokens
+        self._prompt_ok: torch.Tensor | None = None  # (B, T0) real prompt tokens
+        self._reviving = False
 
     # -- results --------------------------------------------------------------------------------
     @property
@@ -111,7 +124,9 @@ class TokenSession:
         return hook
 
     def _pre_hook(self, i: int):
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._reviving:  # the block runs on revived tokens: inputs are already prepared
+                return None
             with torch.no_grad():
                 return self._before_block(i, args, kwargs)
 
@@ -119,9 +134,11 @@ class TokenSession:
 
     def _before_block(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = args[0] if args else kwargs["hidden_states"]
-        mask, where = _find_mask(args, kwargs)
+        block = self.anatomy.blocks[i].module
+        mask, where = _find_mask(block, args, kwargs)
+        cache = _cache_of(block, args, kwargs)
         if i == 0:
-            self._start(x, mask, kwargs)
+            self._start(x, mask, kwargs, cache)
         if self._continuing:
             return self._continue(i, args, kwargs, mask, where)
         st = self.state
@@ -136,12 +153,11 @@ class TokenSession:
                 x = self._reduce(i, x, target)
         st.counts.append(st.valid.sum(1).tolist())
         args, kwargs = self._gather_inputs(args, kwargs, mask, where, x)
-        if self.causal and _cache_of(kwargs) is not None:
+        if self.causal and cache is not None:
             self.kv_index[i] = st.index.clone()
         return args, kwargs
 
-    def _start(self, x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> None:
-        cache = _cache_of(kwargs)
+    def _start(self, x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict, cache: Any) -> None:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         self._continuing = past > 0
         B, T = x.shape[:2]
@@ -151,6 +167,9 @@ class TokenSession:
             return
         self.kv_index = {}
         valid = _valid_from_mask(mask, B, T, x.device)
+        self.aux = None
+        if getattr(self.method, "revive", False) and cache is not None:
+            self.aux, self._prompt_pe, self._prompt_ok = AuxCache(), kwargs.get("position_embeddings"), valid
         index = torch.arange(T, device=x.device).expand(B, T).clone()
         self.state = _Forward(
             index=index,
@@ -197,17 +216,31 @@ class TokenSession:
         ctx = _CountingContext(**vars(self._context(i, x, target)))
         plan = self.method.plan(ctx, recover=self.method.recover is not None)
         st.extra_flops += ctx.flops
-        return apply_plan(plan, x, st, skip=self.method.recover is not None and self.method.fill == "skip")
+        if self.aux is not None:  # LazyLLM's Aux Cache: the state each dropped token had here
+            B, T = st.valid.shape
+            own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
+            own = own.scatter(1, torch.where(plan.slot_valid, plan.keep, T), True)[:, :T]  # (B, T) kept as itself
+            self.aux.add(i, torch.where(st.valid & ~own, st.index, -1), x)
+        fill = self.method.fill if self.method.recover is not None else None
+        return apply_plan(plan, x, st, skip=fill == "skip", delta=fill == "delta")
 
     def _restore(self, x: torch.Tensor) -> torch.Tensor:
         """Full length again: every original token takes the output of the slot it was pruned or merged into."""
         st = self.state
         B, T0 = st.source.shape
         src = st.source.clamp(min=0)  # padding takes slot 0; it is masked anyway
-        out = x.gather(1, src[..., None].expand(B, T0, x.shape[-1]))  # (B, T0, H)
+        if st.mix is not None:  # many-to-many: a token comes back as its mixture of slots
+            st.extra_flops += float((2.0 * st.n.double() * st.valid.sum(1).double() * x.shape[-1]).sum())
+            out = (st.mix.to(x.dtype) @ x).masked_fill((st.source < 0)[..., None], 0.0)  # (B, T0, H)
+            st.mix = None
+        else:
+            out = x.gather(1, src[..., None].expand(B, T0, x.shape[-1]))  # (B, T0, H)
         if st.frozen is not None:  # dropped tokens skipped the blocks in between
             out = torch.where(st.alive[..., None], out, st.frozen.to(out.dtype))
             st.frozen = st.alive = None
+        if st.offset is not None:  # own state + the stand-in's update since they parted
+            out = out + st.offset.to(out.dtype)
+            st.offset = None
         index = torch.arange(T0, device=x.device).expand(B, T0).clone()
         valid = st.source >= 0
         st.index, st.valid, st.sizes = index, valid, torch.ones(B, T0, device=x.device)
@@ -248,12 +281,18 @@ class TokenSession:
         return args, kwargs
 
     def _continue(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any):
-        ix = self.kv_index.get(i)
         self._pos = None
+        if self.aux is not None and i >= 1 and self.aux.has(i):
+            self._revive(i, args, kwargs, mask, where)
+        ix = self.kv_index.get(i)
         if ix is None or mask is None and bool((ix >= 0).all()):
             return args, kwargs
-        B = ix.shape[0]
         Tq = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        return _put_mask(args, kwargs, where, self._layer_mask(ix, mask, Tq))
+
+    def _layer_mask(self, ix: torch.Tensor, mask: torch.Tensor | None, Tq: int) -> torch.Tensor:
+        """The new queries' mask (B, 1, Tq, n) over a layer's cache, whose slots hold positions ix (B, n)."""
+        B = ix.shape[0]
         valid = ix >= 0
         idx = ix.clamp(min=0)
         if mask is None:  # fillers in this layer's cache must be masked for the new queries
@@ -261,11 +300,57 @@ class TokenSession:
             if self.causal and Tq > 1:
                 qpos = ix[:, -Tq:]
                 new = new & (idx[:, None, None, :] <= qpos[:, None, :, None])
-        else:
-            m = mask.expand(B, *mask.shape[1:])
-            new = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], m.shape[2], ix.shape[1]))
-            new = _mask_keys(new, valid)
-        return _put_mask(args, kwargs, where, new)
+            return new
+        m = mask.expand(B, *mask.shape[1:])
+        new = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], m.shape[2], ix.shape[1]))
+        return _mask_keys(new, valid)
+
+    def _revive(self, i: int, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any) -> None:
+        """LazyLLM revival before block i: compute the top-attended tokens layer i lacks (see revive.py)."""
+        cache = _cache_of(self.anatomy.blocks[i].module, args, kwargs)
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) <= i:
+            raise RuntimeError("lazy revive=True needs a transformers DynamicCache with per-layer keys "
+                               f"(got {type(cache).__name__}); use revive=False")
+        x = args[0] if args else kwargs["hidden_states"]
+        B, Tq, _ = x.shape
+        prev, ix = self.kv_index[i - 1], self.kv_index[i]
+        keys = layers[i - 1].keys  # (B, h_kv, n, D), RoPE applied
+        if keys.shape[2] != prev.shape[1]:
+            raise RuntimeError("token pruning lost track of the KV cache (was the cache edited?)")
+        lm = self._layer_mask(prev, mask, Tq)[:, 0, -1]  # (B, n) the last query's keys
+        allowed = lm if lm.dtype == torch.bool else lm > torch.finfo(lm.dtype).min / 2
+        a = self.anatomy.blocks[i - 1].attention
+        q_raw = self._cap["qkv"][..., :a.num_heads * a.head_dim] if "qkv" in self._cap else self._cap["q"]
+        att = last_query_attention(q_raw, keys, allowed, a.num_heads, a.head_dim, kwargs.get("position_embeddings"))
+        target = self.method.targets(i, self.num_blocks, self.state.n)  # (B,) as prefill kept here
+        rank = att.masked_fill(~allowed, -1.0).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        wanted = torch.where((rank < target[:, None]) & allowed, prev, -1)  # (B, n)
+        pos, states = self.aux.take(i, wanted)  # (B, R), (B, R, H)
+        if not bool((pos >= 0).any()):
+            return
+        old = ix[:, :ix.shape[1] - Tq]  # positions in layer i's cache now; the new tokens come after
+        T0 = self._prompt_ok.shape[1]
+        key_ok = (old >= 0) & ((old >= T0) | self._prompt_ok.gather(1, old.clamp(min=0, max=T0 - 1)))
+        call = {**kwargs}
+        if "position_embeddings" in call:
+            call["position_embeddings"] = gather_pe(self._prompt_pe, pos)
+        if torch.is_tensor(call.get("position_ids")):
+            call["position_ids"] = pos.clamp(min=0)
+        if "hidden_states" in call:
+            call["hidden_states"] = states
+        call_args, call = _put_mask((states, *args[1:]) if args else args, call, where,
+                                    revival_mask(old, key_ok, pos, states.dtype))
+        self._reviving = True
+        try:
+            out = self.anatomy.blocks[i].module(*call_args, **call)
+        finally:
+            self._reviving = False
+        out = out[0] if isinstance(out, tuple) else out  # (B, R, H)
+        self.kv_index[i] = torch.cat([old, pos, ix[:, old.shape[1]:]], 1)
+        if i + 1 < self.num_blocks:
+            self.aux.add(i + 1, pos, out)
+        self.aux.revived[i] = self.aux.revived.get(i, 0) + int((pos >= 0).sum())
 
 
 class _CountingContext(Context):
@@ -280,40 +365,69 @@ class _CountingContext(Context):
         return super().attention(rows)
 
 
-def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, skip: bool = False) -> torch.Tensor:
+def apply_plan(plan: Plan, x: torch.Tensor, st: _Forward, skip: bool = False, delta: bool = False) -> torch.Tensor:
     """Shrink x (B, T, H) to (B, T', H) and update the bookkeeping."""
     B, T, H = x.shape
     keep, slot_valid, dst = plan.keep, plan.slot_valid, plan.dst
     Tn = keep.shape[1]
-    if plan.merge:  # size-weighted average of every token sent to a slot (ToMe)
+    filler = x.gather(1, keep[..., None].expand(B, Tn, H))  # (B, T', H) each slot's representative
+    soft = plan.weights is not None or st.mix is not None
+    if soft:  # (B, T, T') share of each current token going to each new slot; rows of dropped tokens 0
+        W = plan.weights if plan.weights is not None else _one_hot(dst, Tn)
+        W = W.masked_fill(~st.valid[..., None] | ~slot_valid[:, None, :], 0.0)
+    if plan.weights is not None:  # many-to-many: each slot is the size-weighted mixture it receives
+        w = W * st.sizes[..., None]  # (B, T, T')
+        sizes = w.sum(1)  # (B, T')
+        xs = (w.transpose(1, 2).to(x.dtype) @ x) / sizes.clamp(min=1e-9)[..., None].to(x.dtype)  # (B, T', H)
+        new_x = torch.where(slot_valid[..., None], xs, filler)
+        st.sizes = torch.where(slot_valid, sizes, 1.0)
+    elif plan.merge:  # size-weighted average of every token sent to a slot (ToMe)
         w = st.sizes.masked_fill(dst < 0, 0.0)  # (B, T)
         slot = dst.clamp(min=0)
         sizes = torch.zeros(B, Tn, device=x.device).scatter_add(1, slot, w)
         xs = torch.zeros(B, Tn, H, device=x.device, dtype=x.dtype)
         xs = xs.scatter_add(1, slot[..., None].expand(B, T, H), x * w[..., None].to(x.dtype))
-        filler = x.gather(1, keep[..., None].expand(B, Tn, H))
         new_x = torch.where(slot_valid[..., None], xs / sizes.clamp(min=1e-9)[..., None].to(x.dtype), filler)
         st.sizes = torch.where(slot_valid, sizes, 1.0)
     else:
-        new_x = x.gather(1, keep[..., None].expand(B, Tn, H))  # (B, T', H)
+        new_x = filler
         st.sizes = st.sizes.gather(1, keep)
+    B0, T0 = st.source.shape
+    src = st.source.clamp(min=0)  # (B, T0) current slot of each original token
     if skip:  # remember the state of every token that loses its own slot now
-        B0, T0 = st.source.shape
         own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
         own = own.scatter(1, torch.where(slot_valid, keep, T), True)[:, :T]  # (B, T) still represented by itself
-        src = st.source.clamp(min=0)
         if st.frozen is None:
             st.frozen, st.alive = torch.zeros(B0, T0, H, device=x.device, dtype=x.dtype), st.source >= 0
         drop = st.alive & ~own.gather(1, src)
         st.frozen = torch.where(drop[..., None], x.gather(1, src[..., None].expand(B0, T0, H)), st.frozen)
         st.alive = st.alive & ~drop
+    if soft and st.mix is None:
+        st.mix = _one_hot(st.source, T)  # (B, T0, T)
+    if delta:  # every original token remembers how far it sits from what now stands for it
+        if soft:
+            gap = x - W.to(x.dtype) @ new_x  # (B, T, H) own state minus its mixture of new slots
+            gap = gap.masked_fill((W.sum(-1) == 0)[..., None], 0.0)
+            moved = st.mix.to(x.dtype) @ gap  # (B, T0, H)
+        else:
+            gap = x - new_x.gather(1, dst.clamp(min=0)[..., None].expand(B, T, H))  # (B, T, H)
+            gap = gap.masked_fill((dst < 0)[..., None], 0.0)
+            moved = gap.gather(1, src[..., None].expand(B0, T0, H)).masked_fill((st.source < 0)[..., None], 0.0)
+        st.offset = moved if st.offset is None else st.offset + moved
+    if soft:
+        st.mix = st.mix @ W  # (B, T0, T')
     st.index = torch.where(slot_valid, st.index.gather(1, keep), -1)
     st.valid = slot_valid
     # Original token o sat in slot source[o]; it now lives in dst[source[o]] (-1: dropped, no recovery).
-    src = st.source
-    moved = dst.gather(1, src.clamp(min=0))
-    st.source = torch.where(src >= 0, moved, -1)
+    moved_to = dst.gather(1, src)
+    st.source = torch.where(st.source >= 0, moved_to, -1)
     return new_x
+
+
+def _one_hot(slot: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T) slot indices (-1: none) -> (B, T, n) float one-hot rows (zero where -1)."""
+    out = torch.zeros(*slot.shape, n + 1, device=slot.device)
+    return out.scatter(2, torch.where(slot >= 0, slot, n)[..., None], 1.0)[..., :n]
 
 
 def block_flops(block: Any, n: int, causal: bool) -> float:
@@ -328,18 +442,39 @@ def block_flops(block: Any, n: int, causal: bool) -> float:
 
 
 # -- masks and positions: Hugging Face conventions, not model classes ------------------------------
-def _cache_of(kwargs: dict) -> Any:
-    return kwargs.get("cache", kwargs.get("past_key_values"))
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _find_mask(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Any]:
-    """The 4-D attention mask a block gets: a keyword, or (BERT-like) its second positional argument."""
+def _cache_of(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The KV cache a block gets: a keyword, or the positional argument its signature names so."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    for name in CACHE_NAMES:
+        pos = _arg_position(type(block), name)
+        if pos is not None and pos < len(args):
+            return args[pos]
+    return None
+
+
+def _find_mask(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Any]:
+    """The 4-D attention mask a block gets: a keyword, or the positional argument its forward's
+    signature names `attention_mask` (BERT: second; GPT-2: third, after the cache)."""
     for name in MASK_KWARGS:
         if name in kwargs:
             return kwargs[name], name
-    if len(args) > 1 and (args[1] is None or torch.is_tensor(args[1]) and args[1].dim() == 4):
-        return args[1], 1
+    pos = _arg_position(type(block), "attention_mask")
+    if pos is not None and pos < len(args):
+        return args[pos], pos
     return None, "attention_mask"
+
+
+@functools.cache
+def _arg_position(block_type: type, name: str) -> int | None:
+    """Index of argument `name` among a block's positional arguments (self excluded), or None."""
+    names = [p.name for p in inspect.signature(block_type.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    return names.index(name) if name in names else None
 
 
 def _put_mask(args: tuple, kwargs: dict, where: Any, mask: torch.Tensor | None) -> tuple[tuple, dict]:

@@ -142,6 +142,8 @@ class Adaptive(Allocation):
     calibration windows when that block alone is pruned at `probe` sparsity with Wanda scores (one forward
     per block). Blocks are ranked on log importance: the most important gets `target - lam`, the least
     `target + lam`, linearly in between (`power` bends it), then one shift restores the weighted mean.
+    unit 'sublayer' (with importance 'kl'): probe and rank the attention and the MLP of every block on their
+    own, so the two parts of one block can get different shares.
     """
 
     lam: float = 0.1
@@ -149,8 +151,10 @@ class Adaptive(Allocation):
     importance: str = "cosine"
     probe: float = 0.6
     probe_windows: int = 2
+    unit: str = "block"
 
     IMPORTANCE: ClassVar[tuple[str, ...]] = ("cosine", "kl")
+    UNITS: ClassVar[tuple[str, ...]] = ("block", "sublayer")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,6 +166,10 @@ class Adaptive(Allocation):
         check_sparsity(self.probe)
         if self.probe_windows < 1:
             raise ValueError(f"probe_windows must be >= 1, got {self.probe_windows!r}")
+        if self.unit not in self.UNITS:
+            raise ValueError(f"unit must be one of {', '.join(self.UNITS)}, got {self.unit!r}")
+        if self.unit == "sublayer" and self.importance != "kl":
+            raise ValueError("unit='sublayer' needs importance='kl' (cosine importance is measured per block)")
 
     def allocate(self, anatomy, calibration, projs, batch_size, progress):
         if calibration is None:
@@ -170,12 +178,12 @@ class Adaptive(Allocation):
             imp = block_importance(anatomy, calibration, batch_size, progress)
         else:
             imp = block_damage(anatomy, calibration, projs, self.probe, self.probe_windows, progress,
-                               precision=self._inner.precision)
-        logs = {b: math.log(max(v, 1e-12)) for b, v in imp.items()}
+                               precision=self._inner.precision, unit=self.unit)
+        logs = {u: math.log(max(v, 1e-12)) for u, v in imp.items()}
         lo, hi = min(logs.values()), max(logs.values())
-        z = {b: ((v - lo) / (hi - lo)) ** self.power if hi > lo else 0.5 for b, v in logs.items()}  # 0..1
-        block_of = {p.name: b.index for b in anatomy.blocks for p in b.projections().values()}
-        raw = {n: self.sparsity + self.lam * (1 - 2 * z[block_of[n]]) for n in projs}  # important -> fewer pruned
+        z = {u: ((v - lo) / (hi - lo)) ** self.power if hi > lo else 0.5 for u, v in logs.items()}  # 0..1
+        unit_of = unit_names(anatomy, self.unit)
+        raw = {n: self.sparsity + self.lam * (1 - 2 * z[unit_of[n]]) for n in projs}  # important -> fewer pruned
         self.block_importance = imp
         return rebalance(raw, {n: p.weight.numel() for n, p in projs.items()}, self.sparsity)
 
@@ -213,11 +221,18 @@ def block_importance(anatomy: Anatomy, calibration: torch.Tensor, batch_size: in
     return {b: v / count for b, v in sums.items()}
 
 
+def unit_names(anatomy: Anatomy, unit: str = "block") -> dict[str, int | tuple[int, str]]:
+    """Projection name -> its unit: the block index, or (block index, 'attn' | 'mlp') for unit 'sublayer'."""
+    return {p.name: b.index if unit == "block" else (b.index, short.split(".")[0])
+            for b in anatomy.blocks for short, p in b.projections().items()}
+
+
 @torch.no_grad()
 def block_damage(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, Proj], probe: float, windows: int,
-                 progress: bool, precision: str = "fp32") -> dict[int, float]:
-    """KL(dense || model with only block b pruned at `probe`, Wanda scores) per block, on `windows` windows.
+                 progress: bool, precision: str = "fp32", unit: str = "block") -> dict[int | tuple[int, str], float]:
+    """KL(dense || model with only one unit pruned at `probe`, Wanda scores) per unit, on `windows` windows.
 
+    A unit is a block, or with unit 'sublayer' the attention or the MLP of a block (keys (index, part)).
     The probe forwards run under bf16 autocast where `precision` resolves to it (only the ranking matters)."""
     device = next(anatomy.model.parameters()).device
     ids = calibration[:windows].to(device)
@@ -233,16 +248,18 @@ def block_damage(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, P
 
     ref = logp()
     damage = {}
-    for b in bar(anatomy.blocks, desc="block damage", unit="block", disable=not progress):
-        names = {q.name for q in b.projections().values()}
-        mine = {n: p for n, p in projs.items() if n in names}
+    members: dict[int | tuple[int, str], dict[str, Proj]] = {}
+    for n, u in unit_names(anatomy, unit).items():
+        if n in projs:
+            members.setdefault(u, {})[n] = projs[n]
+    for u, mine in bar(members.items(), desc=f"{unit} damage", unit=unit, disable=not progress):
         saved = {n: p.weight.detach().clone() for n, p in mine.items()}
         try:
             for n, p in mine.items():
                 score = p.weight.abs().float() * sq[n].sqrt()[None, :]  # (out, in) Wanda score
                 p.weight.mul_(topk_mask(score, probe, per_row=True).to(p.weight.dtype))
             q = logp()
-            damage[b.index] = torch.nn.functional.kl_div(q, ref, log_target=True, reduction="sum").item() / ids.numel()
+            damage[u] = torch.nn.functional.kl_div(q, ref, log_target=True, reduction="sum").item() / ids.numel()
         finally:
             for n, p in mine.items():
                 p.weight.copy_(saved[n])

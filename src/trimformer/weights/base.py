@@ -46,6 +46,7 @@ class WeightPruner:
     needs_calibration: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = False
     per_row: ClassVar[bool] = False  # compare scores within each output row (Wanda) or across the layer
+    dense_targets: ClassVar[bool] = False  # calibrate with the dense model's stream beside the pruned one
 
     def __post_init__(self) -> None:
         self.block = parse_block(self.pattern)
@@ -153,7 +154,7 @@ class WeightPruner:
         if calibration is None:
             raise ValueError(f"method {self.name!r} needs calibration windows (token ids of shape (n, length))")
         for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc=self.name,
-                                   precision=self.precision):
+                                   precision=self.precision, dense_targets=self.dense_targets):
             projs = self.selected(bc.block.projections(), filter_fn)
             if not projs:
                 continue

@@ -5,6 +5,10 @@ percdamp: damping added to the Hessian diagonal, as a share of its mean.
 blocksize: columns per lazy update (and per unstructured mask choice).
 true_sequential: solve q/k/v, then o, gate/up, down, each on inputs that already went through the
 pruned parts before it (weights/sequential.py); False collects every Hessian from the dense block.
+asymmetric: fit each layer to the *dense* model's output W X_dense rather than to W X on its own (already
+pruned) inputs, so the error of earlier blocks is corrected instead of carried (the asymmetric calibration of
+GPTAQ, Li et al. 2025, here for pruning). With C = X_dense^T X and H = X^T X the unpruned optimum, damped toward
+W, is W + W (C - H)(H + damp)^-1; SparseGPT then prunes that. Costs one more (bf16) block forward per group.
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ class SparseGPT(WeightPruner):
     percdamp: float = 0.01
     blocksize: int = 128
     true_sequential: bool = True
+    asymmetric: bool = False
 
     needs_hessian = True
+
+    @property
+    def dense_targets(self) -> bool:
+        return self.asymmetric
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,14 +62,29 @@ class SparseGPT(WeightPruner):
                 raise RuntimeError(f"no calibration input reached {', '.join(remaining)}")
             for g in groups:
                 members = [remaining.pop(name) for name in g.names]
-                self.solve(members, g.H)
+                self.solve(members, g.H, g.C)
 
     @torch.no_grad()
-    def solve(self, projs: list[Proj], H: torch.Tensor) -> None:
-        """Prune projections that share one input (and Hessian H) together; write the updated weights back."""
+    def solve(self, projs: list[Proj], H: torch.Tensor, C: torch.Tensor | None = None) -> None:
+        """Prune projections that share one input (and Hessian H) together; write the updated weights back.
+
+        C: X_dense^T X; given, the weights are first refitted to the dense outputs (see `asymmetric`).
+        """
         W, spans = stack_rows(projs)  # (sum of outs, in)
+        if C is not None:
+            W = refit_to_dense(W, H, C, self.percdamp)
         U = inverse_cholesky(H, self.percdamp, what=projs[0].name)
         segments = [(r0, r1, self.layer_sparsity(p.name)) for p, (r0, r1) in zip(projs, spans)]
         W = obs_prune(W, U, sparsity=segments, nm=self.nm, block=self.block, blocksize=self.blocksize)
         for p, (r0, r1) in zip(projs, spans):
             p.weight.copy_(W[r0:r1].to(p.weight.dtype))
+
+
+def refit_to_dense(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """argmin_V ||W X_dense^T - V X^T||^2 + damp ||V - W||^2 = W + W (C - H)(H + damp I)^-1, for W (out, in)."""
+    Hd = H + percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if info:
+        return W  # H is not positive definite even damped: inverse_cholesky will raise the damping and log it
+    R = W @ (C - H)  # (out, in)
+    return W + torch.cholesky_solve(R.t(), L).t()  # (H + damp)^-1 is symmetric: (R Hd^-1)^T = Hd^-1 R^T
