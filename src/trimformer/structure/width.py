@@ -60,6 +60,8 @@ class Width:
     per block under the target, as `search` does). multiple_of: kept FFN widths are rounded up to a multiple of it.
     compensate: re-fit the output projections by least squares after removal.
     sequential: re-measure each block's inputs after cutting the blocks before it (one more pass; slower).
+    asymmetric: with sequential, re-fit to the *dense* model's outputs (its inputs to the same projection, carried
+      in a dense stream beside the pruned one), so each refit also corrects the error of the blocks cut before.
     """
 
     target: str = "params=0.8"
@@ -69,6 +71,7 @@ class Width:
     multiple_of: int = 1
     compensate: bool = True
     sequential: bool = False
+    asymmetric: bool = False
     min_ffn: int = 0
     shares: str = "0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2"
     probe_windows: int = 8
@@ -95,6 +98,8 @@ class Width:
         calibrate.resolve_precision(self.precision)
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
+        if self.asymmetric and not (self.sequential and self.compensate):
+            raise ValueError("asymmetric re-fits to the dense outputs block by block: set sequential=True and compensate=True")
 
     # -- budget --------------------------------------------------------------------------------
     def _costs(self, anatomy: Anatomy) -> tuple[float, list[float], list[float]]:
@@ -332,7 +337,8 @@ class Width:
             else self.plan(anatomy, block_scores)
         if self.sequential and data:  # re-measure each block's inputs after the blocks before it were cut
             del stats
-            for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="width: pruning"):
+            for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="width: pruning",
+                                       dense_targets=self.asymmetric):
                 b = bc.block
                 if plan.head_units[b.index] < (b.attention.num_heads // _unit(b.attention) if b.attention else 0):
                     self._cut_heads(b, plan.head_units[b.index], _collect(bc, b.attention.o))
@@ -376,12 +382,21 @@ def _head_groups(H: int, D: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _collect(bc: BlockCalib, p: Proj) -> InputStats:
+    """Input statistics of `p` over every calibration batch; with a dense stream, its dense inputs beside them."""
     st = InputStats()
-    h = p.module.register_forward_hook(lambda _m, args, _o: st.add(args[0]))
+    dense_x: list[torch.Tensor] = []
+    hooks = [p.module.register_forward_hook(lambda _m, args, _o: st.add(args[0], dense_x.pop() if dense_x else None))]
+    if bc.dense is not None:
+        hooks.append(bc.twin(p.module).register_forward_hook(lambda _m, args, _o: dense_x.append(args[0])))
     try:
-        bc.run()
+        with bc.compute(), torch.no_grad():
+            for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
+                if bc.dense is not None:
+                    bc.dense(bc.dense_inputs[i], **kw)  # its hook leaves the dense input for the pruned block's
+                bc.block.module(x, **kw)
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
     return st
 
 
