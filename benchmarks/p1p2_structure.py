@@ -182,10 +182,37 @@ def depth_part(dense, ctx) -> list[dict]:
     m = copy.deepcopy(dense)
     t0 = time.perf_counter()
     fc = {"compute": n_blocks / L, "windows": a.finercut_windows, "length": a.finercut_length,
-          "shortlist": a.finercut_shortlist}
+          "shortlist": a.finercut_shortlist, "positions": a.finercut_positions, "rank": a.finercut_rank,
+          "blocks": a.finercut_blocks}
     trimformer.prune_(m, trimformer.build("finercut", fc), calibration=ctx["calib"], progress=True)
     rows.append(measure(f"finercut {fc}", m, dense, ctx, time.perf_counter() - t0,
                         {"removed": m.trimformer_history[-1]["result"]["removed"]}))
+    return rows
+
+
+def search_part(dense, ctx) -> list[dict]:
+    """search at each latency target, then uniform width cuts (FFN + heads) around it: the comparison is
+    with the best uniform cut whose measured prefill ratio is not above the search's."""
+    a = ctx["args"]
+    rows = []
+    for lat in a.latencies:
+        m = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        cfg = {"target": f"latency={lat}", "windows": a.finercut_windows, "length": a.finercut_length}
+        trimformer.prune_(m, trimformer.build("search", cfg), calibration=ctx["calib"], progress=True)
+        res = m.trimformer_history[-1]["result"]
+        rows.append(measure(f"search {cfg}", m, dense, ctx, time.perf_counter() - t0,
+                            {"tool": "trimformer", "latency_target": lat, "choices": res["choices"],
+                             "predicted_latency": res["predicted_latency"], "latency_table": res["latency_table"]}))
+        del m
+    for keep in a.uniform_keeps:
+        m = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        cfg = {"target": f"params={keep}", "parts": "ffn,heads", "allocation": "uniform", "precision": "auto"}
+        trimformer.prune_(m, trimformer.build("width", cfg), calibration=ctx["calib"], progress=False)
+        rows.append(measure(f"uniform width {cfg}", m, dense, ctx, time.perf_counter() - t0,
+                            {"tool": "trimformer", "uniform_for_search": True}))
+        del m
     return rows
 
 
@@ -193,21 +220,35 @@ def to_markdown(res: dict) -> str:
     lines = ["# P1 + P2, structured pruning on smollm2-135m", "",
              f"Settings: {json.dumps(res['settings'])}", "",
              f"Dense: params {res['dense']['params']:,}, ppl_doc {res['dense']['ppl_doc']:.3f}", "",
-             "| run | params ratio | FLOPs ratio | ppl_doc | kl_doc | top1_doc | kl_code | prefill ratio | prune s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | params ratio | FLOPs ratio | ppl_doc | kl_doc | top1_doc | kl_code | prefill ratio | prune s | eval windows ppl/kl (dense ppl) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['params_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['ppl_doc']:.2f} | "
                      f"{r['kl_doc']:.3f} | {r['top1_doc']:.3f} | {r['kl_code']:.3f} | "
-                     f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} |")
+                     f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} | "
+                     f"{r.get('eval_windows', '')} ({r.get('dense_ppl_doc', res['dense']['ppl_doc']):.2f}) |")
+    searched = [r for r in res["rows"] if "latency_target" in r and "error" not in r]
+    uniform = [r for r in res["rows"] if r.get("uniform_for_search") and "error" not in r]
+    for r in searched:
+        fits = [u for u in uniform if u["prefill_ratio"] <= r["prefill_ratio"]]
+        lines += ["", f"Search at latency={r['latency_target']}: predicted {r['predicted_latency']:.3f}, measured "
+                  f"prefill ratio {r['prefill_ratio']:.3f}, kl_doc {r['kl_doc']:.3f}; chosen per block: "
+                  f"{', '.join(r['choices'])}"]
+        if fits:
+            best = min(fits, key=lambda u: u["kl_doc"])
+            lines.append(f"Best uniform width cut with measured prefill ratio <= the search's: {best['name']} "
+                         f"(ratio {best['prefill_ratio']:.3f}), kl_doc {best['kl_doc']:.3f}.")
+        else:
+            lines.append("No uniform width cut in this run is as fast as the search's result (see the rows).")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "width", "depth"], default="all")
+    p.add_argument("--part", choices=["all", "width", "depth", "search"], default="all")
     p.add_argument("--merge", action="store_true", help="merge the part files into p1p2_structure.json/.md")
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--ppl-windows", type=int, default=64)
@@ -220,15 +261,27 @@ def main() -> None:
                                                   "0.5:parts=ffn,heads,,allocation=uniform"],
                    help="trimformer width settings per run: [KEEP:]key=value joined by ',,'")
     p.add_argument("--skip-tp", action="store_true")
-    p.add_argument("--finercut-windows", type=int, default=2)
-    p.add_argument("--finercut-length", type=int, default=128)
-    p.add_argument("--finercut-shortlist", type=int, default=6)
+    p.add_argument("--latencies", type=float, nargs="*", default=[0.6], help="search latency targets (none: only the uniform cuts)")
+    p.add_argument("--out-name", help="result file stem (default p1p2_structure[_PART]); p1p2_structure_* files are merged")
+    p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.45, 0.5, 0.55],
+                   help="params targets of the uniform width cuts the search is compared with")
+    p.add_argument("--finercut-windows", type=int, default=8)
+    p.add_argument("--finercut-length", type=int, default=256)
+    p.add_argument("--finercut-shortlist", type=int, default=8)
+    p.add_argument("--finercut-positions", type=int, default=64, help="scored positions per window (probe)")
+    p.add_argument("--finercut-rank", default="kl", help="kl | per-compute")
+    p.add_argument("--finercut-blocks", action="store_true", help="also offer whole-block moves")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended machine)")
     a = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if a.merge:
         parts = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("p1p2_structure_*.json"))]
-        res = {"settings": {pp["part"]: pp["settings"] for pp in parts}, "dense": parts[0]["dense"],
+        for pp in parts:  # parts may differ in evaluation windows: each row says its count and its dense ppl
+            for r in pp["rows"]:
+                r.setdefault("eval_windows", f"{pp['settings']['ppl_windows']}/{pp['settings']['kl_windows']}")
+                r.setdefault("dense_ppl_doc", pp["dense"]["ppl_doc"])
+        res = {"settings": {f.stem: pp["settings"] for f, pp in zip(sorted(RESULTS.glob("p1p2_structure_*.json")), parts)},
+               "dense": parts[0]["dense"],
                "rows": [r for pp in parts for r in pp["rows"]]}
         (RESULTS / "p1p2_structure.json").write_text(json.dumps(res, indent=2))
         (RESULTS / "p1p2_structure.md").write_text(to_markdown(res))
@@ -250,10 +303,12 @@ def main() -> None:
         rows += width_part(dense, ctx)
     if a.part in ("all", "depth"):
         rows += depth_part(dense, ctx)
-    settings = {k: v for k, v in vars(a).items() if k != "merge"}
+    if a.part in ("all", "search"):
+        rows += search_part(dense, ctx)
+    settings = {k: v for k, v in vars(a).items() if k not in ("merge", "out_name")}
     settings.update({"torch": torch.__version__, "python": sys.version.split()[0]})
     res = {"part": a.part, "settings": settings, "dense": dense_row, "rows": rows}
-    name = "p1p2_structure" if a.part == "all" else f"p1p2_structure_{a.part}"
+    name = a.out_name or ("p1p2_structure" if a.part == "all" else f"p1p2_structure_{a.part}")
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
     (RESULTS / f"{name}.md").write_text(to_markdown(res))
     print(to_markdown(res))

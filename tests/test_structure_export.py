@@ -93,3 +93,27 @@ def test_heterogeneous_reloads_with_vanilla_transformers_only(ids, tmp_path):
     subprocess.run([sys.executable, "-c", _VANILLA, str(tmp_path / "m"), "AutoModelForCausalLM",
                     str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want)
+
+
+@torch.no_grad()
+def test_searched_architecture_reloads_with_vanilla_transformers_only(calib, ids, tmp_path):
+    """search output: per-block FFN widths, attention removed in some blocks, a block removed."""
+    from test_structure_surgery import _deeper
+
+    model = _deeper(tiny("llama"), 4)
+    an = anatomy_of(model)
+    an.blocks[1].attention.o.weight.zero_()
+    an.blocks[1].mlp.down.weight.zero_()  # an identity block: the search drops it
+    an.blocks[3].attention.o.weight.zero_()  # a dead attention: the search removes it
+    trimformer.prune_(model, trimformer.build("search", {"target": "params=0.75", "widths": "0.5,0",
+                                                          "multiple_of": 1, "precision": "fp32"}),
+                      calibration=calib, progress=False)
+    choices = model.trimformer_history[-1]["result"]["choices"]
+    assert choices[1] == "removed" and choices[3].startswith("no-attn")
+    want = model(input_ids=ids).logits
+    export.save(model, tmp_path / "m")
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {"PYTHONPATH": "", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", _VANILLA, str(tmp_path / "m"), "AutoModelForCausalLM",
+                    str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want)

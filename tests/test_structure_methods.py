@@ -135,3 +135,14 @@ def test_sensitivity_finds_planted_dead_sublayer_and_plots(calib, tmp_path):
     assert min(res["mlp_kl"][i] for i in (0, 1, 3)) > 0
     plot(res, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_finercut_whole_block_moves_ranked_per_compute(calib):
+    model = _deep_llama(4)
+    _identity_block(model, 2)
+    res = _prune(model, "finercut", calib, remove=2, windows=2, length=16, blocks=True,
+                 rank="per-compute").trimformer_history[-1]["result"]
+    assert res["removed_blocks"] == [2] and len(res["removed"]) == 2
+    assert len(anatomy_of(model).blocks) == 3
+    with pytest.raises(ValueError, match="rank"):
+        trimformer.build("finercut", {"remove": 1, "rank": "entropy"})

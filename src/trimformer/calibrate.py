@@ -117,6 +117,13 @@ class BlockCalib:
                     return X.t() @ Y
             return X.t() @ Y
 
+    def twin(self, module: nn.Module) -> nn.Module:
+        """The dense copy's counterpart of `module` (a submodule of this block); needs the dense stream."""
+        if self.dense is None:
+            raise ValueError("no dense stream: calibrate.blocks(..., dense_targets=True) carries one")
+        path = next(q for q, m in self.block.module.named_modules() if m is module)
+        return self.dense.get_submodule(path)
+
     @torch.no_grad()
     def run(self, dense: bool = False) -> list[torch.Tensor]:
         """Run the block (as it is now) on every calibration batch; `dense`: its dense copy on the dense inputs."""

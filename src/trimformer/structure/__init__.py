@@ -10,8 +10,8 @@ from ..registry import Registry
 
 STRUCTURE: Registry = Registry("structure")
 
-from . import depth, width  # noqa: E402  (fill STRUCTURE)
+from . import depth, search, width  # noqa: E402  (fill STRUCTURE)
 from .export import save  # noqa: E402
 from .sensitivity import sensitivity  # noqa: E402
 
-__all__ = ["STRUCTURE", "depth", "save", "sensitivity", "width"]
+__all__ = ["STRUCTURE", "depth", "save", "search", "sensitivity", "width"]

@@ -23,6 +23,7 @@ from .. import calibrate
 from ..models import Anatomy, Block, anatomy_of
 from ..progress import bar
 from . import STRUCTURE, surgery
+from .probe import Probe
 
 
 def _count(remove: int, share: float, n: int, what: str) -> int:
@@ -128,14 +129,24 @@ class FinerCut:
     compute: the share of the blocks' matmul compute to remove. parts: 'attn', 'mlp' or 'attn,mlp'.
     windows/length: the calibration tokens the KL is measured on (the first windows, cut to length).
     shortlist: after the first step, re-score only this many candidates, the best of the previous
-    step (lazy greedy; 0 = re-score every candidate at every step, as in the paper)."""
+    step (lazy greedy; 0 = re-score every candidate at every step, as in the paper).
+    precision: forwards of the search in bf16 autocast where native ('auto'), or 'fp32'.
+    positions: the KL is averaged over this many evenly spaced positions per window (0 = all).
+    rank: 'kl' picks the removal of lowest KL (the paper); 'per-compute' the lowest KL increase per
+    parameter removed. blocks: also offer removing a whole block (both sublayers) as one move.
+    The hidden state entering every block is cached (probe.Probe), so scoring a sublayer of block i
+    re-runs blocks i.. only; after each removal the cache is refreshed from that block on."""
 
     remove: int = 0
     compute: float = 0.0
     parts: str = "attn,mlp"
-    windows: int = 4
+    windows: int = 8
     length: int = 256
-    shortlist: int = 0
+    shortlist: int = 8
+    precision: str = "auto"
+    positions: int = 64
+    rank: str = "kl"
+    blocks: bool = False
 
     def __post_init__(self) -> None:
         self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
@@ -143,6 +154,11 @@ class FinerCut:
             raise ValueError(f"parts {self.parts!r}: use 'attn', 'mlp' or 'attn,mlp'")
         if (self.remove > 0) == (self.compute > 0) or not 0.0 <= self.compute < 1.0:
             raise ValueError("set exactly one of remove=N (sublayers) or compute=S (share of blocks' compute, 0<S<1)")
+        if self.windows < 1 or self.length < 2 or self.shortlist < 0:
+            raise ValueError(f"windows >= 1, length >= 2, shortlist >= 0; got {self.windows}, {self.length}, {self.shortlist}")
+        if self.rank not in ("kl", "per-compute"):
+            raise ValueError(f"rank {self.rank!r}: choose 'kl' or 'per-compute'")
+        calibrate.resolve_precision(self.precision)
 
     def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
                batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -150,41 +166,56 @@ class FinerCut:
             raise ValueError("finercut needs calibration windows")
         if not all(b.pre_norm for b in anatomy.blocks) or not anatomy.causal:
             raise ValueError("finercut removes sublayers of pre-norm decoders only")
-        ids = calibration[: self.windows, : self.length]
         model = anatomy.model
-        with torch.no_grad():
-            ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)  # (n, T, V)
         total = sum(_sublayer_params(b, k) for b in anatomy.blocks for k in ("attn", "mlp"))
         cands = [(b.index, k) for b in anatomy.blocks for k in sorted(self._parts)
                  if (b.attention if k == "attn" else b.mlp) is not None]
         budget = self.remove if self.remove > 0 else self.compute * total
         if self.remove >= len(cands):
             raise ValueError(f"cannot remove {self.remove} sublayers; only {len(cands)} can go")
+        if self.blocks and self._parts == {"attn", "mlp"}:
+            cands += [(b.index, "block") for b in anatomy.blocks if b.attention is not None and b.mlp is not None]
+
+        def parts_of(k: str) -> list[str]:
+            return ["attn", "mlp"] if k == "block" else [k]
+
+        def cost(i: int, k: str) -> float:
+            return float(len(parts_of(k))) if self.remove > 0 else \
+                float(sum(_sublayer_params(anatomy.blocks[i], kk) for kk in parts_of(k)))
+        probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
+                      precision=self.precision, positions=self.positions)
         removed: list[tuple[int, str]] = []
         trace = []
-        latest: dict[tuple[int, str], float] = {}  # each candidate's KL when last scored
-        gone = 0.0
+        latest: dict[tuple[int, str], float] = {}  # each candidate's rank score when last scored
+        gone, current = 0.0, 0.0
         steps = bar(range(len(cands)), desc="finercut", unit="sublayer", disable=not progress)
-        for _ in steps:
-            if gone >= budget - 1e-9:
-                break
-            best = None
-            pool = sorted(cands, key=latest.__getitem__)[: self.shortlist] if latest and self.shortlist else cands
-            for i, k in pool:
-                with contextlib.ExitStack() as stack:
-                    for j, kk in removed + [(i, k)]:
-                        stack.enter_context(silenced(anatomy.blocks[j], kk))
-                    with torch.no_grad():
-                        q = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
-                    kl = F.kl_div(q, ref, log_target=True, reduction="sum").item() / ref[..., 0].numel()
-                latest[(i, k)] = kl
-                if best is None or kl < best[0]:
-                    best = (kl, i, k)
-            kl, i, k = best
-            removed.append((i, k))
-            cands.remove((i, k))
-            gone += 1 if self.remove > 0 else _sublayer_params(anatomy.blocks[i], k)
-            trace.append({"block": i, "sublayer": k, "kl": kl})
+        with contextlib.ExitStack() as keep_silent:  # the sublayers removed so far stay silenced
+            for _ in steps:
+                if gone >= budget - 1e-9:
+                    break
+                best = None
+                pool = sorted(cands, key=latest.__getitem__)[: self.shortlist] if latest and self.shortlist else cands
+                for i, k in pool:
+                    with contextlib.ExitStack() as trial:
+                        for kk in parts_of(k):
+                            trial.enter_context(silenced(anatomy.blocks[i], kk))
+                        kl = probe.kl_from(i)
+                    score = kl if self.rank == "kl" else (kl - current) / cost(i, k)
+                    latest[(i, k)] = score
+                    if best is None or score < best[0]:
+                        best = (score, kl, i, k)
+                _, kl, i, k = best
+                for kk in parts_of(k):
+                    keep_silent.enter_context(silenced(anatomy.blocks[i], kk))
+                probe.refresh(i)
+                gone += cost(i, k)
+                current = kl
+                for kk in parts_of(k):
+                    removed.append((i, kk))
+                    trace.append({"block": i, "sublayer": kk, "kl": kl})
+                cands = [c for c in cands if c[0] != i or (c[1] not in parts_of(k) and c[1] != "block"
+                                                             and k != "block")]
+        del probe
         for i, k in removed:  # surgery last: silencing used hooks, so indices stayed valid
             if k == "attn":
                 surgery.remove_attention(anatomy, anatomy.blocks[i])
@@ -195,4 +226,4 @@ class FinerCut:
         if empty:  # both sublayers gone: the block is the identity, drop it
             surgery.remove_blocks(anatomy, empty)
         surgery.sync_config(anatomy_of(model))
-        return {"removed": trace, "removed_blocks": empty}
+        return {"removed": trace, "removed_blocks": empty, "compute_removed": gone / total if self.compute else None}

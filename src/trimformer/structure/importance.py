@@ -22,13 +22,32 @@ class InputStats:
     n: int = 0
     s: torch.Tensor | None = None  # (in,)
     H: torch.Tensor | None = None  # (in, in)
+    t: torch.Tensor | None = None  # (in,) sum over tokens of x_c dL/dx_c (gradient criteria only)
+    F: torch.Tensor | None = None  # (in, in) sum over tokens of (x * dL/dx)(x * dL/dx)^T
+    C: torch.Tensor | None = None  # (in, in) sum over tokens of x_dense x^T (asymmetric refit only)
+    sd: torch.Tensor | None = None  # (in,) sum of the dense model's inputs x_dense
 
-    def add(self, X: torch.Tensor) -> None:
+    def add(self, X: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Add inputs X; `dense`: the dense model's inputs at the same tokens (for the asymmetric refit)."""
         X = X.reshape(-1, X.shape[-1]).float()  # (tokens, in)
-        s, H = X.sum(0).double(), (X.t() @ X).double()  # products in fp32 (speed), sums in fp64
+        with torch.autocast(X.device.type, enabled=False):  # X^T X never in bf16 (calibrate.BlockCalib.gram)
+            s, H = X.sum(0).double(), (X.t() @ X).double()  # products in fp32 (speed), sums in fp64
+            if dense is not None:
+                Xd = dense.reshape(X.shape).float()
+                sd, C = Xd.sum(0).double(), (Xd.t() @ X).double()
+                self.sd = sd if self.sd is None else self.sd + sd
+                self.C = C if self.C is None else self.C + C
         self.s = s if self.s is None else self.s + s
         self.H = H if self.H is None else self.H + H
         self.n += X.shape[0]
+
+    def add_grad(self, X: torch.Tensor, G: torch.Tensor) -> None:
+        """Add inputs X and the gradient G of a loss with respect to them (both (..., in))."""
+        P = (X.reshape(-1, X.shape[-1]).float() * G.reshape(-1, G.shape[-1]).float())  # (tokens, in)
+        with torch.autocast(P.device.type, enabled=False):
+            t, F = P.sum(0).double(), (P.t() @ P).double()
+        self.t = t if self.t is None else self.t + t
+        self.F = F if self.F is None else self.F + F
 
     @property
     def mean(self) -> torch.Tensor:
@@ -42,14 +61,17 @@ class InputStats:
 Score = Callable[[torch.Tensor, InputStats | None, list[torch.Tensor]], torch.Tensor]
 IMPORTANCE: dict[str, Score] = {}
 NEEDS_DATA: set[str] = set()
+NEEDS_GRAD: set[str] = set()
 LS_DAMP = 1e-2  # ridge on the least-squares refit, relative to the mean input energy
 
 
-def criterion(name: str, data: bool = True) -> Callable[[Score], Score]:
+def criterion(name: str, data: bool = True, grad: bool = False) -> Callable[[Score], Score]:
     def deco(fn: Score) -> Score:
         IMPORTANCE[name] = fn
-        if data:
+        if data or grad:
             NEEDS_DATA.add(name)
+        if grad:
+            NEEDS_GRAD.add(name)
         return fn
 
     return deco
@@ -95,6 +117,45 @@ def hessian(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torc
     return torch.stack(out)
 
 
+def _need_grad(st: InputStats | None, name: str) -> InputStats:
+    if st is None or st.t is None:
+        raise ValueError(f"importance {name!r} needs gradient statistics (InputStats.add_grad); "
+                         "width collects them when importance is a gradient criterion")
+    return st
+
+
+@criterion("taylor", grad=True)
+def taylor(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torch.Tensor:
+    """First-order Taylor (Molchanov et al. 2019; LLM-Pruner): |change of the loss| when the group's mask
+    goes from 1 to 0, |sum over tokens and the group's columns of x_c dL/dx_c|. The loss is block-local
+    (see width: next-token cross-entropy of the block's output read through the final norm and head)."""
+    t = _need_grad(st, "taylor").t
+    return torch.stack([t[g].sum().abs() for g in groups])
+
+
+@criterion("fisher", grad=True)
+def fisher(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torch.Tensor:
+    """Empirical Fisher of the group's mask (Kwon et al. 2022; NViT's Hessian-aware saliency): half the sum
+    over tokens of (sum_{c in G} x_c dL/dx_c)^2, a second-order estimate of the loss change that compares
+    across heads, neurons and blocks."""
+    F = _need_grad(st, "fisher").F
+    return torch.stack([F[g][:, g].sum() / 2 for g in groups])
+
+
+@criterion("spectral", data=False)
+def spectral(W: torch.Tensor, st: InputStats | None, groups: list[torch.Tensor], energy: float = 0.9) -> torch.Tensor:
+    """Calibration-free, from the weight's spectrum (in the spirit of PruneNet, Sengupta et al. 2025, which
+    keeps the pruned matrix's singular-value distribution close to the original's): a group's share of the
+    dominant singular directions, sum over its columns c of sum_{r<=k} (s_r V[c, r])^2, W = U diag(s) V^T,
+    k the fewest directions holding `energy` of ||W||_F^2. Over all r this would be the magnitude; the
+    cut-off ignores what a column contributes only to the spectrum's tail."""
+    _, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)  # S (r,), Vh (r, in)
+    cum = (S**2).cumsum(0) / (S**2).sum()
+    k = int((cum < energy).sum().item()) + 1
+    e = ((S[:k, None] * Vh[:k]) ** 2).sum(0)  # (in,)
+    return torch.stack([e[g].sum() for g in groups])
+
+
 def damped(H: torch.Tensor, rel: float = 1e-2) -> torch.Tensor:
     return H + rel * H.diagonal().mean().clamp(min=1e-8) * torch.eye(H.shape[0], dtype=H.dtype)
 
@@ -110,19 +171,23 @@ def least_squares(p: Proj, keep: torch.Tensor, st: InputStats, bias: bool) -> tu
     """New (out, |keep|) weight (and bias) that best reproduces W x + b from the kept inputs only.
 
     Solves min ||W x + b - W' x_keep - b'||^2 over the calibration tokens; with `bias`, b' absorbs
-    the removed inputs' mean (FLAP's bias compensation falls out as a special case).
+    the removed inputs' mean (FLAP's bias compensation falls out as a special case). With the dense model's
+    inputs in `st` (st.C), the target is the dense output W x_dense + b instead (asymmetric refit): the error
+    of the blocks cut before this one is corrected rather than carried.
     """
     W = p.weight.double()  # (out, in)
     d = W.shape[1]
     M, mu = st.second, st.mean
+    T, mu_d = (st.C / st.n, st.sd / st.n) if st.C is not None else (M, mu)  # E[x_target x^T]: rows dense side
     if bias:
-        # augment x with a constant 1: E[[x;1][x;1]^T]
+        # augment x with a constant 1: E[[x;1][x;1]^T], and E[[x_target;1][x;1]^T]
         M = torch.cat([torch.cat([M, mu[:, None]], 1), torch.cat([mu, mu.new_ones(1)])[None]], 0)  # (d+1, d+1)
+        T = torch.cat([torch.cat([T, mu_d[:, None]], 1), torch.cat([mu, mu.new_ones(1)])[None]], 0)  # (d+1, d+1)
         b = p.bias.double() if p.bias is not None else W.new_zeros(W.shape[0])
         W = torch.cat([W, b[:, None]], 1)  # (out, d+1)
         keep = torch.cat([keep, torch.tensor([d])])
     A = damped(M[keep][:, keep], LS_DAMP)  # (k, k)
-    B = W @ M[:, keep]  # (out, k)
+    B = W @ T[:, keep]  # (out, k)
     Wn = torch.linalg.solve(A, B.t()).t()  # (out, k)
     if bias:
         return Wn[:, :-1].float(), Wn[:, -1].float()

@@ -6,14 +6,32 @@ latency, memory or parameters). `choose` solves
 
     minimise sum_ij e_ij x_ij  s.t.  sum_j x_ij = 1 for every block,  sum_ij c_ij x_ij <= budget,  x binary
 
-with `scipy.optimize.milp`. The candidate library and its scoring are not built yet (issue 6, part 5).
+with `scipy.optimize.milp`. `Search` builds the library for pre-norm decoders: per block, attention
+kept or removed times the FFN kept at several widths (0 = MLP removed; both gone = block removed).
+Errors: the KL to the dense model with only that change (probe.Probe, re-running the blocks from the
+changed one); attention and FFN errors add (Puzzle scores each block's replacement alone the same way).
+A narrower FFN keeps the neurons of highest importance and re-fits down_proj by least squares.
+Costs: parameters, or the prefill latency of every option measured on this machine (`latency_table`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
+
+from .. import calibrate
+from ..models import Anatomy, Block, count_parameters
+from ..progress import bar
+from . import STRUCTURE, surgery
+from .depth import silenced
+from .importance import IMPORTANCE, InputStats, least_squares, scores
+from .probe import Probe, swapped
 
 
 @dataclass(frozen=True)
@@ -61,3 +79,264 @@ def choose(library: list[list[Candidate]], budget: float) -> list[int]:
         out.append(int(np.argmax(x[start:start + k])))
         start += k
     return out
+
+
+# -- the candidate library ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """One replacement of a block: attention kept or not, the share of FFN neurons kept (0: MLP removed)."""
+
+    attn: bool
+    ffn: float
+
+    @property
+    def name(self) -> str:
+        if not self.attn and self.ffn == 0:
+            return "removed"
+        return f"{'attn' if self.attn else 'no-attn'}+ffn{self.ffn:g}"
+
+
+def options(widths: list[float], attention: bool = True) -> list[Option]:
+    shares = sorted({1.0, *widths}, reverse=True)
+    return [Option(a, f) for a in ((True, False) if attention else (True,)) for f in shares]
+
+
+@dataclass
+class FFNCut:
+    """Neurons to keep in one block's FFN and the least-squares re-fit down_proj over them."""
+
+    keep: torch.Tensor  # (k,) sorted neuron indices
+    W: torch.Tensor  # (out, k)
+    b: torch.Tensor | None
+
+    def padded(self, n: int) -> torch.Tensor:
+        """The (out, n) weight with the re-fit columns at `keep` and zeros elsewhere (same logits as the cut)."""
+        W = self.W.new_zeros(self.W.shape[0], n)
+        W[:, self.keep] = self.W
+        return W
+
+
+def ffn_cut(block: Block, keep_n: int, st: InputStats, importance: str = "hessian") -> FFNCut:
+    m = block.mlp
+    groups = list(torch.arange(m.intermediate_size)[:, None])
+    keep = scores(importance, m.down, st, groups).topk(keep_n).indices.sort().values
+    W, b = least_squares(m.down, keep, st, bias=m.down.bias is not None)
+    return FFNCut(keep, W, b)
+
+
+@torch.no_grad()
+def down_stats(probe: Probe, block: Block) -> InputStats:
+    """Input statistics of the block's down_proj on the probe's cached inputs of that block."""
+    st = InputStats()
+    h = block.mlp.down.module.register_forward_hook(lambda _m, a, _o: st.add(a[0]))
+    try:
+        probe._run(block, probe.block_inputs(block.index))
+    finally:
+        h.remove()
+    return st
+
+
+def _keep_n(block: Block, share: float, multiple_of: int) -> int:
+    n = block.mlp.intermediate_size
+    return min(n, max(multiple_of, int(np.ceil(share * n / multiple_of)) * multiple_of))
+
+
+@torch.no_grad()
+def score_library(anatomy: Anatomy, probe: Probe, shares: list[float], *, attention: bool = True,
+                  importance: str = "hessian", multiple_of: int = 1, progress: bool = True
+                  ) -> tuple[list[dict[Any, float]], list[dict[float, FFNCut]]]:
+    """Per block: {'attn': KL with attention removed, share: KL with the FFN cut to that share} (dense
+    elsewhere), and the cuts that produced them. Share 0 silences the MLP; share 1 is the dense block (0)."""
+    errors, cuts = [], []
+    for block in bar(anatomy.blocks, desc="search: scoring options", unit="block", disable=not progress):
+        i, err, cut = block.index, {1.0: 0.0}, {}
+        if attention and block.attention is not None:
+            with silenced(block, "attn"):
+                err["attn"] = probe.kl_from(i)
+        if block.mlp is not None:
+            st = down_stats(probe, block)
+            for f in sorted(set(shares) - {1.0}):
+                if f == 0:
+                    with silenced(block, "mlp"):
+                        err[0.0] = probe.kl_from(i)
+                    continue
+                c = ffn_cut(block, _keep_n(block, f, multiple_of), st, importance)
+                cut[f] = c
+                with swapped(block.mlp.down, c.padded(block.mlp.intermediate_size), c.b):
+                    err[f] = probe.kl_from(i)
+        errors.append(err)
+        cuts.append(cut)
+    return errors, cuts
+
+
+# -- costs --------------------------------------------------------------------------------------
+def _median_time(fn, runs: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, runs: int = 5,
+                  multiple_of: int = 1) -> dict[str, Any]:
+    """Prefill seconds (batch 1, `tokens` tokens, this machine, the model's dtype and threads) of every
+    option of every block, and of everything outside the blocks (embedding, final norm, head: the dense
+    model's time minus its blocks'). Blocks of equal shape share one measurement."""
+    ids = torch.randint(0, anatomy.vocab_size or 2, (1, tokens), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = calibrate.capture_inputs(anatomy, ids.to(next(anatomy.model.parameters()).device))
+    x, kw = inputs[0], kwargs[0]
+    seen: dict[tuple, dict[Option, float]] = {}
+    per_block = []
+    for block in anatomy.blocks:
+        key = tuple((n, tuple(p.weight.shape)) for n, p in block.projections().items())
+        if key not in seen:
+            row = {}
+            for o in opts:
+                if not o.attn and o.ffn == 0:
+                    row[o] = 0.0
+                    continue
+                b = copy.deepcopy(block)  # Block, module and projections copied together
+                if not o.attn and b.attention is not None:
+                    surgery.remove_attention(anatomy, b)
+                    b.attention = None
+                if o.ffn < 1 and b.mlp is not None:
+                    if o.ffn == 0:
+                        surgery.remove_mlp(b)
+                    else:
+                        surgery.prune_neurons(b, torch.arange(_keep_n(b, o.ffn, multiple_of)))
+                row[o] = _median_time(lambda m=b.module: m(x, **kw), runs)
+            seen[key] = row
+        per_block.append(seen[key])
+    model = anatomy.model
+    dense = _median_time(lambda: model(input_ids=ids, use_cache=False), runs)
+    full = Option(True, 1.0)
+    fixed = max(0.0, dense - sum(r[full] for r in per_block))
+    return {"dense_s": dense, "fixed_s": fixed, "blocks": per_block}
+
+
+def _params(block: Block, o: Option, multiple_of: int) -> float:
+    a = sum(p.weight.numel() + (p.bias.numel() if p.bias is not None else 0)
+            for p in block.attention.projections.values()) if block.attention is not None else 0
+    m = block.mlp
+    if m is None or o.ffn == 0:
+        f = 0
+    else:
+        rows = [p for p in (m.up, m.gate) if p is not None]
+        per = sum(p.in_features + (p.bias is not None) for p in rows) + m.down.out_features
+        f = per * (_keep_n(block, o.ffn, multiple_of) if o.ffn < 1 else m.intermediate_size)
+    return float((a if o.attn else 0) + f)
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    kind, _, value = str(text).partition("=")
+    if kind.strip() not in ("latency", "params") or not value:
+        raise ValueError(f"target {text!r}: write latency=R or params=R, R the share of the dense model to keep")
+    r = float(value)
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"target {text!r}: the share to keep must be in (0, 1], got {r}")
+    return kind.strip(), r
+
+
+@STRUCTURE.register("search")
+@dataclass
+class Search:
+    """Puzzle-style per-block choice under a budget. target: 'latency=R' (prefill latency measured on this
+    machine, `tokens` tokens, median of `runs`) or 'params=R'. widths: FFN shares offered besides 1
+    (0 = MLP removed). attention: also offer attention removal. windows/length: calibration tokens of
+    the KL scores (positions: evenly spaced positions per window the KL is averaged over, 0 = all).
+    importance: neuron criterion of the FFN cuts (least-squares re-fit always)."""
+
+    target: str = "latency=0.6"
+    widths: str = "0.75,0.5,0.25,0"
+    attention: bool = True
+    windows: int = 8
+    length: int = 256
+    importance: str = "hessian"
+    multiple_of: int = 8
+    tokens: int = 512
+    runs: int = 5
+    precision: str = "auto"
+    positions: int = 64
+    _kind: str = field(default="latency", init=False, repr=False)
+    _keep: float = field(default=0.6, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._kind, self._keep = parse_budget(self.target)
+        try:
+            self._shares = [float(w) for w in str(self.widths).split(",") if w.strip()]
+        except ValueError:
+            raise ValueError(f"widths {self.widths!r}: comma-separated FFN shares in [0, 1), e.g. 0.75,0.5,0") from None
+        if not all(0.0 <= w < 1.0 for w in self._shares):
+            raise ValueError(f"widths {self.widths!r}: every share must be in [0, 1)")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(sorted(IMPORTANCE))}")
+        if self.windows < 1 or self.length < 2 or self.multiple_of < 1 or self.runs < 1:
+            raise ValueError("windows, multiple_of, runs must be >= 1 and length >= 2")
+        calibrate.resolve_precision(self.precision)
+
+    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
+               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+        if calibration is None:
+            raise ValueError("search needs calibration windows (its options are scored by KL on them)")
+        if not anatomy.causal or not all(b.pre_norm for b in anatomy.blocks):
+            raise ValueError("search replaces sublayers of pre-norm decoders only")
+        opts = options(self._shares, self.attention)
+        if self._kind == "latency":
+            table = latency_table(anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of)
+            costs = [[row[o] for o in opts] for row in table["blocks"]]
+            whole, fixed = table["dense_s"], table["fixed_s"]
+        else:
+            table = None
+            costs = [[_params(b, o, self.multiple_of) for o in opts] for b in anatomy.blocks]
+            whole = float(count_parameters(anatomy.model))
+            fixed = whole - sum(c[0] for c in costs)
+        budget = self._keep * whole - fixed
+        if budget < 0:
+            raise BudgetTooSmallError(f"target {self.target}: everything outside the blocks already costs "
+                                      f"{fixed / whole:.2f} of the dense model; raise the target")
+        probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
+                      precision=self.precision, positions=self.positions)
+        errors, cuts = score_library(anatomy, probe, [o.ffn for o in opts], attention=self.attention,
+                                     importance=self.importance, multiple_of=self.multiple_of, progress=progress)
+        del probe
+        lib = [[Candidate(o.name, (0.0 if o.attn else e.get("attn", 0.0)) + e.get(o.ffn, 0.0), c)
+                for o, c in zip(opts, cs)] for e, cs in zip(errors, costs)]
+        pick = choose(lib, budget)
+        chosen = [opts[j] for j in pick]
+        predicted = (fixed + sum(lib[i][j].cost for i, j in enumerate(pick))) / whole
+        _apply(anatomy, chosen, cuts)
+        return {"choices": [o.name for o in chosen], "predicted_" + self._kind: predicted,
+                "predicted_error": sum(lib[i][j].error for i, j in enumerate(pick)),
+                "latency_table": None if table is None else {
+                    "dense_s": table["dense_s"], "fixed_s": table["fixed_s"],
+                    "block0": {o.name: t for o, t in table["blocks"][0].items()}},
+                "errors": [{str(k): v for k, v in e.items()} for e in errors]}
+
+
+@torch.no_grad()
+def _apply(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[float, FFNCut]]) -> None:
+    """Carry out the chosen options (FFN cuts, sublayer removals), then drop blocks left empty."""
+    empty = []
+    for block, o, cut in zip(anatomy.blocks, chosen, cuts):
+        if not o.attn and (o.ffn == 0 or block.mlp is None):
+            empty.append(block.index)
+            continue
+        if not o.attn and block.attention is not None:
+            surgery.remove_attention(anatomy, block)
+        if block.mlp is not None and o.ffn == 0:
+            surgery.remove_mlp(block)
+        elif block.mlp is not None and o.ffn < 1:
+            c = cut[o.ffn]
+            surgery.prune_neurons(block, c.keep)
+            block.mlp.down.weight.copy_(c.W.to(block.mlp.down.weight.dtype))
+            if c.b is not None:
+                block.mlp.down.bias.copy_(c.b.to(block.mlp.down.bias.dtype))
+    if empty:
+        surgery.remove_blocks(anatomy, empty)
+    from ..models import anatomy_of
+
+    surgery.sync_config(anatomy_of(anatomy.model))

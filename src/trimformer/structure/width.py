@@ -20,7 +20,7 @@ from ..calibrate import BlockCalib
 from ..models import Anatomy, Block, Proj, count_parameters
 from ..progress import bar
 from . import STRUCTURE, surgery
-from .importance import IMPORTANCE, NEEDS_DATA, InputStats, least_squares, scores
+from .importance import IMPORTANCE, NEEDS_DATA, NEEDS_GRAD, InputStats, least_squares, scores
 
 
 class BudgetError(ValueError):
@@ -54,9 +54,14 @@ class Width:
     """target: 'params=R' or 'flops=R' (share kept; FLOPs/token of the matmuls, attention scores not counted).
     parts: 'ffn', 'heads' or 'ffn,heads'. importance: hessian | activation | flap | magnitude.
     allocation: uniform | global (raw error per parameter across blocks; on smollm2-135m it over-cuts
-    some blocks, KL 5.4 vs 0.52 uniform at params=0.8: keep uniform until scores are normalised). multiple_of: kept FFN widths are rounded up to a multiple of it.
+    some blocks, KL 5.4 vs 0.52 uniform at params=0.8: keep uniform until scores are normalised) |
+    measured (FFN only: every block's FFN cut alone to each share of `shares`, with the re-fit, scored by
+    the model's KL to dense on probe_windows x probe_length calibration tokens; a MIP picks one width
+    per block under the target, as `search` does). multiple_of: kept FFN widths are rounded up to a multiple of it.
     compensate: re-fit the output projections by least squares after removal.
     sequential: re-measure each block's inputs after cutting the blocks before it (one more pass; slower).
+    asymmetric: with sequential, re-fit to the *dense* model's outputs (its inputs to the same projection, carried
+      in a dense stream beside the pruned one), so each refit also corrects the error of the blocks cut before.
     """
 
     target: str = "params=0.8"
@@ -66,7 +71,13 @@ class Width:
     multiple_of: int = 1
     compensate: bool = True
     sequential: bool = False
+    asymmetric: bool = False
     min_ffn: int = 0
+    shares: str = "0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2"
+    probe_windows: int = 8
+    probe_length: int = 256
+    probe_positions: int = 64
+    precision: str = "fp32"
     _kind: str = field(default="params", init=False, repr=False)
     _keep: float = field(default=0.8, init=False, repr=False)
 
@@ -77,10 +88,18 @@ class Width:
             raise ValueError(f"parts {self.parts!r}: use 'ffn', 'heads' or 'ffn,heads'")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(sorted(IMPORTANCE))}")
-        if self.allocation not in ("uniform", "global"):
-            raise ValueError(f"allocation {self.allocation!r}: choose 'uniform' or 'global'")
+        if self.allocation not in ("uniform", "global", "measured"):
+            raise ValueError(f"allocation {self.allocation!r}: choose 'uniform', 'global' or 'measured'")
+        if self.allocation == "measured" and self._parts != {"ffn"}:
+            raise ValueError("allocation='measured' chooses FFN widths only: set parts=ffn")
+        self._shares = sorted({float(x) for x in str(self.shares).split(",") if x.strip()})
+        if self.allocation == "measured" and (not self._shares or not all(0 < x < 1 for x in self._shares)):
+            raise ValueError(f"shares {self.shares!r}: comma-separated FFN shares in (0, 1)")
+        calibrate.resolve_precision(self.precision)
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
+        if self.asymmetric and not (self.sequential and self.compensate):
+            raise ValueError("asymmetric re-fits to the dense outputs block by block: set sequential=True and compensate=True")
 
     # -- budget --------------------------------------------------------------------------------
     def _costs(self, anatomy: Anatomy) -> tuple[float, list[float], list[float]]:
@@ -166,6 +185,28 @@ class Width:
         ffn = [self._round(k, n, lo) for k, n, lo in zip(ffn, ffn0, floor_ffn)]
         return Plan(ffn, heads)
 
+    def _measured(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool) -> Plan:
+        """FFN widths per block from each block's measured KL at every share, chosen by the MIP under the target."""
+        from .probe import Probe
+        from .search import Candidate, _keep_n, choose, score_library
+
+        need, neuron, _ = self._costs(anatomy)
+        probe = Probe(anatomy, calibration[: self.probe_windows, : self.probe_length], batch_size=batch_size,
+                      precision=self.precision, positions=self.probe_positions)
+        errors, _ = score_library(anatomy, probe, self._shares, attention=False, importance=self.importance,
+                                  multiple_of=self.multiple_of, progress=progress)
+        del probe
+        widths = [[b.mlp.intermediate_size, *(_keep_n(b, f, self.multiple_of) for f in self._shares)] for b in anatomy.blocks]
+        lib = [[Candidate(str(w), e.get(f, 0.0), (ws[0] - w) * -c) for w, f in zip(ws, [1.0, *self._shares])]
+               for ws, e, c in zip(widths, errors, neuron)]  # cost: minus the parameters removed
+        try:
+            pick = choose(lib, -need)
+        except ValueError as err:
+            raise BudgetError(f"target {self.target}: the offered shares {self.shares} cannot remove enough; "
+                              f"add smaller shares ({err})") from None
+        return Plan([ws[j] for ws, j in zip(widths, pick)],
+                    [b.attention.num_heads // _unit(b.attention) if b.attention else 0 for b in anatomy.blocks])
+
     # -- scoring and removal, one block at a time -----------------------------------------------
     def _outputs(self, block: Block) -> dict[str, Proj]:
         """The output projections whose input columns are the groups: attn.o (heads), mlp.down (neurons)."""
@@ -213,17 +254,71 @@ class Width:
     def _statistics(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool) -> list[dict]:
         """One pass over the dense model: input statistics of every block's output projections."""
         inputs, kwargs = calibrate.capture_inputs(anatomy, calibration, batch_size)
+        dtype = calibrate.resolve_precision(self.precision, inputs[0].device)
         out = []
         for block in bar(anatomy.blocks, desc="width: statistics", unit="block", disable=not progress):
             stats = {k: InputStats() for k in self._outputs(block)}
             hooks = [p.module.register_forward_hook(lambda _m, a, _o, st=stats[k]: st.add(a[0]))
                      for k, p in self._outputs(block).items()]
             try:
-                inputs = BlockCalib(block, inputs, kwargs).run()
+                inputs = BlockCalib(block, inputs, kwargs, dtype).run()
             finally:
                 for h in hooks:
                     h.remove()
             out.append(stats)
+        return out
+
+    def _gradient_statistics(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int,
+                             progress: bool) -> list[dict]:
+        """Like _statistics, plus the gradient of a block-local loss at each output projection's input.
+
+        The loss of block i: next-token cross-entropy of its output read through the final norm and the
+        head (the logit lens); the backward goes through that block and the head only, never the model."""
+        an = anatomy
+        if an.head is None or not an.causal:
+            raise ValueError(f"importance {self.importance!r} needs a causal LM with a head (its block-local loss)")
+        inputs, kwargs = calibrate.capture_inputs(an, calibration, batch_size)
+        labels = [calibration[i: i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
+        params = [p for p in an.model.parameters() if p.requires_grad]
+        out = []
+        try:
+            for p in params:  # activations' gradients only
+                p.requires_grad_(False)
+            for block in bar(an.blocks, desc="width: gradient statistics", unit="block", disable=not progress):
+                stats = {k: InputStats() for k in self._outputs(block)}
+                seen: dict[str, torch.Tensor] = {}
+
+                def keep(_m, a, _o, k, seen=seen):
+                    a[0].retain_grad()
+                    seen[k] = a[0]
+
+                hooks = [p.module.register_forward_hook(lambda m, a, o, k=k: keep(m, a, o, k))
+                         for k, p in self._outputs(block).items()]
+                nxt = []
+                try:
+                    for x, kw, ids in zip(inputs, kwargs, labels):
+                        with torch.enable_grad():
+                            xg = x.detach().requires_grad_(True)
+                            y = block.module(xg, **kw)
+                            y = y[0] if isinstance(y, tuple) else y  # (B, T, d)
+                            h = an.final_norm(y) if an.final_norm is not None else y
+                            logits = an.head(h)[:, :-1].float()  # (B, T-1, V)
+                            loss = torch.nn.functional.cross_entropy(
+                                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
+                                reduction="sum")
+                            loss.backward()
+                        for k, a in seen.items():
+                            stats[k].add(a.detach())
+                            stats[k].add_grad(a.detach(), a.grad)
+                        nxt.append(y.detach())
+                finally:
+                    for hk in hooks:
+                        hk.remove()
+                inputs = nxt
+                out.append(stats)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
         return out
 
     def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
@@ -233,12 +328,17 @@ class Width:
             raise ValueError(f"width with importance={self.importance!r}"
                              f"{' and compensate' if self.compensate else ''} needs calibration windows")
         before = count_parameters(anatomy.model)
-        stats = self._statistics(anatomy, calibration, batch_size, progress) if data else [{} for _ in anatomy.blocks]
+        if self.importance in NEEDS_GRAD and self.sequential:
+            raise ValueError(f"importance {self.importance!r} is collected in one dense pass: set sequential=False")
+        collect = self._gradient_statistics if self.importance in NEEDS_GRAD else self._statistics
+        stats = collect(anatomy, calibration, batch_size, progress) if data else [{} for _ in anatomy.blocks]
         block_scores = [self._block_scores(b, st) for b, st in zip(anatomy.blocks, stats)] if self.allocation == "global" else None
-        plan = self.plan(anatomy, block_scores)
+        plan = self._measured(anatomy, calibration, batch_size, progress) if self.allocation == "measured" \
+            else self.plan(anatomy, block_scores)
         if self.sequential and data:  # re-measure each block's inputs after the blocks before it were cut
             del stats
-            for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="width: pruning"):
+            for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="width: pruning",
+                                       dense_targets=self.asymmetric):
                 b = bc.block
                 if plan.head_units[b.index] < (b.attention.num_heads // _unit(b.attention) if b.attention else 0):
                     self._cut_heads(b, plan.head_units[b.index], _collect(bc, b.attention.o))
@@ -282,12 +382,21 @@ def _head_groups(H: int, D: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _collect(bc: BlockCalib, p: Proj) -> InputStats:
+    """Input statistics of `p` over every calibration batch; with a dense stream, its dense inputs beside them."""
     st = InputStats()
-    h = p.module.register_forward_hook(lambda _m, args, _o: st.add(args[0]))
+    dense_x: list[torch.Tensor] = []
+    hooks = [p.module.register_forward_hook(lambda _m, args, _o: st.add(args[0], dense_x.pop() if dense_x else None))]
+    if bc.dense is not None:
+        hooks.append(bc.twin(p.module).register_forward_hook(lambda _m, args, _o: dense_x.append(args[0])))
     try:
-        bc.run()
+        with bc.compute(), torch.no_grad():
+            for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
+                if bc.dense is not None:
+                    bc.dense(bc.dense_inputs[i], **kw)  # its hook leaves the dense input for the pruned block's
+                bc.block.module(x, **kw)
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
     return st
 
 

@@ -84,9 +84,7 @@ def input_groups(bc: BlockCalib, projs: dict[str, Proj], first_only: bool = Fals
 
     hooks = [p.module.register_forward_pre_hook(make_hook(name)) for name, p in projs.items()]
     if bc.dense is not None:
-        path = {m: q for q, m in bc.block.module.named_modules()}
-        dense_mods = dict(bc.dense.named_modules())
-        hooks += [dense_mods[path[p.module]].register_forward_pre_hook(keep_dense(name)) for name, p in projs.items()]
+        hooks += [bc.twin(p.module).register_forward_pre_hook(keep_dense(name)) for name, p in projs.items()]
     try:
         for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
             if bc.dense is not None:

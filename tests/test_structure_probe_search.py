@@ -1,0 +1,143 @@
+"""The cached-state KL probe and the Puzzle-style search on tiny decoders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny
+from test_structure_surgery import _deeper
+
+import trimformer
+from trimformer.models import anatomy_of, count_parameters
+from trimformer.structure.depth import silenced
+from trimformer.structure.probe import Probe, swapped
+from trimformer.structure.search import (
+    BudgetTooSmallError,
+    down_stats,
+    ffn_cut,
+    latency_table,
+    options,
+    score_library,
+)
+
+
+def _full_kl(model, dense, ids):
+    with torch.no_grad():
+        p = F.log_softmax(dense(input_ids=ids).logits.float(), -1)
+        q = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return F.kl_div(q, p, log_target=True, reduction="sum").item() / p[..., 0].numel()
+
+
+@torch.no_grad()
+def test_probe_from_any_block_equals_a_full_forward(calib):
+    model = _deeper(tiny("llama"), 4)
+    dense = copy.deepcopy(model)
+    an = anatomy_of(model)
+    probe = Probe(an, calib, precision="fp32")
+    assert all(probe.kl_from(i) == pytest.approx(0.0, abs=1e-7) for i in range(4))
+    with silenced(an.blocks[2], "attn"):  # re-running from block 2 only == the whole model
+        assert probe.kl_from(2) == pytest.approx(_full_kl(model, dense, calib), rel=1e-4)
+    with silenced(an.blocks[1], "mlp"):
+        probe.refresh(1)  # cache now holds the inputs with block 1's MLP silenced
+        with silenced(an.blocks[3], "attn"):
+            assert probe.kl_from(3) == pytest.approx(_full_kl(model, dense, calib), rel=1e-4)
+    with pytest.raises(ValueError, match="causal LM"):
+        Probe(anatomy_of(tiny("bert")), calib)
+
+
+@torch.no_grad()
+def test_padded_ffn_cut_scores_what_the_surgery_gives(calib):
+    from trimformer.structure import surgery
+
+    model = _deeper(tiny("llama"), 3)
+    dense = copy.deepcopy(model)
+    an = anatomy_of(model)
+    probe = Probe(an, calib, precision="fp32")
+    b = an.blocks[1]
+    cut = ffn_cut(b, 48, down_stats(probe, b))
+    with swapped(b.mlp.down, cut.padded(b.mlp.intermediate_size)):
+        kl = probe.kl_from(1)
+    assert torch.equal(b.mlp.down.weight, dense.model.layers[1].mlp.down_proj.weight)  # restored
+    surgery.prune_neurons(b, cut.keep)
+    b.mlp.down.weight.copy_(cut.W)
+    assert b.mlp.intermediate_size == 48
+    assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4)
+
+
+def test_library_finds_planted_dead_sublayers(calib):
+    model = _deeper(tiny("llama"), 4)
+    an = anatomy_of(model)
+    with torch.no_grad():
+        an.blocks[0].attention.o.weight.zero_()
+        an.blocks[2].mlp.down.weight.zero_()
+    errors, cuts = score_library(an, Probe(an, calib, precision="fp32"), [0.5, 0.0], progress=False)
+    assert errors[0]["attn"] == pytest.approx(0.0, abs=1e-7) and errors[2][0.0] == pytest.approx(0.0, abs=1e-7)
+    assert min(errors[i]["attn"] for i in (1, 2, 3)) > 1e-4
+    assert all(e[0.0] >= e[0.5] - 1e-9 for i, e in enumerate(errors) if i != 2)  # cutting less hurts less
+    assert set(cuts[1]) == {0.5}
+
+
+def test_search_params_budget_respected_and_dead_parts_chosen(calib):
+    model = _deeper(tiny("llama"), 4)
+    an = anatomy_of(model)
+    with torch.no_grad():
+        an.blocks[1].attention.o.weight.zero_()
+        an.blocks[1].mlp.down.weight.zero_()  # block 1 is the identity: removing it is free
+    n0 = count_parameters(model)
+    ref = copy.deepcopy(model)
+    res = trimformer.prune_(model, trimformer.build("search", {"target": "params=0.8", "widths": "0.5,0",
+                                                                "multiple_of": 1}),
+                            calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert count_parameters(model) / n0 <= 0.8 + 1e-9
+    assert res["choices"][1] == "removed"
+    assert model.config.num_hidden_layers == len(anatomy_of(model).blocks)
+    # the cheapest fit: block 1 gone costs nothing, so the predicted error equals the measured one alone
+    assert res["predicted_error"] >= 0
+    out = model.generate(calib[:1, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+    if all(c == "removed" or c == "attn+ffn1" for c in res["choices"]):
+        assert _full_kl(model, ref, calib) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_latency_table_and_search_under_latency(calib):
+    model = _deeper(tiny("llama"), 3)
+    an = anatomy_of(model)
+    opts = options([0.5, 0.0])
+    t = latency_table(an, opts, tokens=32, runs=2)
+    assert len(t["blocks"]) == 3 and t["blocks"][0] is t["blocks"][2]  # equal shapes measured once
+    row = t["blocks"][0]
+    assert row[opts[-1]] == 0.0 and all(v > 0 for o, v in row.items() if o.name != "removed")
+    res = trimformer.prune_(model, trimformer.build("search", {"target": "latency=0.95", "widths": "0.5,0",
+                                                                "tokens": 32, "runs": 2}),
+                            calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert res["predicted_latency"] <= 0.95 + 1e-9
+    assert torch.isfinite(model(input_ids=calib).logits).all()
+
+
+def test_search_clear_errors(calib):
+    with pytest.raises(ValueError, match="latency=R or params=R"):
+        trimformer.build("search", {"target": "flops=0.5"})
+    with pytest.raises(ValueError, match="widths"):
+        trimformer.build("search", {"widths": "0.5,1.5"})
+    with pytest.raises(ValueError, match="pre-norm decoders"):
+        trimformer.prune_(tiny("bert"), trimformer.build("search", {}), calibration=calib, progress=False)
+    with pytest.raises(BudgetTooSmallError):  # the tiny model's embeddings alone exceed 10 % of its params
+        trimformer.prune_(tiny("llama"), trimformer.build("search", {"target": "params=0.1"}), calibration=calib,
+                          progress=False)
+
+
+def test_width_measured_allocation_meets_target_and_spares_the_loud_block(calib):
+    model = _deeper(tiny("llama"), 4)
+    with torch.no_grad():
+        anatomy_of(model).blocks[2].mlp.down.weight.mul_(8)  # cutting block 2's FFN now costs the most
+    n0 = count_parameters(model)
+    res = trimformer.prune_(model, trimformer.build("width", {"target": "params=0.85", "allocation": "measured",
+                                                               "shares": "0.75,0.5,0.25", "precision": "fp32"}),
+                            calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert count_parameters(model) / n0 <= 0.85 + 1e-9
+    assert res["ffn"][2] == max(res["ffn"]) and len(set(res["ffn"])) > 1
+    with pytest.raises(ValueError, match="parts=ffn"):
+        trimformer.build("width", {"allocation": "measured", "parts": "ffn,heads"})
