@@ -24,19 +24,19 @@ class InputStats:
     H: torch.Tensor | None = None  # (in, in)
     t: torch.Tensor | None = None  # (in,) sum over tokens of x_c dL/dx_c (gradient criteria only)
     F: torch.Tensor | None = None  # (in, in) sum over tokens of (x * dL/dx)(x * dL/dx)^T
-    C: torch.Tensor | None = None  # (in, in) sum over tokens of x_dense x^T (asymmetric refit only)
-    sd: torch.Tensor | None = None  # (in,) sum of the dense model's inputs x_dense
+    E: torch.Tensor | None = None  # (out, in) sum over tokens of e x^T, e = dense block output - this block's
+    se: torch.Tensor | None = None  # (out,) sum of e (asymmetric refit only)
 
-    def add(self, X: torch.Tensor, dense: torch.Tensor | None = None) -> None:
-        """Add inputs X; `dense`: the dense model's inputs at the same tokens (for the asymmetric refit)."""
+    def add(self, X: torch.Tensor, error: torch.Tensor | None = None) -> None:
+        """Add inputs X; `error`: at the same tokens, the dense model's block output minus this block's."""
         X = X.reshape(-1, X.shape[-1]).float()  # (tokens, in)
         with torch.autocast(X.device.type, enabled=False):  # X^T X never in bf16 (calibrate.BlockCalib.gram)
             s, H = X.sum(0).double(), (X.t() @ X).double()  # products in fp32 (speed), sums in fp64
-            if dense is not None:
-                Xd = dense.reshape(X.shape).float()
-                sd, C = Xd.sum(0).double(), (Xd.t() @ X).double()
-                self.sd = sd if self.sd is None else self.sd + sd
-                self.C = C if self.C is None else self.C + C
+            if error is not None:
+                e = error.reshape(X.shape[0], -1).float()  # (tokens, out)
+                se, E = e.sum(0).double(), (e.t() @ X).double()
+                self.se = se if self.se is None else self.se + se
+                self.E = E if self.E is None else self.E + E
         self.s = s if self.s is None else self.s + s
         self.H = H if self.H is None else self.H + H
         self.n += X.shape[0]
@@ -171,23 +171,23 @@ def least_squares(p: Proj, keep: torch.Tensor, st: InputStats, bias: bool) -> tu
     """New (out, |keep|) weight (and bias) that best reproduces W x + b from the kept inputs only.
 
     Solves min ||W x + b - W' x_keep - b'||^2 over the calibration tokens; with `bias`, b' absorbs
-    the removed inputs' mean (FLAP's bias compensation falls out as a special case). With the dense model's
-    inputs in `st` (st.C), the target is the dense output W x_dense + b instead (asymmetric refit): the error
-    of the blocks cut before this one is corrected rather than carried.
+    the removed inputs' mean (FLAP's bias compensation falls out as a special case). With the block's output
+    error in `st` (st.E), the target is W x + b + e, e = dense block output - this block's output (asymmetric
+    refit): the projection also corrects what the cuts before it (in this block and earlier ones) changed.
     """
     W = p.weight.double()  # (out, in)
     d = W.shape[1]
     M, mu = st.second, st.mean
-    T, mu_d = (st.C / st.n, st.sd / st.n) if st.C is not None else (M, mu)  # E[x_target x^T]: rows dense side
+    E = st.E / st.n if st.E is not None else None  # (out, in): E[e x^T]
     if bias:
-        # augment x with a constant 1: E[[x;1][x;1]^T], and E[[x_target;1][x;1]^T]
+        # augment x with a constant 1: E[[x;1][x;1]^T]
         M = torch.cat([torch.cat([M, mu[:, None]], 1), torch.cat([mu, mu.new_ones(1)])[None]], 0)  # (d+1, d+1)
-        T = torch.cat([torch.cat([T, mu_d[:, None]], 1), torch.cat([mu, mu.new_ones(1)])[None]], 0)  # (d+1, d+1)
         b = p.bias.double() if p.bias is not None else W.new_zeros(W.shape[0])
         W = torch.cat([W, b[:, None]], 1)  # (out, d+1)
+        E = torch.cat([E, (st.se / st.n)[:, None]], 1) if E is not None else None  # (out, d+1)
         keep = torch.cat([keep, torch.tensor([d])])
     A = damped(M[keep][:, keep], LS_DAMP)  # (k, k)
-    B = W @ T[:, keep]  # (out, k)
+    B = W @ M[:, keep] + (E[:, keep] if E is not None else 0)  # (out, k): E[target x_keep^T]
     Wn = torch.linalg.solve(A, B.t()).t()  # (out, k)
     if bias:
         return Wn[:, :-1].float(), Wn[:, -1].float()

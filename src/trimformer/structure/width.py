@@ -60,8 +60,8 @@ class Width:
     per block under the target, as `search` does). multiple_of: kept FFN widths are rounded up to a multiple of it.
     compensate: re-fit the output projections by least squares after removal.
     sequential: re-measure each block's inputs after cutting the blocks before it (one more pass; slower).
-    asymmetric: with sequential, re-fit to the *dense* model's outputs (its inputs to the same projection, carried
-      in a dense stream beside the pruned one), so each refit also corrects the error of the blocks cut before.
+    asymmetric: with sequential, re-fit so that each block's output matches the *dense* model's block output (carried
+      in a dense stream beside the pruned one): the refit also corrects the error of the blocks cut before.
     """
 
     target: str = "params=0.8"
@@ -382,21 +382,22 @@ def _head_groups(H: int, D: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _collect(bc: BlockCalib, p: Proj) -> InputStats:
-    """Input statistics of `p` over every calibration batch; with a dense stream, its dense inputs beside them."""
+    """Input statistics of `p` over every calibration batch; with a dense stream, also the block's output error
+    (dense block on dense inputs minus this block on its inputs) at the same tokens."""
     st = InputStats()
-    dense_x: list[torch.Tensor] = []
-    hooks = [p.module.register_forward_hook(lambda _m, args, _o: st.add(args[0], dense_x.pop() if dense_x else None))]
-    if bc.dense is not None:
-        hooks.append(bc.twin(p.module).register_forward_hook(lambda _m, args, _o: dense_x.append(args[0])))
+    seen: list[torch.Tensor] = []
+    h = p.module.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
     try:
         with bc.compute(), torch.no_grad():
             for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
+                y = bc.block.module(x, **kw)
+                error = None
                 if bc.dense is not None:
-                    bc.dense(bc.dense_inputs[i], **kw)  # its hook leaves the dense input for the pruned block's
-                bc.block.module(x, **kw)
+                    yd = bc.dense(bc.dense_inputs[i], **kw)
+                    error = (yd[0] if isinstance(yd, tuple) else yd).float() - (y[0] if isinstance(y, tuple) else y).float()
+                st.add(seen.pop(), error)
     finally:
-        for h in hooks:
-            h.remove()
+        h.remove()
     return st
 
 
