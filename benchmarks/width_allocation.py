@@ -18,6 +18,17 @@ import trimformer
 from trimformer import data
 
 
+@torch.no_grad()
+def kl_to(m, ev: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Mean per-token KL(dense || m) over the evaluation windows `ev`, given the dense log-probs `ref`."""
+    kl, n = 0.0, 0
+    for w, p in zip(ev, ref):
+        q = F.log_softmax(m(input_ids=w[None]).logits[0], -1)
+        kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
+        n += w.numel()
+    return kl / n
+
+
 def main() -> None:
     torch.set_num_threads(1)
     m0, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
@@ -29,14 +40,8 @@ def main() -> None:
         m = copy.deepcopy(m0)
         t = time.time()
         trimformer.prune_(m, trimformer.build("width", cfg), calibration=calib, progress=False)
-        kl, n = 0.0, 0
-        with torch.no_grad():
-            for w, p in zip(ev, ref):
-                q = F.log_softmax(m(input_ids=w[None]).logits[0], -1)
-                kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
-                n += w.numel()
         r = m.trimformer_history[-1]["result"]
-        print(json.dumps(cfg), round(r["kept"], 4), "kl", round(kl / n, 4), "s", round(time.time() - t), r["ffn"], flush=True)
+        print(json.dumps(cfg), round(r["kept"], 4), "kl", round(kl_to(m, ev, ref), 4), "s", round(time.time() - t), r["ffn"], flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from width_allocation import kl_to  # the same dev KL (benchmarks/ is on sys.path when run as a script)
 
 import trimformer
 from trimformer import data
@@ -33,14 +34,8 @@ def main() -> None:
         importance.LS_DAMP = cfg.pop("damp", 1e-4)
         m = copy.deepcopy(m0)
         trimformer.prune_(m, trimformer.build("width", cfg), calibration=calib, progress=False)
-        kl, n = 0.0, 0
-        with torch.no_grad():
-            for w, p in zip(ev, ref):
-                q = F.log_softmax(m(input_ids=w[None]).logits[0], -1)
-                kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
-                n += w.numel()
         r = m.trimformer_history[-1]["result"]
-        print(cfg, importance.LS_DAMP, round(r["kept"], 3), "kl", round(kl / n, 4), flush=True)
+        print(cfg, importance.LS_DAMP, round(r["kept"], 3), "kl", round(kl_to(m, ev, ref), 4), flush=True)
 
 
 if __name__ == "__main__":
