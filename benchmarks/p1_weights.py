@@ -38,6 +38,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
     "sparsegpt 50% asymmetric": ("sparsegpt", {"sparsity": 0.5, "asymmetric": True}),
     "sparsegpt 2:4 asymmetric": ("sparsegpt", {"pattern": "2:4", "asymmetric": True}),
+    "sparsegpt 50% asymmetric non-sequential": ("sparsegpt", {"sparsity": 0.5, "asymmetric": True,
+                                                              "true_sequential": False}),
+    "sparsegpt 2:4 asymmetric non-sequential": ("sparsegpt", {"pattern": "2:4", "asymmetric": True,
+                                                              "true_sequential": False}),
     "adaptive(kl lam=0.15)+sparsegpt asymmetric 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl",
                                                                     "lam": 0.15, "settings": {"asymmetric": True}}),
     "adaptive(kl sublayer lam=0.15)+sparsegpt asymmetric 50%": ("adaptive", {
@@ -242,7 +246,7 @@ def markdown(report: dict) -> str:
         f"Calibration {p['calib_windows']} x {p['length']} tokens; ppl_doc over {p['eval_windows']} evaluation windows, "
         f"kl_doc / top1_agree over the first {p['kl_windows']}; {'full P1' if p['full_P1'] else 'REDUCED protocol'}; "
         + ("" if report.get("complete") else "**run cut short: only the rows below were measured**; ")
-        + f"{p['threads']} torch thread(s) on a shared, contended 2-core machine (times are one run each: compare ratios)"
+        + f"{p['threads']} torch thread(s) on a 2-core machine (times are one run each; other work running beside inflates them: compare ratios; set OMP_NUM_THREADS and MKL_NUM_THREADS together)"
         + ("; llm-compressor jobs ran concurrently with trimformer's, so every time shares the CPU." if p.get("parallel_peers") else "."),
         f"Dense model {p['dense_model_MB']:.0f} MB; one block's calibration activations (in + out) "
         f"{p['one_block_calib_activations_MB']:.0f} MB.",
