@@ -38,10 +38,6 @@ METHODS: dict[str, tuple[str, dict]] = {
     "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
     "sparsegpt 50% asymmetric": ("sparsegpt", {"sparsity": 0.5, "asymmetric": True}),
     "sparsegpt 2:4 asymmetric": ("sparsegpt", {"pattern": "2:4", "asymmetric": True}),
-    "sparsegpt 50% asymmetric non-sequential": ("sparsegpt", {"sparsity": 0.5, "asymmetric": True,
-                                                              "true_sequential": False}),
-    "sparsegpt 2:4 asymmetric non-sequential": ("sparsegpt", {"pattern": "2:4", "asymmetric": True,
-                                                              "true_sequential": False}),
     "adaptive(kl lam=0.15)+sparsegpt asymmetric 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl",
                                                                     "lam": 0.15, "settings": {"asymmetric": True}}),
     "adaptive(kl sublayer lam=0.15)+sparsegpt asymmetric 50%": ("adaptive", {

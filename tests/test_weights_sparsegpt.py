@@ -158,6 +158,8 @@ def test_asymmetric_sparsegpt_reaches_the_target_with_lower_error():
 
 
 def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="asymmetric needs true_sequential"):
+        WEIGHTS.build("sparsegpt", {"asymmetric": True, "true_sequential": False})
     with pytest.raises(ValueError, match="percdamp"):
         WEIGHTS.build("sparsegpt", {"percdamp": -1})
     with pytest.raises(ValueError, match="blocksize"):

@@ -47,6 +47,9 @@ class SparseGPT(WeightPruner):
             raise ValueError(f"blocksize must be a positive number of columns, got {self.blocksize!r}")
         if self.nm is not None and self.blocksize % self.nm[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} for pattern {self.pattern!r}")
+        if self.asymmetric and not self.true_sequential:
+            raise ValueError("asymmetric needs true_sequential=True: refitting o/down to the dense outputs from inputs "
+                             "measured before q/k/v were pruned diverges (P1 50 %: kl 2.08 instead of 0.31)")
         if self.block is not None and self.blocksize % self.block[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of the block width {self.block[1]}")
 
