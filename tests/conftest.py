@@ -99,3 +99,31 @@ def saved_llama(tmp_path, tokenizer):
     m.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+# Token-pruning test models: 4 blocks, one instance per test module.
+TOKENS_L = 4
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    cfg = T.BertConfig(num_hidden_layers=TOKENS_L, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                       vocab_size=128, max_position_embeddings=256)
+    return T.BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(num_hidden_layers=TOKENS_L, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                      image_size=32, patch_size=4, num_labels=10)
+    return T.ViTForImageClassification(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(num_hidden_layers=TOKENS_L, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True)
+    return T.LlamaForCausalLM(cfg).eval()

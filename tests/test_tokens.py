@@ -6,37 +6,12 @@ import math
 
 import pytest
 import torch
-import transformers as T
 
 from trimformer import tokens
 from trimformer.tokens.merge import bipartite_soft_matching
 
 ENCODER_METHODS = ["zero-tprune", "merge", "transform", "acc"]
 L = 4  # blocks in the test models
-
-
-@pytest.fixture(scope="module")
-def bert():
-    torch.manual_seed(0)
-    cfg = T.BertConfig(num_hidden_layers=L, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                       vocab_size=128, max_position_embeddings=256)
-    return T.BertModel(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def vit():
-    torch.manual_seed(0)
-    cfg = T.ViTConfig(num_hidden_layers=L, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                      image_size=32, patch_size=4, num_labels=10)
-    return T.ViTForImageClassification(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(num_hidden_layers=L, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=128, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True)
-    return T.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as T
 from conftest import tiny
 
 from trimformer import anatomy_of, tokens
 
 L = 4
-
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(num_hidden_layers=L, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=128, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True)
-    return T.LlamaForCausalLM(cfg).eval()
 
 
 def ids_of(n: int, seed: int, rows: int = 1) -> torch.Tensor:

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as T
 
 from trimformer import tokens
 from trimformer.tokens.base import Context
 
 L = 4
-
-
-@pytest.fixture(scope="module")
-def bert():
-    torch.manual_seed(0)
-    cfg = T.BertConfig(num_hidden_layers=L, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                       vocab_size=128, max_position_embeddings=256)
-    return T.BertModel(cfg).eval()
 
 
 def hidden(model, ids, mask=None):
