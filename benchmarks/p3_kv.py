@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from peak_memory import peak_bytes  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer import kv
@@ -138,19 +139,6 @@ def run_ours(model, contexts, continuations, presses, ratios, hay_cases, answer_
     return rows, full_rows
 
 
-def peak_bytes(fn) -> tuple[object, int]:
-    """Run fn(); return its result and the peak of bytes allocated above the start (tensors freed during
-    the call included), from the CPU profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    now = peak = 0
-    for e in events:
-        now += e.self_cpu_memory_usage
-        peak = max(peak, now)
-    return out, peak
 
 
 def decode_steps(model, feed: torch.Tensor, cache) -> None:

@@ -15,6 +15,7 @@ import kvpress
 import torch
 import torch.nn.functional as F
 import transformers
+from peak_memory import peak_bytes  # benchmarks/ is on sys.path when run as a script
 from transformers import AutoModelForCausalLM, DynamicCache
 
 transformers.logging.set_verbosity_error()
@@ -65,18 +66,6 @@ def greedy(model, cache, first: torch.Tensor, start: int, n: int) -> list[int]:
     return out
 
 
-def peak_bytes(fn) -> tuple[object, int]:
-    """fn()'s result and the peak of bytes allocated above the start (CPU profiler allocation events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    now = peak = 0
-    for e in events:
-        now += e.self_cpu_memory_usage
-        peak = max(peak, now)
-    return out, peak
 
 
 @torch.no_grad()
