@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,6 +83,44 @@ def _bf16_inputs() -> Iterator[None]:
 
 
 @dataclass
+class Shortcut:
+    """A sublayer (attention or MLP module) whose output is its output projection applied to an input that
+    no longer changes: while installed, calling the sublayer runs only `out_proj` on the cached input of the
+    current batch (`batch`), so a re-run of the block skips the sublayer's unchanged inside.
+
+    Valid only while everything upstream of `out_proj` inside the sublayer stays as it was when `inputs` were
+    captured; `rest`: the other items of the sublayer's tuple output (all None), or None for a tensor output.
+    """
+
+    module: nn.Module
+    out_proj: nn.Module
+    inputs: list[torch.Tensor]
+    rest: tuple | None
+    batch: int = 0
+
+    def __call__(self, *_args: Any, **_kwargs: Any) -> Any:
+        y = self.out_proj(self.inputs[self.batch])
+        return y if self.rest is None else (y, *self.rest)
+
+
+@contextlib.contextmanager
+def shortcuts_installed(shortcuts: list[Shortcut]) -> Iterator[None]:
+    """Route each shortcut's sublayer through it (an instance `forward` shadows the class's) while inside."""
+    saved = []
+    try:
+        for s in shortcuts:
+            saved.append((s.module, s.module.__dict__.get("forward")))
+            s.module.forward = s
+        yield
+    finally:
+        for module, old in saved:
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+
+
+@dataclass
 class BlockCalib:
     """One block and its calibration inputs (one entry per calibration batch)."""
 
@@ -92,6 +130,9 @@ class BlockCalib:
     compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards (resolve_precision)
     dense: nn.Module | None = None  # with dense targets: an unpruned copy of the block ...
     dense_inputs: list[torch.Tensor] | None = None  # ... and the inputs the dense model gives it
+    shortcuts: list[Shortcut] = field(default_factory=list)  # sublayers whose inside is final (see Shortcut)
+    _dense_x: dict[nn.Module, list[torch.Tensor]] | None = field(default=None, repr=False)
+    _dense_out: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def compute(self) -> contextlib.AbstractContextManager:
         """The context every calibration forward of this block runs in (bf16 autocast, or nothing)."""
@@ -100,8 +141,9 @@ class BlockCalib:
         device = self.inputs[0].device.type if self.inputs else "cpu"
         return torch.autocast(device, dtype=self.compute_dtype)
 
-    def gram(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
-        """X^T X (or X^T Y) for X (tokens, in), accumulated and returned in fp32 (outside autocast).
+    def gram(self, X: torch.Tensor, Y: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """X^T X (or X^T Y) for X (tokens, in), accumulated and returned in fp32 (outside autocast); with `out`,
+        added to it in place (one fused multiply-add, no temporary).
 
         A bf16 *result* would round every entry of X^T X to 8 bits; for inputs with one dominant direction
         (attention sinks, massive activations) that error exceeds the damping and the small eigenvalues OBS
@@ -112,10 +154,10 @@ class BlockCalib:
         with torch.autocast(X.device.type, enabled=False):
             X = X.float()
             Y = X if Y is None else Y.reshape(X.shape).float()
-            if self.compute_dtype == torch.bfloat16 and X.device.type == "cpu":
-                with _bf16_inputs():
-                    return X.t() @ Y
-            return X.t() @ Y
+            mode = _bf16_inputs() if self.compute_dtype == torch.bfloat16 and X.device.type == "cpu" \
+                else contextlib.nullcontext()
+            with mode:
+                return X.t() @ Y if out is None else out.addmm_(X.t(), Y)
 
     def twin(self, module: nn.Module) -> nn.Module:
         """The dense copy's counterpart of `module` (a submodule of this block); needs the dense stream."""
@@ -125,16 +167,50 @@ class BlockCalib:
         return self.dense.get_submodule(path)
 
     @torch.no_grad()
-    def run(self, dense: bool = False) -> list[torch.Tensor]:
-        """Run the block (as it is now) on every calibration batch; `dense`: its dense copy on the dense inputs."""
-        module, inputs = (self.dense, self.dense_inputs) if dense else (self.block.module, self.inputs)
+    def dense_projection_inputs(self) -> dict[nn.Module, list[torch.Tensor]]:
+        """The input of every projection of the dense copy, per batch, keyed by the dense copy's module.
+
+        One forward of the dense copy, cached for the block (with its outputs, which `run(dense=True)` then
+        returns); inputs are kept in the compute dtype, which is what the bf16 Gram products read anyway.
+        """
+        if self.dense is None:
+            raise ValueError("no dense stream: calibrate.blocks(..., dense_targets=True) carries one")
+        if self._dense_x is None:
+            twins = [self.twin(p.module) for p in self.block.projections().values()]
+            xs: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in twins}
+
+            def keep(mod: nn.Module, args: tuple) -> None:
+                x = args[0]
+                xs[mod].append(x if self.compute_dtype is None else x.to(self.compute_dtype))
+
+            hooks = [m.register_forward_pre_hook(keep) for m in twins]
+            try:
+                self._dense_out = self._forward(self.dense, self.dense_inputs, [])
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._dense_x = xs
+        return self._dense_x
+
+    def _forward(self, module: nn.Module, inputs: list[torch.Tensor], shortcuts: list[Shortcut]) -> list[torch.Tensor]:
         outs = []
-        with self.compute():
-            for x, kw in zip(inputs, self.kwargs):
+        with self.compute(), shortcuts_installed(shortcuts):
+            for i, (x, kw) in enumerate(zip(inputs, self.kwargs)):
+                for s in shortcuts:
+                    s.batch = i
                 y = module(x, **kw)
                 y = y[0] if isinstance(y, tuple) else y
                 outs.append(y if y.dtype == x.dtype else y.to(x.dtype))
         return outs
+
+    @torch.no_grad()
+    def run(self, dense: bool = False) -> list[torch.Tensor]:
+        """Run the block (as it is now) on every calibration batch; `dense`: its dense copy on the dense inputs."""
+        if dense:
+            if self._dense_out is not None:
+                return self._dense_out
+            return self._forward(self.dense, self.dense_inputs, [])
+        return self._forward(self.block.module, self.inputs, self.shortcuts)
 
     @torch.no_grad()
     def collect(self, projs: dict[str, Proj], hessian: bool = False) -> dict[str, LayerStats]:
@@ -149,8 +225,7 @@ class BlockCalib:
                 sq = (X * X).sum(0)
                 st.sq = sq if st.sq is None else st.sq + sq
                 if hessian:
-                    XtX = self.gram(X)  # (in, in)
-                    st.H = XtX if st.H is None else st.H + XtX
+                    st.H = self.gram(X) if st.H is None else self.gram(X, out=st.H)  # (in, in)
                 st.n += X.shape[0]
 
             return hook

@@ -1,9 +1,15 @@
 """Hessians X^T X for the projections of one block, shared between projections that read the same input.
 
 q/k/v read one tensor, and so do gate/up: their Hessian is computed once and the layers are solved
-together. With `first_only`, each forward stops as soon as a projection reads a *different* input than
-the first one, which gives the "true sequential" order of SparseGPT: solve q/k/v, then o sees the
-pruned attention, then gate/up, then down, at about the cost of one extra block forward.
+together. `input_groups(..., sequential=True)` gives the "true sequential" order of SparseGPT: solve
+q/k/v, then o sees the pruned attention, then gate/up, then down. It costs about one block forward in all:
+
+- each pass stops as soon as the stage it collects has its inputs (the q/k/v pass never runs attention);
+- once o is solved, the attention's inside (q/k/v, rotary, attention itself) is final, so later passes
+  replay it as o applied to o's cached input (calibrate.Shortcut); likewise the MLP once down is solved,
+  so the final run that makes the next block's inputs is cheap too. A sublayer is replayed only after a
+  check that its output really is its output projection of that input (true of pre-norm decoders; not of
+  BERT's post-norm attention, which then simply runs in full).
 
 With a dense stream (calibrate.blocks(dense_targets=True)), each group also gets C = X_dense^T X, the
 cross-product of the dense model's input to those projections with the pruned model's input, so the
@@ -12,13 +18,14 @@ projections can be fitted to the dense outputs (asymmetric calibration; see Spar
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..calibrate import BlockCalib
-from ..models import Proj
+from ..calibrate import BlockCalib, Shortcut, shortcuts_installed
+from ..models import Block, Proj
 
 
 class _Stop(Exception):
@@ -39,76 +46,122 @@ class InputGroup:
         self.sq = torch.diag(self.H)  # sum of x^2 per input channel (Wanda's ||X_j||^2)
 
 
+def stages(block: Block) -> list[tuple[list[Proj], nn.Module | None]]:
+    """The block's projections in forward order, by the input they read: [q, k, v], [o], [gate, up], [down];
+    each with the sublayer module its projection's output leaves (for o and down) or None."""
+    out: list[tuple[list[Proj], nn.Module | None]] = []
+    if block.attention is not None:
+        a = block.attention
+        out += [([p for k, p in a.projections.items() if k != "o"], None), ([a.o], a.module)]
+    if block.mlp is not None:
+        m = block.mlp
+        out += [([p for p in (m.gate, m.up) if p is not None], None), ([m.down], m.module)]
+    return out
+
+
 @torch.no_grad()
-def input_groups(bc: BlockCalib, projs: dict[str, Proj], first_only: bool = False) -> list[InputGroup]:
-    """Group `projs` by the tensor they read (in forward order) and sum X^T X per group over every batch."""
+def input_groups(bc: BlockCalib, projs: dict[str, Proj], sequential: bool = False) -> Iterator[InputGroup]:
+    """Group `projs` (full name -> Proj) by the tensor they read, in forward order, with X^T X summed over every
+    batch. sequential: collect one stage per pass, after the caller has solved (changed) the stages before it;
+    the caller must finish with each yielded group before asking for the next. Otherwise one pass collects all."""
+    name_of = {id(p.module): name for name, p in projs.items()}
+    plan = [([name_of[id(p.module)] for p in members if id(p.module) in name_of], sub) for members, sub in stages(bc.block)]
+    plan = [(names, sub) for names, sub in plan if names]
+    missing = set(projs) - {n for names, _ in plan for n in names}
+    if missing:
+        raise ValueError(f"{', '.join(sorted(missing))}: not a projection of block {bc.block.index}")
+    if not sequential:
+        yield from _collect(bc, projs, [n for names, _ in plan for n in names], None)
+        return
+    for names, sub in plan:
+        yield from _collect(bc, projs, names, sub)
+
+
+def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.Module | None) -> Iterator[InputGroup]:
+    """One pass over the calibration batches collecting the inputs of `names`; with `sub` (the sublayer that
+    names[0], its output projection, closes), also cache that input and, if valid, shortcut `sub` afterwards."""
     H: dict[str, torch.Tensor] = {}
     C: dict[str, torch.Tensor] = {}
     n: dict[str, int] = {}
-    dense_x: dict[str, torch.Tensor] = {}  # this batch's dense input of each projection
     owner: dict[str, str] = {}  # projection -> the first projection that read the same tensor
-    order: list[str] = []
-    batch_seen: list[tuple[str, torch.Tensor]] = []
+    seen: list[tuple[str, torch.Tensor]] = []  # this batch's (name, input)
+    dense_x = bc.dense_projection_inputs() if bc.dense is not None else None
+    batch = 0
+    cached: list[torch.Tensor] = []  # sub's output projection's input, per batch
+    outs: list = []  # sub's output on the first batch, then one None per further batch
 
-    def make_hook(name: str):
+    def pre_hook(name: str):
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
-            same = next((o for o, t in batch_seen if t is x), None)
-            if first_only and batch_seen and same is None:
-                raise _Stop  # a new input: the first group is complete for this batch
-            batch_seen.append((name, x))
-            if name not in order:
-                order.append(name)
+            same = next((o for o, t in seen if t is x), None)
+            seen.append((name, x))
             if same is not None:
                 owner.setdefault(name, owner.get(same, same))
             else:
                 X = x.reshape(-1, x.shape[-1])  # (tokens, in)
-                XtX = bc.gram(X)  # (in, in), fp32
-                H[name] = XtX if name not in H else H[name].add_(XtX)
-                if bc.dense is not None:
-                    XdX = bc.gram(dense_x[name], X)  # (in, in): dense input x pruned input
-                    C[name] = XdX if name not in C else C[name].add_(XdX)
+                H[name] = bc.gram(X) if name not in H else bc.gram(X, out=H[name])  # (in, in), fp32
+                if dense_x is not None:
+                    Xd = dense_x[bc.twin(projs[name].module)][batch]
+                    Xd = Xd.reshape(-1, Xd.shape[-1])  # dense input x pruned input: (in, in)
+                    C[name] = bc.gram(Xd, X) if name not in C else bc.gram(Xd, X, out=C[name])
                 n[name] = n.get(name, 0) + X.shape[0]
-            if len(batch_seen) == len(projs):
-                raise _Stop  # every hooked projection has its input: the rest of the block is not needed
+            if sub is not None:
+                cached.append(x)
+            elif len(seen) == len(names):
+                raise _Stop  # every projection of the stage has its input: the rest of the block is not needed
 
         return hook
 
-    def keep_dense(name: str):
-        def hook(_mod: nn.Module, args: tuple) -> None:
-            dense_x[name] = args[0].reshape(-1, args[0].shape[-1])
-            if len(dense_x) == len(projs):
-                raise _Stop
+    def sub_hook(_mod: nn.Module, _args: tuple, out) -> None:
+        outs.append(None if outs else out)
+        if len(seen) == len(names):
+            raise _Stop
 
-        return hook
-
-    hooks = [p.module.register_forward_pre_hook(make_hook(name)) for name, p in projs.items()]
-    if bc.dense is not None:
-        hooks += [bc.twin(p.module).register_forward_pre_hook(keep_dense(name)) for name, p in projs.items()]
+    hooks = [projs[name].module.register_forward_pre_hook(pre_hook(name)) for name in names]
+    if sub is not None:
+        hooks.append(sub.register_forward_hook(sub_hook))
     try:
-        for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
-            if bc.dense is not None:
-                dense_x.clear()
+        with bc.compute(), shortcuts_installed(bc.shortcuts):
+            for batch, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
+                for s in bc.shortcuts:
+                    s.batch = batch
+                seen.clear()
                 try:
-                    with bc.compute():
-                        bc.dense(bc.dense_inputs[i], **kw)
+                    bc.block.module(x, **kw)
                 except _Stop:
                     pass
-            batch_seen.clear()
-            try:
-                with bc.compute():
-                    bc.block.module(x, **kw)
-            except _Stop:
-                pass
     finally:
         for h in hooks:
             h.remove()
-        batch_seen.clear()
-        dense_x.clear()
+        seen.clear()
+    if sub is not None:
+        shortcut = _shortcut(bc, sub, projs[names[0]].module, cached, outs)
     groups: dict[str, list[str]] = {}
-    for name in order:
-        groups.setdefault(owner.get(name, name), []).append(name)
-    return [InputGroup(members, H[head], n[head], C.get(head)) for head, members in groups.items()]
+    for name in names:
+        if name in H or name in owner:
+            groups.setdefault(owner.get(name, name), []).append(name)
+    absent = [name for name in names if name not in H and name not in owner]
+    if absent:
+        raise RuntimeError(f"no calibration input reached {', '.join(absent)}")
+    for head, members in groups.items():
+        yield InputGroup(members, H.pop(head), n[head], C.pop(head, None))
+    if sub is not None and shortcut is not None:
+        bc.shortcuts.append(shortcut)  # the caller solved sub's output projection: sub's inside is final now
+
+
+def _shortcut(bc: BlockCalib, sub: nn.Module, out_proj: nn.Module, cached: list[torch.Tensor], outs: list) -> Shortcut | None:
+    """A Shortcut for `sub` if its output (first batch) is exactly out_proj(its cached input) and carries nothing else."""
+    if len(cached) != len(bc.inputs) or len(outs) != len(bc.inputs):
+        return None
+    first = outs[0]
+    rest = tuple(first[1:]) if isinstance(first, tuple) else None
+    if rest is not None and any(r is not None for r in rest):
+        return None  # e.g. attention weights: nothing to cache them from
+    y = first[0] if isinstance(first, tuple) else first
+    with bc.compute():
+        if not torch.equal(out_proj(cached[0]), y):
+            return None  # the sublayer does more after its projection (post-norm, residual inside)
+    return Shortcut(sub, out_proj, cached, rest)
 
 
 def stack_rows(projs: list[Proj]) -> tuple[torch.Tensor, list[tuple[int, int]]]:

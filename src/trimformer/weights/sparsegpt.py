@@ -58,14 +58,8 @@ class SparseGPT(WeightPruner):
 
     @torch.no_grad()
     def prune_block(self, bc: BlockCalib, projs: dict[str, Proj]) -> None:
-        remaining = dict(projs)
-        while remaining:
-            groups = input_groups(bc, remaining, first_only=self.true_sequential)
-            if not groups:
-                raise RuntimeError(f"no calibration input reached {', '.join(remaining)}")
-            for g in groups:
-                members = [remaining.pop(name) for name in g.names]
-                self.solve(members, g.H, g.C)
+        for g in input_groups(bc, projs, sequential=self.true_sequential):
+            self.solve([projs[name] for name in g.names], g.H, g.C)
 
     @torch.no_grad()
     def solve(self, projs: list[Proj], H: torch.Tensor, C: torch.Tensor | None = None) -> None:
