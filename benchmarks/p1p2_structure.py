@@ -208,7 +208,8 @@ def search_part(dense, ctx) -> list[dict]:
     for keep in a.uniform_keeps:
         m = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        cfg = {"target": f"params={keep}", "parts": "ffn,heads", "allocation": "uniform", "precision": "auto"}
+        cfg = {"target": f"params={keep}", "parts": "ffn,heads", "allocation": "uniform", "precision": "auto",
+               "sequential": True, "asymmetric": True}  # the best uniform cut: same dense-target refit as search
         trimformer.prune_(m, trimformer.build("width", cfg), calibration=ctx["calib"], progress=False)
         rows.append(measure(f"uniform width {cfg}", m, dense, ctx, time.perf_counter() - t0,
                             {"tool": "trimformer", "uniform_for_search": True}))
@@ -263,7 +264,7 @@ def main() -> None:
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--latencies", type=float, nargs="*", default=[0.6], help="search latency targets (none: only the uniform cuts)")
     p.add_argument("--out-name", help="result file stem (default p1p2_structure[_PART]); p1p2_structure_* files are merged")
-    p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.45, 0.5, 0.55],
+    p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.55, 0.6],
                    help="params targets of the uniform width cuts the search is compared with")
     p.add_argument("--finercut-windows", type=int, default=8)
     p.add_argument("--finercut-length", type=int, default=256)

@@ -102,6 +102,21 @@ def test_search_params_budget_respected_and_dead_parts_chosen(calib):
         assert _full_kl(model, ref, calib) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_asymmetric_refit_builds_the_same_architecture_closer_to_dense(calib):
+    dense = _deeper(tiny("llama"), 4)
+    cfg = {"target": "params=0.7", "widths": "0.5,0.25", "multiple_of": 1}
+    out = {}
+    for refit in ("plain", "asymmetric"):
+        m = copy.deepcopy(dense)
+        res = trimformer.prune_(m, trimformer.build("search", {**cfg, "refit": refit}), calibration=calib,
+                                progress=False).trimformer_history[-1]["result"]
+        out[refit] = (res["choices"], count_parameters(m), _full_kl(m, dense, calib))
+    assert out["plain"][:2] == out["asymmetric"][:2]  # the same choice, the same shapes
+    assert out["asymmetric"][2] < out["plain"][2]
+    with pytest.raises(ValueError, match="refit"):
+        trimformer.build("search", {"refit": "lsq"})
+
+
 def test_latency_table_and_search_under_latency(calib):
     model = _deeper(tiny("llama"), 3)
     an = anatomy_of(model)

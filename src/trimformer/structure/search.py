@@ -12,6 +12,10 @@ Errors: the KL to the dense model with only that change (probe.Probe, re-running
 changed one); attention and FFN errors add (Puzzle scores each block's replacement alone the same way).
 A narrower FFN keeps the neurons of highest importance and re-fits down_proj by least squares.
 Costs: parameters, or the prefill latency of every option measured on this machine (`latency_table`).
+With refit='asymmetric' (default) the chosen architecture is then built block by block against the dense
+model's stream (calibrate.blocks(dense_targets=True)): in each block, o_proj (attention kept) and down_proj
+(MLP kept, cut or not) are re-fitted by least squares so the block's output matches the *dense* block's
+output, which also corrects what the blocks before it changed (width.py's asymmetric refit).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from . import STRUCTURE, surgery
 from .depth import silenced
 from .importance import IMPORTANCE, InputStats, least_squares, scores
 from .probe import Probe, swapped
+from .width import assign, output_error_stats
 
 
 @dataclass(frozen=True)
@@ -248,7 +253,9 @@ class Search:
     machine, `tokens` tokens, median of `runs`) or 'params=R'. widths: FFN shares offered besides 1
     (0 = MLP removed). attention: also offer attention removal. windows/length: calibration tokens of
     the KL scores (positions: evenly spaced positions per window the KL is averaged over, 0 = all).
-    importance: neuron criterion of the FFN cuts (least-squares re-fit always)."""
+    importance: neuron criterion of the FFN cuts (least-squares re-fit always).
+    refit: 'asymmetric' builds the choice block by block, re-fitting o/down to the dense model's block outputs
+    on all calibration windows; 'plain' applies the cuts with their one-block least-squares re-fits only."""
 
     target: str = "latency=0.6"
     widths: str = "0.75,0.5,0.25,0"
@@ -261,6 +268,7 @@ class Search:
     runs: int = 5
     precision: str = "auto"
     positions: int = 64
+    refit: str = "asymmetric"
     _kind: str = field(default="latency", init=False, repr=False)
     _keep: float = field(default=0.6, init=False, repr=False)
 
@@ -276,6 +284,8 @@ class Search:
             raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(sorted(IMPORTANCE))}")
         if self.windows < 1 or self.length < 2 or self.multiple_of < 1 or self.runs < 1:
             raise ValueError("windows, multiple_of, runs must be >= 1 and length >= 2")
+        if self.refit not in ("asymmetric", "plain"):
+            raise ValueError(f"refit {self.refit!r}: choose 'asymmetric' or 'plain'")
         calibrate.resolve_precision(self.precision)
 
     def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
@@ -308,7 +318,11 @@ class Search:
         pick = choose(lib, budget)
         chosen = [opts[j] for j in pick]
         predicted = (fixed + sum(lib[i][j].cost for i, j in enumerate(pick))) / whole
-        _apply(anatomy, chosen, cuts)
+        if self.refit == "asymmetric":
+            _apply_refitted(anatomy, chosen, cuts, calibration, batch_size=batch_size, precision=self.precision,
+                            progress=progress)
+        else:
+            _apply(anatomy, chosen, cuts)
         return {"choices": [o.name for o in chosen], "predicted_" + self._kind: predicted,
                 "predicted_error": sum(lib[i][j].error for i, j in enumerate(pick)),
                 "latency_table": None if table is None else {
@@ -335,6 +349,40 @@ def _apply(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[float, FFNCut
             block.mlp.down.weight.copy_(c.W.to(block.mlp.down.weight.dtype))
             if c.b is not None:
                 block.mlp.down.bias.copy_(c.b.to(block.mlp.down.bias.dtype))
+    if empty:
+        surgery.remove_blocks(anatomy, empty)
+    from ..models import anatomy_of
+
+    surgery.sync_config(anatomy_of(anatomy.model))
+
+
+@torch.no_grad()
+def _apply_refitted(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[float, FFNCut]], calibration: torch.Tensor,
+                    *, batch_size: int, precision: str, progress: bool) -> None:
+    """Carry out the choice block by block, re-fitting o/down so each block's output matches the dense block's."""
+    empty = []
+    for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, precision=precision,
+                               desc="search: building", dense_targets=True):
+        block, o = bc.block, chosen[bc.block.index]
+        a, m = block.attention, block.mlp
+        if a is not None:
+            if o.attn:
+                cols = torch.arange(a.o.in_features)
+                assign(a.o, least_squares(a.o, cols, output_error_stats(bc, a.o), bias=a.o.bias is not None))
+            else:
+                surgery.remove_attention(anatomy, block)  # the module is swapped; bc runs the block without it
+        if m is not None:
+            if o.ffn == 0:
+                surgery.remove_mlp(block)
+            else:
+                st = output_error_stats(bc, m.down)  # after this block's attention changed
+                keep = cuts[block.index][o.ffn].keep if o.ffn < 1 else torch.arange(m.intermediate_size)
+                new = least_squares(m.down, keep, st, bias=m.down.bias is not None)
+                if o.ffn < 1:
+                    surgery.prune_neurons(block, keep)
+                assign(m.down, new)
+        if not o.attn and (o.ffn == 0 or m is None):
+            empty.append(block.index)
     if empty:
         surgery.remove_blocks(anatomy, empty)
     from ..models import anatomy_of

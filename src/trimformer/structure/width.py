@@ -239,7 +239,7 @@ class Width:
         cols = torch.cat([torch.arange(h * a.head_dim, (h + 1) * a.head_dim) for h in keep.tolist()])
         new = least_squares(a.o, cols, st, bias=a.o.bias is not None) if (self.compensate and st is not None) else None
         surgery.prune_heads(block, keep)
-        _assign(a.o, new)
+        assign(a.o, new)
 
     def _cut_ffn(self, block: Block, keep_n: int, st: InputStats | None) -> None:
         m = block.mlp
@@ -248,7 +248,7 @@ class Width:
         keep = scores(self.importance, m.down, st, _neuron_groups(m.intermediate_size)).topk(keep_n).indices.sort().values
         new = least_squares(m.down, keep, st, bias=m.down.bias is not None) if (self.compensate and st is not None) else None
         surgery.prune_neurons(block, keep)
-        _assign(m.down, new)
+        assign(m.down, new)
 
     @torch.no_grad()
     def _statistics(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool) -> list[dict]:
@@ -341,9 +341,9 @@ class Width:
                                        dense_targets=self.asymmetric):
                 b = bc.block
                 if plan.head_units[b.index] < (b.attention.num_heads // _unit(b.attention) if b.attention else 0):
-                    self._cut_heads(b, plan.head_units[b.index], _collect(bc, b.attention.o))
+                    self._cut_heads(b, plan.head_units[b.index], output_error_stats(bc, b.attention.o))
                 if b.mlp is not None and plan.ffn[b.index] < b.mlp.intermediate_size:
-                    self._cut_ffn(b, plan.ffn[b.index], _collect(bc, b.mlp.down))
+                    self._cut_ffn(b, plan.ffn[b.index], output_error_stats(bc, b.mlp.down))
         else:
             for b, st in bar(list(zip(anatomy.blocks, stats)), desc="width: pruning", unit="block", disable=not progress):
                 self._cut_heads(b, plan.head_units[b.index], st.get("heads"))
@@ -381,7 +381,7 @@ def _head_groups(H: int, D: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _collect(bc: BlockCalib, p: Proj) -> InputStats:
+def output_error_stats(bc: BlockCalib, p: Proj) -> InputStats:
     """Input statistics of `p` over every calibration batch; with a dense stream, also the block's output error
     (dense block on dense inputs minus this block on its inputs) at the same tokens."""
     st = InputStats()
@@ -402,7 +402,7 @@ def _collect(bc: BlockCalib, p: Proj) -> InputStats:
 
 
 @torch.no_grad()
-def _assign(p: Proj, new: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+def assign(p: Proj, new: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
     if new is None:
         return
     W, b = new
