@@ -29,6 +29,9 @@ from trimformer import data
 from trimformer.models.load import _cache_dir
 from trimformer.weights import WEIGHTS
 
+sys.path.insert(0, str(Path(__file__).parent))
+from peak_memory import make_resident  # noqa: E402
+
 MODEL = "smollm2-135m"
 # name -> (trimformer method, settings) or ("llmc", {method, pattern})
 METHODS: dict[str, tuple[str, dict]] = {
@@ -198,6 +201,7 @@ def main() -> None:
             seconds, cpu, rss_peak = info["seconds"], info.get("cpu_seconds"), info["rss_peak"] - info["rss_base"]
             per_layer = None
         else:
+            make_resident(model)
             with PeakRSS() as mem:
                 t0, c0 = time.perf_counter(), time.process_time()
                 trimformer.prune_(model, WEIGHTS.build(kind, settings), calibration=calib, progress=False)

@@ -16,3 +16,13 @@ def peak_bytes(fn) -> tuple[object, int]:
         now += e.self_cpu_memory_usage
         peak = max(peak, now)
     return out, peak
+
+
+def make_resident(model) -> None:
+    """Read every weight once, so a lazily mapped checkpoint is in RSS *before* a baseline is taken: otherwise
+    the model's own pages, touched for the first time by the measured run, count as that run's memory."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/: torch-only helpers
+from peak_memory import make_resident  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -49,6 +54,7 @@ def main() -> None:
     extra = {"sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08} if a.profile == "owl" else {}
     modifier = cls(sparsity=a.sparsity, mask_structure=a.pattern, targets=["Linear"], ignore=["lm_head"], **extra)
 
+    make_resident(model)  # the checkpoint's pages are the model's, not the pruning run's
     base = rss_bytes()
     peak = [base]
     stop = threading.Event()
