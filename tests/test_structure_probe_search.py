@@ -18,6 +18,7 @@ from trimformer.structure.search import (
     BudgetTooSmallError,
     down_stats,
     ffn_cut,
+    kv_cut,
     latency_table,
     options,
     score_library,
@@ -65,6 +66,52 @@ def test_padded_ffn_cut_scores_what_the_surgery_gives(calib):
     b.mlp.down.weight.copy_(cut.W)
     assert b.mlp.intermediate_size == 48
     assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4)
+
+
+@torch.no_grad()
+def test_padded_kv_cut_scores_what_the_surgery_gives(calib):
+    from trimformer.structure import surgery
+
+    model = _deeper(tiny("llama"), 3)  # 4 query heads in 2 KV groups
+    dense = copy.deepcopy(model)
+    an = anatomy_of(model)
+    probe = Probe(an, calib, precision="fp32")
+    b = an.blocks[1]
+    a = b.attention
+    cut = kv_cut(b, 1, down_stats(probe, b, a.o))
+    assert cut.heads.tolist() in ([0, 1], [2, 3])  # a whole group: both of its query heads
+    with swapped(a.o, cut.padded(a.o.in_features), cut.b):
+        kl = probe.kl_from(1)
+    assert torch.equal(a.o.weight, dense.model.layers[1].self_attn.o_proj.weight)  # restored
+    surgery.prune_heads(b, cut.heads)
+    a.o.weight.copy_(cut.W)
+    assert (a.num_heads, a.num_kv_heads) == (2, 1)
+    assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4)
+
+
+def test_search_takes_the_planted_dead_kv_group_and_reloads(calib, tmp_path):
+    model = _deeper(tiny("llama"), 4)
+    an = anatomy_of(model)
+    a = an.blocks[1].attention
+    with torch.no_grad():
+        a.o.weight[:, 2 * a.head_dim:] = 0  # heads 2 and 3 (KV group 1) of block 1 add nothing
+    n0 = count_parameters(model)
+    group = sum(p.weight.numel() for p in a.projections.values()) / 2
+    share = (n0 - group) / n0 + 1e-7  # the budget asks exactly one KV group's parameters
+    res = trimformer.prune_(model, trimformer.build("search", {"target": f"params={share}", "widths": "0.5",
+                                                                "multiple_of": 1}),
+                            calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert res["choices"][1] == "attn-kv1+ffn1" and all(c == "attn+ffn1" for i, c in enumerate(res["choices"]) if i != 1)
+    assert count_parameters(model) == n0 - group
+    assert anatomy_of(model).blocks[1].attention.num_kv_heads == 1
+    from trimformer.structure import export
+
+    export.save(model, tmp_path / "m")  # per-layer head counts: the auto_map layout
+    again = trimformer.load(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=calib).logits, model(input_ids=calib).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="kv_groups"):
+        trimformer.build("search", {"kv_groups": "0"})
 
 
 def test_library_finds_planted_dead_sublayers(calib):

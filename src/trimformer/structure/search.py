@@ -1,13 +1,13 @@
 """Puzzle-style choice of one candidate per block under a budget, as a mixed-integer program.
 
-Each block i has candidates j (keep, narrower FFN, fewer KV groups, attention removed, block removed,
-...), each with an error e_ij (e.g. its one-block KL on calibration data) and a cost c_ij (measured
+Each block i has candidates j (keep, narrower FFN, fewer KV groups, attention removed, block removed), each with an error e_ij (e.g. its one-block KL on calibration data) and a cost c_ij (measured
 latency, memory or parameters). `choose` solves
 
     minimise sum_ij e_ij x_ij  s.t.  sum_j x_ij = 1 for every block,  sum_ij c_ij x_ij <= budget,  x binary
 
 with `scipy.optimize.milp`. `Search` builds the library for pre-norm decoders: per block, attention
-kept or removed times the FFN kept at several widths (0 = MLP removed; both gone = block removed).
+kept, kept with fewer KV groups (whole groups and their query heads removed, o_proj re-fitted) or removed,
+times the FFN kept at several widths (0 = MLP removed; both gone = block removed).
 Errors: the KL to the dense model with only that change (probe.Probe, re-running the blocks from the
 changed one); attention and FFN errors add (Puzzle scores each block's replacement alone the same way).
 A narrower FFN keeps the neurons of highest importance and re-fits down_proj by least squares.
@@ -89,21 +89,30 @@ def choose(library: list[list[Candidate]], budget: float) -> list[int]:
 # -- the candidate library ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Option:
-    """One replacement of a block: attention kept or not, the share of FFN neurons kept (0: MLP removed)."""
+    """One replacement of a block: attention kept or not (kv: with only this many KV groups, 0 = all of them),
+    the share of FFN neurons kept (0: MLP removed)."""
 
     attn: bool
     ffn: float
+    kv: int = 0
 
     @property
     def name(self) -> str:
         if not self.attn and self.ffn == 0:
             return "removed"
-        return f"{'attn' if self.attn else 'no-attn'}+ffn{self.ffn:g}"
+        a = "no-attn" if not self.attn else f"attn-kv{self.kv}" if self.kv else "attn"
+        return f"{a}+ffn{self.ffn:g}"
 
 
-def options(widths: list[float], attention: bool = True) -> list[Option]:
+def options(widths: list[float], attention: bool = True, kv: list[int] | tuple = ()) -> list[Option]:
     shares = sorted({1.0, *widths}, reverse=True)
-    return [Option(a, f) for a in ((True, False) if attention else (True,)) for f in shares]
+    attn = [(True, 0), *((True, k) for k in sorted(set(kv), reverse=True))] + ([(False, 0)] if attention else [])
+    return [Option(a, f, k) for a, k in attn for f in shares]
+
+
+def _kv_cut(block: Block, o: Option) -> bool:
+    """Whether option o removes KV groups of this block (a count >= the block's groups keeps them all)."""
+    return o.attn and 0 < o.kv and block.attention is not None and o.kv < block.attention.num_kv_heads
 
 
 @dataclass
@@ -121,6 +130,41 @@ class FFNCut:
         return W
 
 
+@dataclass
+class KVCut:
+    """KV groups to keep in one block's attention (their query heads) and the re-fit o_proj over them."""
+
+    heads: torch.Tensor  # (h,) sorted query heads kept
+    cols: torch.Tensor  # (h * head_dim,) o_proj input columns kept
+    W: torch.Tensor  # (out, h * head_dim)
+    b: torch.Tensor | None
+
+    def padded(self, n: int) -> torch.Tensor:
+        W = self.W.new_zeros(self.W.shape[0], n)
+        W[:, self.cols] = self.W
+        return W
+
+
+def _group_heads(a, groups: torch.Tensor) -> torch.Tensor:
+    per = a.num_heads // a.num_kv_heads
+    return (groups[:, None] * per + torch.arange(per)).flatten().sort().values
+
+
+def _cols(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def kv_cut(block: Block, keep_groups: int, st: InputStats, importance: str = "hessian") -> KVCut:
+    """Keep the `keep_groups` KV groups whose query heads' o_proj columns score highest; re-fit o_proj."""
+    a = block.attention
+    per = [_cols(_group_heads(a, torch.tensor([g])), a.head_dim) for g in range(a.num_kv_heads)]
+    top = scores(importance, a.o, st, per).topk(keep_groups).indices.sort().values
+    heads = _group_heads(a, top)
+    cols = _cols(heads, a.head_dim)
+    W, b = least_squares(a.o, cols, st, bias=a.o.bias is not None)
+    return KVCut(heads, cols, W, b)
+
+
 def ffn_cut(block: Block, keep_n: int, st: InputStats, importance: str = "hessian") -> FFNCut:
     m = block.mlp
     groups = list(torch.arange(m.intermediate_size)[:, None])
@@ -130,10 +174,11 @@ def ffn_cut(block: Block, keep_n: int, st: InputStats, importance: str = "hessia
 
 
 @torch.no_grad()
-def down_stats(probe: Probe, block: Block) -> InputStats:
-    """Input statistics of the block's down_proj on the probe's cached inputs of that block."""
+def down_stats(probe: Probe, block: Block, proj: Any = None) -> InputStats:
+    """Input statistics of the block's down_proj (or `proj`) on the probe's cached inputs of that block."""
     st = InputStats()
-    h = block.mlp.down.module.register_forward_hook(lambda _m, a, _o: st.add(a[0]))
+    p = proj if proj is not None else block.mlp.down
+    h = p.module.register_forward_hook(lambda _m, a, _o: st.add(a[0]))
     try:
         probe._run(block, probe.block_inputs(block.index))
     finally:
@@ -148,16 +193,24 @@ def _keep_n(block: Block, share: float, multiple_of: int) -> int:
 
 @torch.no_grad()
 def score_library(anatomy: Anatomy, probe: Probe, shares: list[float], *, attention: bool = True,
-                  importance: str = "hessian", multiple_of: int = 1, progress: bool = True
-                  ) -> tuple[list[dict[Any, float]], list[dict[float, FFNCut]]]:
-    """Per block: {'attn': KL with attention removed, share: KL with the FFN cut to that share} (dense
-    elsewhere), and the cuts that produced them. Share 0 silences the MLP; share 1 is the dense block (0)."""
+                  importance: str = "hessian", multiple_of: int = 1, progress: bool = True, kv: tuple = ()
+                  ) -> tuple[list[dict[Any, float]], list[dict[Any, Any]]]:
+    """Per block: {'attn': KL with attention removed, ('kv', k): KL with only k KV groups, share: KL with the
+    FFN cut to that share} (dense elsewhere), and the cuts that produced them. Share 0 silences the MLP;
+    share 1 is the dense block (0)."""
     errors, cuts = [], []
     for block in bar(anatomy.blocks, desc="search: scoring options", unit="block", disable=not progress):
         i, err, cut = block.index, {1.0: 0.0}, {}
-        if attention and block.attention is not None:
+        a = block.attention
+        if attention and a is not None:
             with silenced(block, "attn"):
                 err["attn"] = probe.kl_from(i)
+        if a is not None and any(0 < k < a.num_kv_heads for k in kv):
+            st = down_stats(probe, block, a.o)
+            for k in sorted({k for k in kv if 0 < k < a.num_kv_heads}):
+                c = cut[("kv", k)] = kv_cut(block, k, st, importance)
+                with swapped(a.o, c.padded(a.o.in_features), c.b):
+                    err[("kv", k)] = probe.kl_from(i)
         if block.mlp is not None:
             st = down_stats(probe, block)
             for f in sorted(set(shares) - {1.0}):
@@ -205,6 +258,8 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
                     row[o] = 0.0
                     continue
                 b = copy.deepcopy(block)  # Block, module and projections copied together
+                if _kv_cut(b, o):
+                    surgery.prune_heads(b, _group_heads(b.attention, torch.arange(o.kv)))
                 if not o.attn and b.attention is not None:
                     surgery.remove_attention(anatomy, b)
                     b.attention = None
@@ -226,6 +281,8 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
 def _params(block: Block, o: Option, multiple_of: int) -> float:
     a = sum(p.weight.numel() + (p.bias.numel() if p.bias is not None else 0)
             for p in block.attention.projections.values()) if block.attention is not None else 0
+    if _kv_cut(block, o):  # q, k, v rows and o columns all shrink with the groups (query heads per group fixed)
+        a = a * o.kv / block.attention.num_kv_heads
     m = block.mlp
     if m is None or o.ffn == 0:
         f = 0
@@ -253,7 +310,9 @@ class Search:
     machine, `tokens` tokens, median of `runs`) or 'params=R'. widths: FFN shares offered besides 1
     (0 = MLP removed). attention: also offer attention removal. windows/length: calibration tokens of
     the KL scores (positions: evenly spaced positions per window the KL is averaged over, 0 = all).
-    importance: neuron criterion of the FFN cuts (least-squares re-fit always).
+    importance: neuron criterion of the FFN cuts and KV-group criterion (least-squares re-fit always).
+    kv_groups: KV-group counts offered for attention ('auto': every smaller count up to 4 groups, else 3/4,
+    1/2 and 1/4 of them; '' or 'none': never).
     refit: 'asymmetric' builds the choice block by block, re-fitting o/down to the dense model's block outputs
     on all calibration windows; 'plain' applies the cuts with their one-block least-squares re-fits only."""
 
@@ -269,6 +328,7 @@ class Search:
     precision: str = "auto"
     positions: int = 64
     refit: str = "asymmetric"
+    kv_groups: str = "auto"
     _kind: str = field(default="latency", init=False, repr=False)
     _keep: float = field(default=0.6, init=False, repr=False)
 
@@ -284,9 +344,25 @@ class Search:
             raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(sorted(IMPORTANCE))}")
         if self.windows < 1 or self.length < 2 or self.multiple_of < 1 or self.runs < 1:
             raise ValueError("windows, multiple_of, runs must be >= 1 and length >= 2")
+        if str(self.kv_groups).strip() not in ("auto", "", "none"):
+            try:
+                counts = [int(k) for k in str(self.kv_groups).split(",") if k.strip()]
+            except ValueError:
+                counts = [0]
+            if not counts or min(counts) < 1:
+                raise ValueError(f"kv_groups {self.kv_groups!r}: 'auto', 'none' or comma-separated counts >= 1, e.g. 2,1")
         if self.refit not in ("asymmetric", "plain"):
             raise ValueError(f"refit {self.refit!r}: choose 'asymmetric' or 'plain'")
         calibrate.resolve_precision(self.precision)
+
+    def _kv_counts(self, anatomy: Anatomy) -> tuple[int, ...]:
+        spec = str(self.kv_groups).strip()
+        if spec in ("", "none"):
+            return ()
+        if spec != "auto":
+            return tuple(int(k) for k in spec.split(",") if k.strip())
+        n = max((b.attention.num_kv_heads for b in anatomy.blocks if b.attention is not None), default=1)
+        return tuple(range(n - 1, 0, -1)) if n <= 4 else tuple(sorted({3 * n // 4, n // 2, max(1, n // 4)}, reverse=True))
 
     def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
                batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -294,7 +370,8 @@ class Search:
             raise ValueError("search needs calibration windows (its options are scored by KL on them)")
         if not anatomy.causal or not all(b.pre_norm for b in anatomy.blocks):
             raise ValueError("search replaces sublayers of pre-norm decoders only")
-        opts = options(self._shares, self.attention)
+        kv = self._kv_counts(anatomy)
+        opts = options(self._shares, self.attention, kv)
         if self._kind == "latency":
             table = latency_table(anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of)
             costs = [[row[o] for o in opts] for row in table["blocks"]]
@@ -311,10 +388,14 @@ class Search:
         probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
                       precision=self.precision, positions=self.positions)
         errors, cuts = score_library(anatomy, probe, [o.ffn for o in opts], attention=self.attention,
-                                     importance=self.importance, multiple_of=self.multiple_of, progress=progress)
+                                     importance=self.importance, multiple_of=self.multiple_of, progress=progress, kv=kv)
         del probe
-        lib = [[Candidate(o.name, (0.0 if o.attn else e.get("attn", 0.0)) + e.get(o.ffn, 0.0), c)
-                for o, c in zip(opts, cs)] for e, cs in zip(errors, costs)]
+
+        def attn_error(b: Block, o: Option, e: dict) -> float:
+            return e.get("attn", 0.0) if not o.attn else e.get(("kv", o.kv), 0.0) if _kv_cut(b, o) else 0.0
+
+        lib = [[Candidate(o.name, attn_error(b, o, e) + e.get(o.ffn, 0.0), c) for o, c in zip(opts, cs)]
+               for b, e, cs in zip(anatomy.blocks, errors, costs)]
         pick = choose(lib, budget)
         chosen = [opts[j] for j in pick]
         predicted = (fixed + sum(lib[i][j].cost for i, j in enumerate(pick))) / whole
@@ -341,6 +422,10 @@ def _apply(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[float, FFNCut
             continue
         if not o.attn and block.attention is not None:
             surgery.remove_attention(anatomy, block)
+        elif _kv_cut(block, o):
+            c = cut[("kv", o.kv)]
+            surgery.prune_heads(block, c.heads)
+            assign(block.attention.o, (c.W, c.b))
         if block.mlp is not None and o.ffn == 0:
             surgery.remove_mlp(block)
         elif block.mlp is not None and o.ffn < 1:
@@ -367,8 +452,12 @@ def _apply_refitted(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[floa
         a, m = block.attention, block.mlp
         if a is not None:
             if o.attn:
-                cols = torch.arange(a.o.in_features)
-                assign(a.o, least_squares(a.o, cols, output_error_stats(bc, a.o), bias=a.o.bias is not None))
+                cut = cuts[block.index][("kv", o.kv)] if _kv_cut(block, o) else None
+                cols = cut.cols if cut is not None else torch.arange(a.o.in_features)
+                new = least_squares(a.o, cols, output_error_stats(bc, a.o), bias=a.o.bias is not None)
+                if cut is not None:
+                    surgery.prune_heads(block, cut.heads)
+                assign(a.o, new)
             else:
                 surgery.remove_attention(anatomy, block)  # the module is swapped; bc runs the block without it
         if m is not None:
