@@ -21,7 +21,6 @@ output, which also corrects what the blocks before it changed (width.py's asymme
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,54 +227,70 @@ def score_library(anatomy: Anatomy, probe: Probe, shares: list[float], *, attent
 
 
 # -- costs --------------------------------------------------------------------------------------
-def _median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def _fastest(fns: list, runs: int) -> list[float]:
+    """The fastest of `runs` timings of each fn, taken in interleaved rounds (every fn once per round) after one
+    warm-up each. Other work on the machine only ever adds time, so the minimum is the least disturbed estimate,
+    and interleaving makes a slow phase hit every option alike (a per-option median on a busy machine ranked a
+    smaller block slower than a bigger one)."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    best = [float("inf")] * len(fns)
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 @torch.no_grad()
 def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, runs: int = 5,
                   multiple_of: int = 1) -> dict[str, Any]:
     """Prefill seconds (batch 1, `tokens` tokens, this machine, the model's dtype and threads) of every
-    option of every block, and of everything outside the blocks (embedding, final norm, head: the dense
-    model's time minus its blocks'). Blocks of equal shape share one measurement."""
+    option of every block, and of everything outside the blocks (embedding, final norm, head); the dense
+    model's time is their sum. Blocks of equal shape share one measurement; see `_fastest`."""
     ids = torch.randint(0, anatomy.vocab_size or 2, (1, tokens), generator=torch.Generator().manual_seed(0))
     inputs, kwargs = calibrate.capture_inputs(anatomy, ids.to(next(anatomy.model.parameters()).device))
     x, kw = inputs[0], kwargs[0]
-    seen: dict[tuple, dict[Option, float]] = {}
-    per_block = []
+    keys, variants = [], {}  # shape key of each block; per distinct key, (option, module) to time
     for block in anatomy.blocks:
         key = tuple((n, tuple(p.weight.shape)) for n, p in block.projections().items())
-        if key not in seen:
-            row = {}
-            for o in opts:
-                if not o.attn and o.ffn == 0:
-                    row[o] = 0.0
-                    continue
-                b = copy.deepcopy(block)  # Block, module and projections copied together
-                if _kv_cut(b, o):
-                    surgery.prune_heads(b, _group_heads(b.attention, torch.arange(o.kv)))
-                if not o.attn and b.attention is not None:
-                    surgery.remove_attention(anatomy, b)
-                    b.attention = None
-                if o.ffn < 1 and b.mlp is not None:
-                    if o.ffn == 0:
-                        surgery.remove_mlp(b)
-                    else:
-                        surgery.prune_neurons(b, torch.arange(_keep_n(b, o.ffn, multiple_of)))
-                row[o] = _median_time(lambda m=b.module: m(x, **kw), runs)
-            seen[key] = row
-        per_block.append(seen[key])
-    model = anatomy.model
-    dense = _median_time(lambda: model(input_ids=ids, use_cache=False), runs)
+        keys.append(key)
+        if key in variants:
+            continue
+        variants[key] = []
+        for o in opts:
+            if not o.attn and o.ffn == 0:
+                continue
+            b = copy.deepcopy(block)  # Block, module and projections copied together
+            if _kv_cut(b, o):
+                surgery.prune_heads(b, _group_heads(b.attention, torch.arange(o.kv)))
+            if not o.attn and b.attention is not None:
+                surgery.remove_attention(anatomy, b)
+                b.attention = None
+            if o.ffn < 1 and b.mlp is not None:
+                if o.ffn == 0:
+                    surgery.remove_mlp(b)
+                else:
+                    surgery.prune_neurons(b, torch.arange(_keep_n(b, o.ffn, multiple_of)))
+            variants[key].append((o, b.module))
+    an = anatomy
+
+    def outside() -> None:  # everything but the blocks: embedding, final norm, head
+        an.embed(ids)
+        an.head(an.final_norm(x) if an.final_norm is not None else x)
+
+    jobs = [(key, o, m) for key, vs in variants.items() for o, m in vs]
+    # the parts are timed as short calls alike: a whole-model call is long enough that a busy machine
+    # always slows it, which would inflate what the blocks' budget must leave for the rest
+    times = _fastest([lambda m=m: m(x, **kw) for _, _, m in jobs] + [outside], runs)
+    rows: dict[tuple, dict[Option, float]] = {key: {o: 0.0 for o in opts} for key in variants}  # removed: 0
+    for (key, o, _), t in zip(jobs, times):
+        rows[key][o] = t
+    per_block = [rows[key] for key in keys]
+    fixed = times[-1]
     full = Option(True, 1.0)
-    fixed = max(0.0, dense - sum(r[full] for r in per_block))
-    return {"dense_s": dense, "fixed_s": fixed, "blocks": per_block}
+    return {"dense_s": fixed + sum(r[full] for r in per_block), "fixed_s": fixed, "blocks": per_block}
 
 
 def _params(block: Block, o: Option, multiple_of: int) -> float:
