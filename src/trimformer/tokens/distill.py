@@ -57,7 +57,8 @@ class DistillConfig:
         for f in ("steps", "batch_size", "lora_rank"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
-        if self.batch_size < 2 and ({"sim", "rank"} & set(self.terms)):
+        terms = self.terms  # (validates the spec)
+        if self.batch_size < 2 and {"sim", "rank"} & set(terms):
             raise ValueError("the 'sim' and 'rank' terms compare paragraphs within a batch: batch_size must be >= 2")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0 (or None for the default), got {self.lr}")
@@ -227,23 +228,62 @@ def distill_merge_(
     return model
 
 
-def training_paragraphs(tokenizer, exclude: int = 512, lo: int = 16, hi: int = 256) -> list[torch.Tensor]:
-    """Doc-corpus paragraphs for training, none of them among the first `exclude` paragraphs of 32-256
+def training_paragraphs(tokenizer, exclude: int = 512, lo: int = 16, hi: int = 256,
+                        docstrings: bool = False) -> list[torch.Tensor]:
+    """Paragraphs for training, none of them among the first `exclude` doc-corpus paragraphs of 32-256
     tokens (the P4 evaluation set, `bench.paragraph_batches`), nor a copy of one (the corpus repeats some):
-    each as token ids with specials, `lo` to `hi` tokens (longer ones cut to `hi`)."""
+    each as token ids with specials, `lo` to `hi` tokens (longer ones cut to `hi`). The rest of the doc
+    corpus, plus with `docstrings` the paragraphs of this Python's standard-library docstrings."""
     from ..data import doc_corpus
 
     paragraphs = [p for p in doc_corpus().split("\n\n") if p.strip()]
-    held, out = [], []
+    held = []
     for p in paragraphs:
-        n = len(tokenizer(p)["input_ids"])
-        if len(held) < exclude and 32 <= n <= 256:
+        if len(held) < exclude and 32 <= len(tokenizer(p)["input_ids"]) <= 256:
             held.append(p)
     held_set = set(held)
+    if docstrings:
+        paragraphs += stdlib_docstrings()
+    out, seen = [], set(held_set)
     for p in paragraphs:
-        if p in held_set:
+        if p in seen:
             continue
+        seen.add(p)
         ids = tokenizer(p, truncation=True, max_length=hi)["input_ids"]
         if len(ids) >= lo:
             out.append(torch.tensor(ids, dtype=torch.long))
+    return out
+
+
+# Standard-library modules that open windows, print, or take seconds to import.
+_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data", "lib2to3"}
+
+
+def stdlib_docstrings() -> list[str]:
+    """Paragraphs (12+ words) of the docstrings of the standard library's modules and their classes and
+    functions, in module order: offline text close to the doc corpus (same subject, other sentences)."""
+    import contextlib
+    import importlib
+    import inspect
+    import io
+    import pkgutil
+    import sys
+    import warnings
+
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names
+                   and not m.name.startswith("_") and m.name not in _SKIP)
+    out = []
+    for name in names:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # (platform-specific modules)
+            continue
+        objs = [mod] + [v for _, v in inspect.getmembers(mod)
+                        if (inspect.isclass(v) or inspect.isfunction(v)) and getattr(v, "__module__", None) == name]
+        for o in objs:
+            doc = inspect.getdoc(o) or ""
+            out += [p for p in doc.split("\n\n") if len(p.split()) >= 12]
     return out
