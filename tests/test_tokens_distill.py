@@ -111,3 +111,12 @@ def test_bad_data(bert, data, llama):
                        progress=False)
     with pytest.raises(ValueError, match="decoder"):
         distill_merge_(llama, "merge", data, progress=False)
+
+
+def test_cli_errors_before_loading(capsys, tmp_path):
+    from trimformer.cli import main
+
+    assert main(["distill-tokens", "--out", str(tmp_path / "m"), "--train-set", "los=cos"]) == 2
+    assert "Did you mean 'loss'" in capsys.readouterr().err
+    assert main(["distill-tokens", "--out", str(tmp_path / "m"), "--set", "treshold=0.4"]) == 2
+    assert "Did you mean 'threshold'" in capsys.readouterr().err
