@@ -1,4 +1,4 @@
-"""Token pruning subcommands: bench-tokens (BENCHMARK.md P4 on an encoder)."""
+"""Token pruning subcommands: bench-tokens (BENCHMARK.md P4 on an encoder), distill-tokens (fine-tune for merging)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=cmd_bench_tokens)
+
+    d = sub.add_parser("distill-tokens", help="fine-tune an encoder with token merging on, towards its own dense "
+                                              "embeddings (merge-aware distillation); saves the model")
+    d.add_argument("--model", default="minilm-l6", help="an encoder: bundled name, HF directory or hub id")
+    d.add_argument("--method", default="merge", help="the token method used during training and after")
+    d.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a method setting, e.g. threshold=0.47 (default: keep=0.02 threshold=0.47 features=hidden)")
+    d.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a DistillConfig field, e.g. lr=3e-5, loss=cos+sim+rank, train=norms, max_minutes=15")
+    d.add_argument("--docstrings", action="store_true", help="also train on standard-library docstrings")
+    d.add_argument("--out", required=True, help="folder for the fine-tuned model (HF format)")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_distill_tokens)
 
 
 def cmd_bench_tokens(args: argparse.Namespace) -> int:
@@ -60,4 +73,37 @@ def cmd_bench_tokens(args: argparse.Namespace) -> int:
             continue
         print(f"{r['method']:<12} {r['settings'][field]:>5} {r['cos_mean']:>9.4f} {r['cos_p5']:>7.4f} "
               f"{r['nn_unchanged']:>8.3f} {r['flops_ratio']:>6.3f} {r['latency_ratio']:>8.3f}")
+    return 0
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_distill_tokens(args: argparse.Namespace) -> int:
+    from .. import anatomy_of, load
+    from ..export.hf import save_pretrained
+    from ..registry import coerce_fields
+    from ..tokens import build
+    from ..tokens.distill import DistillConfig, distill_merge_, training_paragraphs
+
+    settings = _pairs(args.set, "--set") or {"keep": "0.02", "threshold": "0.47", "features": "hidden"}
+    method = build(args.method, settings)  # bad names / values fail before the model loads
+    cfg = DistillConfig(**coerce_fields(DistillConfig, _pairs(args.train_set, "--train-set")))
+    model, tok = load(args.model, with_tokenizer=True)
+    if anatomy_of(model).causal:
+        raise ValueError(f"{args.model} is a decoder; distill-tokens fine-tunes encoders for token merging")
+    data = training_paragraphs(tok, docstrings=args.docstrings)
+    distill_merge_(model, method, data, cfg)
+    summary = model.trimformer_history[-1]
+    out = save_pretrained(model, args.out, tokenizer=tok, overwrite=args.overwrite,
+                          extra_files={"trimformer_distill.json": summary})
+    L = summary["result"]["losses"]
+    print(f"{len(L)} steps, loss {sum(L[:20]) / len(L[:20]):.4f} -> {sum(L[-50:]) / len(L[-50:]):.4f}; saved to {out}")
     return 0

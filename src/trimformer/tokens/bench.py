@@ -65,10 +65,13 @@ def evaluate_encoder(
     timing_batches: int = 2,
     reps: int = 3,
     progress: bool = True,
+    reference: torch.Tensor | None = None,
 ) -> list[dict]:
-    """One row per (method, settings): cosine mean / p5, nearest-neighbour kept, FLOPs and latency ratios."""
+    """One row per (method, settings): cosine mean / p5, nearest-neighbour kept, FLOPs and latency ratios.
+    `reference` (n, H): the dense embeddings to compare with (default: this model's own, unpruned); a
+    model fine-tuned for pruning is compared with the original's."""
     num_blocks = len(model.get_submodule(_blocks_path(model)))
-    dense = _embed(model, batches)
+    dense = _embed(model, batches) if reference is None else reference
     nn_dense = _neighbours(dense)
     rows = []
     for name, settings in bar(methods, desc="token methods", unit="setting", disable=not progress):

@@ -127,8 +127,7 @@ class TokenSession:
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if self._reviving:  # the block runs on revived tokens: inputs are already prepared
                 return None
-            with torch.no_grad():
-                return self._before_block(i, args, kwargs)
+            return self._before_block(i, args, kwargs)  # differentiable: plans are made under no_grad
 
         return hook
 
@@ -213,14 +212,17 @@ class TokenSession:
 
     def _reduce(self, i: int, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         st = self.state
-        ctx = _CountingContext(**vars(self._context(i, x, target)))
-        plan = self.method.plan(ctx, recover=self.method.recover is not None)
-        st.extra_flops += ctx.flops
-        if self.aux is not None:  # LazyLLM's Aux Cache: the state each dropped token had here
-            B, T = st.valid.shape
-            own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
-            own = own.scatter(1, torch.where(plan.slot_valid, plan.keep, T), True)[:, :T]  # (B, T) kept as itself
-            self.aux.add(i, torch.where(st.valid & ~own, st.index, -1), x)
+        with torch.no_grad():  # which tokens go where is discrete; only applying the plan carries gradients
+            ctx = _CountingContext(**vars(self._context(i, x.detach(), target)))
+            plan = self.method.plan(ctx, recover=self.method.recover is not None)
+            if plan.weights is not None:
+                plan.weights = plan.weights.detach()
+            st.extra_flops += ctx.flops
+            if self.aux is not None:  # LazyLLM's Aux Cache: the state each dropped token had here
+                B, T = st.valid.shape
+                own = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
+                own = own.scatter(1, torch.where(plan.slot_valid, plan.keep, T), True)[:, :T]  # (B, T) kept as itself
+                self.aux.add(i, torch.where(st.valid & ~own, st.index, -1), x.detach())
         fill = self.method.fill if self.method.recover is not None else None
         return apply_plan(plan, x, st, skip=fill == "skip", delta=fill == "delta")
 
@@ -250,10 +252,9 @@ class TokenSession:
     def _restore_output(self, _m: nn.Module, _args: tuple, out: Any) -> Any:
         if self._continuing or self.state is None:
             return out
-        with torch.no_grad():
-            if isinstance(out, tuple):
-                return (self._restore(out[0]), *out[1:])
-            return self._restore(out)
+        if isinstance(out, tuple):
+            return (self._restore(out[0]), *out[1:])
+        return self._restore(out)
 
     def _gather_inputs(self, args: tuple, kwargs: dict, mask: torch.Tensor | None, where: Any,
                        x: torch.Tensor) -> tuple[tuple, dict]:
