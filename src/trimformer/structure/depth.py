@@ -158,8 +158,8 @@ class FinerCut:
     shortlist: int = 8
     precision: str = "auto"
     positions: int = 0
-    rank: str = "kl"
-    blocks: bool = False
+    rank: str = "per-compute"
+    blocks: bool = True
     refine: int = 0
 
     def __post_init__(self) -> None:
