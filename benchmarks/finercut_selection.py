@@ -1,10 +1,12 @@
 """How FinerCut's settings were chosen without touching the evaluation pool: each configuration cuts
 20 % of the blocks' matmul compute from smollm2-135m, and the cut is scored on a held-out split of the
-CALIBRATION pool (its last 8 windows of 512 tokens, never among the 64 calibration windows the methods
-see): KL to the dense model and perplexity there, beside block influence removing 6 whole blocks.
+CALIBRATION pool (by default its last 8 windows of 512 tokens, never among the 64 calibration windows
+the methods see; `--held 64:96` for a larger split): KL to the dense model and perplexity there, beside
+block influence removing 6 whole blocks.
 
     PYTHONPATH=src python benchmarks/finercut_selection.py '{"compute": 0.2, "rank": "kl", "blocks": false, "refine": 3}'
-    PYTHONPATH=src python benchmarks/finercut_selection.py --block-influence
+    PYTHONPATH=src python benchmarks/finercut_selection.py '{"compute": 0.2, "windows": 16}' --held 64:96
+    PYTHONPATH=src python benchmarks/finercut_selection.py --block-influence --held 64:96
 
 Each run appends one JSON line to benchmarks/results/finercut_selection.jsonl. A FinerCut run reports
 the greedy's set and the set after swap refinement, each scored on the held-out windows.
@@ -60,12 +62,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", nargs="?", default="{}", help="FinerCut settings as JSON (compute defaults to 0.2)")
     p.add_argument("--block-influence", action="store_true", help="score block influence removing 6 blocks instead")
+    p.add_argument("--held", default="102:110", help="held-out windows START:END of the calibration pool's 512-token "
+                   "windows (110 of them; the 64 calibration windows are 0:64)")
     a = p.parse_args()
     torch.set_num_threads(1)
     dense, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
     an = anatomy_of(dense)
     pool = data.doc_pools(tok)[0]
-    held = data.windows(pool, pool.numel() // 512, 512)[-8:]  # the calibration pool's last 8 windows
+    lo, hi = (int(v) for v in a.held.split(":"))
+    if lo < 64:
+        raise SystemExit(f"--held {a.held} overlaps the 64 calibration windows (0:64)")
+    held = data.windows(pool, pool.numel() // 512, 512)[lo:hi]  # (n, 512), never calibration windows
     with torch.no_grad():
         ref = [F.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in held]
     calib = data.calibration_windows(tok, n=64, length=512)
@@ -88,6 +95,7 @@ def main() -> None:
                "compute_removed": res["compute_removed"],
                "held_greedy": heldout(dense, an, held, ref, greedy), "held_final": heldout(dense, an, held, ref, final),
                "flops_greedy": flops_removed(an, greedy), "flops_final": flops_removed(an, final)}
+    out["held_windows"] = a.held
     print(json.dumps(out), flush=True)
     with OUT.open("a") as f:
         f.write(json.dumps(out) + "\n")
