@@ -153,7 +153,7 @@ class FinerCut:
     remove: int = 0
     compute: float = 0.0
     parts: str = "attn,mlp"
-    windows: int = 8
+    windows: int = 16
     length: int = 256
     shortlist: int = 8
     precision: str = "auto"
