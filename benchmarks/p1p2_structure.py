@@ -16,7 +16,9 @@ result files record the counts used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -169,24 +171,44 @@ def width_part(dense, ctx) -> list[dict]:
 
 
 def depth_part(dense, ctx) -> list[dict]:
+    """Block influence removes 20 % of the blocks; FinerCut removes the same share of the blocks' matmul
+    compute (parameters) in sublayers, never more. Both are also scored by FinerCut's own calibration-side
+    criterion (KL on its calibration windows), so a search failure and a criterion failure can be told apart."""
+    from trimformer.structure.depth import FinerCut, silenced
+    from trimformer.structure.probe import Probe
+
     a = ctx["args"]
     rows = []
     L = len(anatomy_of(dense).blocks)
     n_blocks = round(0.2 * L)
+    fc = {"compute": n_blocks / L, **{k: v for k, v in (("windows", a.finercut_windows), ("length", a.finercut_length),
+          ("shortlist", a.finercut_shortlist), ("positions", a.finercut_positions), ("rank", a.finercut_rank),
+          ("blocks", a.finercut_blocks), ("refine", a.finercut_refine)) if v is not None}}
+    cfg = FinerCut(**fc)
     m = copy.deepcopy(dense)
     t0 = time.perf_counter()
     trimformer.prune_(m, trimformer.build("depth", {"remove": n_blocks, "criterion": "block-influence"}),
                       calibration=ctx["calib"], progress=False)
-    rows.append(measure(f"depth block-influence remove={n_blocks}", m, dense, ctx, time.perf_counter() - t0,
-                        {"removed": m.trimformer_history[-1]["result"]["removed_blocks"]}))
+    sec = time.perf_counter() - t0
+    drop = m.trimformer_history[-1]["result"]["removed_blocks"]
+    an = anatomy_of(dense)
+    probe = Probe(an, ctx["calib"][: cfg.windows, : cfg.length], precision=cfg.precision, positions=cfg.positions)
+    with contextlib.ExitStack() as st:
+        for i in drop:
+            for k in ("attn", "mlp"):
+                st.enter_context(silenced(an.blocks[i], k))
+        bi_kl = probe.kl_from(0)
+    del probe
+    rows.append(measure(f"depth block-influence remove={n_blocks}", m, dense, ctx, sec,
+                        {"removed": drop, "calib_kl": bi_kl}))
     m = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    fc = {"compute": n_blocks / L, "windows": a.finercut_windows, "length": a.finercut_length,
-          "shortlist": a.finercut_shortlist, "positions": a.finercut_positions, "rank": a.finercut_rank,
-          "blocks": a.finercut_blocks}
-    trimformer.prune_(m, trimformer.build("finercut", fc), calibration=ctx["calib"], progress=True)
+    trimformer.prune_(m, cfg, calibration=ctx["calib"], progress=True)
+    res = m.trimformer_history[-1]["result"]
     rows.append(measure(f"finercut {fc}", m, dense, ctx, time.perf_counter() - t0,
-                        {"removed": m.trimformer_history[-1]["result"]["removed"]}))
+                        {"removed": res["final"], "greedy": res["removed"], "swaps": res["swaps"],
+                         "calib_kl": res["kl"], "greedy_calib_kl": res["greedy_kl"],
+                         "compute_removed": res["compute_removed"], "config": dataclasses.asdict(cfg)}))
     return rows
 
 
@@ -198,7 +220,8 @@ def search_part(dense, ctx) -> list[dict]:
     for lat in a.latencies:
         m = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        cfg = {"target": f"latency={lat}", "windows": a.finercut_windows, "length": a.finercut_length}
+        cfg = {"target": f"latency={lat}", **{k: v for k, v in (("windows", a.finercut_windows),
+                                                                 ("length", a.finercut_length)) if v is not None}}
         trimformer.prune_(m, trimformer.build("search", cfg), calibration=ctx["calib"], progress=True)
         res = m.trimformer_history[-1]["result"]
         rows.append(measure(f"search {cfg}", m, dense, ctx, time.perf_counter() - t0,
@@ -231,6 +254,15 @@ def to_markdown(res: dict) -> str:
                      f"{r['kl_doc']:.3f} | {r['top1_doc']:.3f} | {r['kl_code']:.3f} | "
                      f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} | "
                      f"{r.get('eval_windows', '')} ({r.get('dense_ppl_doc', res['dense']['ppl_doc']):.2f}) |")
+    depth = [r for r in res["rows"] if "calib_kl" in r]
+    if depth:
+        lines += ["", "Depth, scored by FinerCut's own calibration-side criterion (KL to the dense model on its "
+                  "calibration windows): " + "; ".join(f"{r['name'].split(' {')[0]} {r['calib_kl']:.3f}" for r in depth)]
+        for r in depth:
+            if "greedy_calib_kl" in r:
+                lines.append(f"FinerCut ({json.dumps(r['config'])}): greedy {r['greedy_calib_kl']:.3f}, after "
+                             f"{len(r['swaps'])} swaps {r['calib_kl']:.3f}; compute removed {r['compute_removed']:.4f}; "
+                             f"removed {', '.join(f'{i}.{k}' for i, k in r['removed'])}")
     searched = [r for r in res["rows"] if "latency_target" in r and "error" not in r]
     uniform = [r for r in res["rows"] if r.get("uniform_for_search") and "error" not in r]
     for r in searched:
@@ -266,12 +298,13 @@ def main() -> None:
     p.add_argument("--out-name", help="result file stem (default p1p2_structure[_PART]); p1p2_structure_* files are merged")
     p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.55, 0.6],
                    help="params targets of the uniform width cuts the search is compared with")
-    p.add_argument("--finercut-windows", type=int, default=8)
-    p.add_argument("--finercut-length", type=int, default=256)
-    p.add_argument("--finercut-shortlist", type=int, default=8)
-    p.add_argument("--finercut-positions", type=int, default=64, help="scored positions per window (probe)")
-    p.add_argument("--finercut-rank", default="kl", help="kl | per-compute")
-    p.add_argument("--finercut-blocks", action="store_true", help="also offer whole-block moves")
+    p.add_argument("--finercut-windows", type=int, help="FinerCut's settings; unset: its defaults")
+    p.add_argument("--finercut-length", type=int)
+    p.add_argument("--finercut-shortlist", type=int)
+    p.add_argument("--finercut-positions", type=int, help="scored positions per window (probe; 0 = all)")
+    p.add_argument("--finercut-rank", help="kl | per-compute")
+    p.add_argument("--finercut-blocks", type=lambda v: v.lower() in ("1", "true", "yes"), help="whole-block moves: true|false")
+    p.add_argument("--finercut-refine", type=int, help="swap refinement rounds after the greedy")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended machine)")
     a = p.parse_args()
     RESULTS.mkdir(exist_ok=True)

@@ -65,7 +65,8 @@ def test_padded_ffn_cut_scores_what_the_surgery_gives(calib):
     surgery.prune_neurons(b, cut.keep)
     b.mlp.down.weight.copy_(cut.W)
     assert b.mlp.intermediate_size == 48
-    assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4)
+    # the probe's KL is a difference of logsumexps (exact in math): fp32 rounding leaves ~1e-8 absolute
+    assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4, abs=5e-8)
 
 
 @torch.no_grad()

@@ -104,13 +104,17 @@ class Depth:
 
 
 # -- FinerCut -----------------------------------------------------------------------------------
+def silence(block: Block, kind: str) -> torch.utils.hooks.RemovableHandle:
+    """Make one sublayer add 0 to the residual stream (a forward hook; `.remove()` the handle to undo)."""
+    if kind == "attn":
+        return block.attention.module.register_forward_hook(lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]))
+    return block.mlp.down.module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+
+
 @contextlib.contextmanager
 def silenced(block: Block, kind: str) -> Iterator[None]:
-    """Make one sublayer add 0 to the residual stream while inside (a forward hook, removed after)."""
-    if kind == "attn":
-        h = block.attention.module.register_forward_hook(lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]))
-    else:
-        h = block.mlp.down.module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+    """Make one sublayer add 0 to the residual stream while inside."""
+    h = silence(block, kind)
     try:
         yield
     finally:
@@ -122,31 +126,41 @@ def _sublayer_params(block: Block, kind: str) -> int:
     return sum(p.weight.numel() for p in part.projections.values()) if part is not None else 0
 
 
+Unit = tuple[int, str]  # (block index, 'attn' | 'mlp')
+
+
 @STRUCTURE.register("finercut")
 @dataclass
 class FinerCut:
-    """Greedy removal of attention / MLP sublayers by output KL. remove: how many sublayers, or
-    compute: the share of the blocks' matmul compute to remove. parts: 'attn', 'mlp' or 'attn,mlp'.
+    """Greedy removal of attention / MLP sublayers by output KL, then swap refinement.
+
+    remove: how many sublayers, or compute: the share of the blocks' matmul compute (parameters) to
+    remove; the search never removes more than that (an attention sublayer is the smallest step).
+    parts: 'attn', 'mlp' or 'attn,mlp'.
     windows/length: the calibration tokens the KL is measured on (the first windows, cut to length).
     shortlist: after the first step, re-score only this many candidates, the best of the previous
     step (lazy greedy; 0 = re-score every candidate at every step, as in the paper).
     precision: forwards of the search in bf16 autocast where native ('auto'), or 'fp32'.
-    positions: the KL is averaged over this many evenly spaced positions per window (0 = all).
+    positions: the KL is averaged over this many evenly spaced positions per window (0 = all, exact).
     rank: 'kl' picks the removal of lowest KL (the paper); 'per-compute' the lowest KL increase per
     parameter removed. blocks: also offer removing a whole block (both sublayers) as one move.
+    refine: rounds of swap refinement after the greedy (0 = the paper's plain greedy): each round scores
+    restoring every removed sublayer and removing every kept one, then tries the `shortlist` most
+    promising swaps of two sublayers of the same kind (same compute) and keeps the best if it lowers the KL.
     The hidden state entering every block is cached (probe.Probe), so scoring a sublayer of block i
-    re-runs blocks i.. only; after each removal the cache is refreshed from that block on."""
+    re-runs blocks i.. only; after each change the cache is refreshed from that block on."""
 
     remove: int = 0
     compute: float = 0.0
     parts: str = "attn,mlp"
-    windows: int = 8
+    windows: int = 16
     length: int = 256
     shortlist: int = 8
     precision: str = "auto"
-    positions: int = 64
-    rank: str = "kl"
-    blocks: bool = False
+    positions: int = 0
+    rank: str = "per-compute"
+    blocks: bool = True
+    refine: int = 0
 
     def __post_init__(self) -> None:
         self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
@@ -154,8 +168,9 @@ class FinerCut:
             raise ValueError(f"parts {self.parts!r}: use 'attn', 'mlp' or 'attn,mlp'")
         if (self.remove > 0) == (self.compute > 0) or not 0.0 <= self.compute < 1.0:
             raise ValueError("set exactly one of remove=N (sublayers) or compute=S (share of blocks' compute, 0<S<1)")
-        if self.windows < 1 or self.length < 2 or self.shortlist < 0:
-            raise ValueError(f"windows >= 1, length >= 2, shortlist >= 0; got {self.windows}, {self.length}, {self.shortlist}")
+        if self.windows < 1 or self.length < 2 or self.shortlist < 0 or self.refine < 0:
+            raise ValueError(f"windows >= 1, length >= 2, shortlist >= 0, refine >= 0; got {self.windows}, "
+                             f"{self.length}, {self.shortlist}, {self.refine}")
         if self.rank not in ("kl", "per-compute"):
             raise ValueError(f"rank {self.rank!r}: choose 'kl' or 'per-compute'")
         calibrate.resolve_precision(self.precision)
@@ -168,11 +183,12 @@ class FinerCut:
             raise ValueError("finercut removes sublayers of pre-norm decoders only")
         model = anatomy.model
         total = sum(_sublayer_params(b, k) for b in anatomy.blocks for k in ("attn", "mlp"))
-        cands = [(b.index, k) for b in anatomy.blocks for k in sorted(self._parts)
+        units = [(b.index, k) for b in anatomy.blocks for k in sorted(self._parts)
                  if (b.attention if k == "attn" else b.mlp) is not None]
+        if self.remove >= len(units):
+            raise ValueError(f"cannot remove {self.remove} sublayers; only {len(units)} can go")
         budget = self.remove if self.remove > 0 else self.compute * total
-        if self.remove >= len(cands):
-            raise ValueError(f"cannot remove {self.remove} sublayers; only {len(cands)} can go")
+        cands = list(units)
         if self.blocks and self._parts == {"attn", "mlp"}:
             cands += [(b.index, "block") for b in anatomy.blocks if b.attention is not None and b.mlp is not None]
 
@@ -184,46 +200,85 @@ class FinerCut:
                 float(sum(_sublayer_params(anatomy.blocks[i], kk) for kk in parts_of(k)))
         probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
                       precision=self.precision, positions=self.positions)
-        removed: list[tuple[int, str]] = []
+        hooks: dict[Unit, Any] = {}  # the removed sublayers, silenced by these hooks
         trace = []
         latest: dict[tuple[int, str], float] = {}  # each candidate's rank score when last scored
         gone, current = 0.0, 0.0
-        steps = bar(range(len(cands)), desc="finercut", unit="sublayer", disable=not progress)
-        with contextlib.ExitStack() as keep_silent:  # the sublayers removed so far stay silenced
-            for _ in steps:
-                if gone >= budget - 1e-9:
-                    break
-                best = None
-                pool = sorted(cands, key=latest.__getitem__)[: self.shortlist] if latest and self.shortlist else cands
-                for i, k in pool:
-                    with contextlib.ExitStack() as trial:
-                        for kk in parts_of(k):
-                            trial.enter_context(silenced(anatomy.blocks[i], kk))
-                        kl = probe.kl_from(i)
-                    score = kl if self.rank == "kl" else (kl - current) / cost(i, k)
-                    latest[(i, k)] = score
-                    if best is None or score < best[0]:
-                        best = (score, kl, i, k)
-                _, kl, i, k = best
-                for kk in parts_of(k):
-                    keep_silent.enter_context(silenced(anatomy.blocks[i], kk))
-                probe.refresh(i)
-                gone += cost(i, k)
-                current = kl
-                for kk in parts_of(k):
-                    removed.append((i, kk))
-                    trace.append({"block": i, "sublayer": kk, "kl": kl})
-                cands = [c for c in cands if c[0] != i or (c[1] not in parts_of(k) and c[1] != "block"
-                                                             and k != "block")]
+        steps = bar(range(len(cands)), desc="finercut", unit="step", disable=not progress)
+        for _ in steps:
+            fits = [c for c in cands if gone + cost(*c) <= budget + 1e-9]
+            if not fits:
+                break
+            best = None
+            pool = sorted(fits, key=latest.__getitem__)[: self.shortlist] if latest and self.shortlist else fits
+            for i, k in pool:
+                with contextlib.ExitStack() as trial:
+                    for kk in parts_of(k):
+                        trial.enter_context(silenced(anatomy.blocks[i], kk))
+                    kl = probe.kl_from(i)
+                score = kl if self.rank == "kl" else (kl - current) / cost(i, k)
+                latest[(i, k)] = score
+                if best is None or score < best[0]:
+                    best = (score, kl, i, k)
+            _, kl, i, k = best
+            for kk in parts_of(k):
+                hooks[(i, kk)] = silence(anatomy.blocks[i], kk)
+            probe.refresh(i)
+            gone += cost(i, k)
+            current = kl
+            for kk in parts_of(k):
+                trace.append({"block": i, "sublayer": kk, "kl": kl})
+            cands = [c for c in cands if c[0] != i or (c[1] not in parts_of(k) and c[1] != "block"
+                                                         and k != "block")]
+        greedy_kl = current
+        swaps = []
+        for _ in bar(range(self.refine), desc="finercut swaps", unit="round", disable=not progress):
+            swap = self._best_swap(anatomy, probe, hooks, [u for u in units if u not in hooks], current)
+            if swap is None:
+                break
+            (iu, ku), (iv, kv), current = swap
+            hooks.pop((iu, ku)).remove()
+            hooks[(iv, kv)] = silence(anatomy.blocks[iv], kv)
+            probe.refresh(min(iu, iv))
+            swaps.append({"restored": [iu, ku], "removed": [iv, kv], "kl": current})
+        for h in hooks.values():
+            h.remove()
         del probe
+        removed = sorted(hooks)
         for i, k in removed:  # surgery last: silencing used hooks, so indices stayed valid
             if k == "attn":
                 surgery.remove_attention(anatomy, anatomy.blocks[i])
             else:
                 surgery.remove_mlp(anatomy.blocks[i])
-        empty = [b.index for b in anatomy.blocks if b.index in {i for i, k in removed if k == "attn"}
-                 and b.index in {i for i, k in removed if k == "mlp"}]
+        empty = [i for i, k in removed if k == "attn" and (i, "mlp") in hooks]
         if empty:  # both sublayers gone: the block is the identity, drop it
             surgery.remove_blocks(anatomy, empty)
         surgery.sync_config(anatomy_of(model))
-        return {"removed": trace, "removed_blocks": empty, "compute_removed": gone / total if self.compute else None}
+        return {"removed": trace, "removed_blocks": empty, "swaps": swaps, "greedy_kl": greedy_kl,
+                "kl": current, "final": [list(u) for u in removed],
+                "compute_removed": sum(cost(*u) for u in removed) / total if self.compute else None}
+
+    def _best_swap(self, anatomy: Anatomy, probe: Probe, hooks: dict[Unit, Any], kept: list[Unit],
+                   current: float) -> tuple[Unit, Unit, float] | None:
+        """One round: the best same-kind swap (restore u, remove v) among the shortlist of promising
+        pairs, if it lowers the KL below `current`; None if no pair does."""
+        restore: dict[Unit, float] = {}  # KL with u restored (lower: u mattered more)
+        for u, h in list(hooks.items()):
+            h.remove()
+            restore[u] = probe.kl_from(u[0])
+            hooks[u] = silence(anatomy.blocks[u[0]], u[1])
+        add: dict[Unit, float] = {}  # KL with v removed too
+        for v in kept:
+            with silenced(anatomy.blocks[v[0]], v[1]):
+                add[v] = probe.kl_from(v[0])
+        pairs = sorted(((restore[u] - current) + (add[v] - current), u, v)
+                       for u in restore for v in add if u[1] == v[1])
+        best = None
+        for _, u, v in pairs[: max(self.shortlist, 1)]:
+            hooks[u].remove()
+            with silenced(anatomy.blocks[v[0]], v[1]):
+                kl = probe.kl_from(min(u[0], v[0]))
+            hooks[u] = silence(anatomy.blocks[u[0]], u[1])
+            if kl < current - 1e-9 and (best is None or kl < best[2]):
+                best = (u, v, kl)
+        return best

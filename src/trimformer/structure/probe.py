@@ -5,9 +5,14 @@ a narrower FFN) re-runs blocks i..L-1, the final norm and the head from that cac
 next-token distribution with the dense one (KL(dense || model), nats per token). FinerCut's greedy
 search, the per-block candidate library of `search` and the measured allocation of `width` use it.
 Forwards run under bf16 autocast where the CPU/GPU multiplies bf16 natively (precision="auto"); the
-dense reference is computed the same way, so an unchanged model scores ~0. The head and the softmax
-over the vocabulary cost as much as a few blocks, so the KL is averaged over at most `positions`
-evenly spaced positions per window (all positions still run through the blocks; the KL there is exact).
+dense reference is computed the same way, so an unchanged model scores 0.
+
+The KL is exact yet needs neither the dense distributions nor a softmax per trial: with the head linear,
+logits z = W h + b and dense probabilities P,
+    KL(P || softmax z) = (lse z - lse z0) - (P W) . (h - h0)      (the bias cancels)
+so the probe keeps, per scored position, the dense final-norm state h0, lse z0 and the d-vector P W; a
+trial costs the head matmul and one logsumexp, run in chunks of positions to stay in cache. `positions`
+(0 = all) still allows averaging over evenly spaced positions only (every position runs through the blocks).
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import calibrate
 from ..models import Anatomy, Block
 
 
 class Probe:
-    """Cached block inputs of `windows` (n, T) on a causal LM, and its dense next-token log-probs."""
+    """Cached block inputs of `windows` (n, T) on a causal LM, and its dense next-token distributions."""
+
+    CHUNK = 1024  # positions per head matmul + logsumexp (the head weight is read once per chunk)
 
     def __init__(self, anatomy: Anatomy, windows: torch.Tensor, *, batch_size: int = 1, precision: str = "auto",
                  positions: int = 0):
@@ -39,9 +45,20 @@ class Probe:
         self.dtype = calibrate.resolve_precision(precision, next(anatomy.model.parameters()).device)
         inputs, self.kwargs = calibrate.capture_inputs(anatomy, windows, batch_size)
         self.states: list[list[torch.Tensor]] = [inputs]  # states[i]: inputs of block i, one per batch
+        head = anatomy.head
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"the KL probe needs a linear output head, got {type(head).__name__}")
         self.refresh(0)
-        self.ref = list(self._logprobs(self.states[-1]))  # (B, T, V) each, fp32
-        self.tokens = sum(r[..., 0].numel() for r in self.ref)
+        self.ref = []  # per batch: (h0 (B, P, d), lse0 (B, P), PW (B, P, d)), fp32
+        for h in self._normed(self.states[-1]):
+            lse, pw = [], []
+            for c in h.split(self.CHUNK, 1):  # (B, c, d)
+                with self.compute():
+                    z = head(c).float()  # (B, c, V)
+                lse.append(self._lse(c))
+                pw.append(torch.softmax(z, -1) @ head.weight.float())  # (B, c, d)
+            self.ref.append((h, torch.cat(lse, 1), torch.cat(pw, 1)))
+        self.tokens = sum(r[1].numel() for r in self.ref)
 
     def compute(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -59,14 +76,14 @@ class Probe:
         return outs
 
     @torch.no_grad()
-    def _logprobs(self, hs: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def _normed(self, hs: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The final-norm states at the scored positions, (B, P, d) fp32 per batch."""
         an = self.anatomy
         for h in hs:
             h = h[:, self.at]  # (B, P, d)
             with self.compute():
                 h = an.final_norm(h) if an.final_norm is not None else h
-                logits = an.head(h)
-            yield F.log_softmax(logits.float(), -1)  # (B, T, V)
+            yield h.float()
 
     @torch.no_grad()
     def refresh(self, start: int = 0) -> None:
@@ -84,9 +101,16 @@ class Probe:
         for block in self.anatomy.blocks[start:]:
             xs = self._run(block, xs)
         kl = 0.0
-        for q, p in zip(self._logprobs(xs), self.ref):
-            kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
+        for h, (h0, lse0, pw) in zip(self._normed(xs), self.ref):
+            lse = torch.cat([self._lse(c) for c in h.split(self.CHUNK, 1)], 1)  # (B, P)
+            kl += ((lse - lse0) - (pw * (h - h0)).sum(-1)).double().sum().item()
         return kl / self.tokens
+
+    def _lse(self, h: torch.Tensor) -> torch.Tensor:
+        """logsumexp of the head's logits at states h (B, c, d): (B, c)."""
+        with self.compute():
+            z = self.anatomy.head(h)
+        return torch.logsumexp(z.float(), -1)
 
     @torch.no_grad()
     def block_inputs(self, i: int) -> list[torch.Tensor]:
