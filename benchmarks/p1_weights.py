@@ -38,8 +38,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "magnitude 50%": ("magnitude", {"sparsity": 0.5}),
     "wanda 50%": ("wanda", {"sparsity": 0.5}),
     "wanda 2:4": ("wanda", {"pattern": "2:4"}),
-    "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
+    "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),  # the default: true-sequential, asymmetric
+    "sparsegpt 50% plain": ("sparsegpt", {"sparsity": 0.5, "asymmetric": False}),  # the paper's SparseGPT
     "sparsegpt 50% asymmetric": ("sparsegpt", {"sparsity": 0.5, "asymmetric": True}),
+    "sparsegpt 2:4 plain": ("sparsegpt", {"pattern": "2:4", "asymmetric": False}),
     "sparsegpt 2:4 asymmetric": ("sparsegpt", {"pattern": "2:4", "asymmetric": True}),
     "adaptive(kl lam=0.15)+sparsegpt asymmetric 50%": ("adaptive", {"base": "sparsegpt", "sparsity": 0.5, "importance": "kl",
                                                                     "lam": 0.15, "settings": {"asymmetric": True}}),

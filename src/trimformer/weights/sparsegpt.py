@@ -8,7 +8,9 @@ pruned parts before it (weights/sequential.py); False collects every Hessian fro
 asymmetric: fit each layer to the *dense* model's output W X_dense rather than to W X on its own (already
 pruned) inputs, so the error of earlier blocks is corrected instead of carried (the asymmetric calibration of
 GPTAQ, Li et al. 2025, here for pruning). With C = X_dense^T X and H = X^T X the unpruned optimum, damped toward
-W, is W + W (C - H)(H + damp)^-1; SparseGPT then prunes that. Costs one more (bf16) block forward per group.
+W, is W + W (C - H)(H + damp)^-1; SparseGPT then prunes that. Costs one dense block forward per block and the
+cross products C (P1 on smollm2-135m: 1.6x the plain run's time, kl_doc 0.31 instead of 0.44 at 50 %).
+Default (None): on whenever true_sequential is; asymmetric=False is the paper's SparseGPT.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class SparseGPT(WeightPruner):
     percdamp: float = 0.01
     blocksize: int = 128
     true_sequential: bool = True
-    asymmetric: bool = False
+    asymmetric: bool | None = None  # None: = true_sequential
 
     needs_hessian = True
 
@@ -47,6 +49,8 @@ class SparseGPT(WeightPruner):
             raise ValueError(f"blocksize must be a positive number of columns, got {self.blocksize!r}")
         if self.nm is not None and self.blocksize % self.nm[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} for pattern {self.pattern!r}")
+        if self.asymmetric is None:
+            self.asymmetric = bool(self.true_sequential)
         if self.asymmetric and not self.true_sequential:
             raise ValueError("asymmetric needs true_sequential=True: refitting o/down to the dense outputs from inputs "
                              "measured before q/k/v were pruned diverges (P1 50 %: kl 2.08 instead of 0.31)")
