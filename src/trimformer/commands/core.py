@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import parse_pairs
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model's anatomy: blocks, heads / KV heads, FFN, parameters per part")
@@ -54,14 +56,6 @@ def _evaluate(args: argparse.Namespace, model, tok, reference) -> dict:
                     progress=not quiet())
 
 
-def _parse_sets(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected field=value, e.g. --set sparsity=0.6")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
@@ -105,7 +99,7 @@ def _recipe(args: argparse.Namespace):
     if bool(args.method) == bool(args.recipe):
         raise ValueError("give exactly one of --method NAME or --recipe FILE")
     recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.one(args.method)
-    sets = _parse_sets(args.set)
+    sets = parse_pairs(args.set)
     if args.sparsity is not None:
         sets.setdefault("sparsity", args.sparsity)
     if args.pattern is not None:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import parse_pairs
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with a compressed KV cache (a press)")
@@ -32,14 +34,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_bench)
 
 
-def _settings(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -49,7 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     name = args.press
-    settings = _settings(args.set)
+    settings = parse_pairs(args.set)
     if name.startswith("perhead-"):
         press = kv.PerHead(kv.build_press(name.removeprefix("perhead-"), args.ratio, **settings), ratio=args.ratio)
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import parse_pairs
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-tokens", help="token pruning / merging on an encoder: embedding fidelity, FLOPs, latency")
@@ -76,14 +78,6 @@ def cmd_bench_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def cmd_distill_tokens(args: argparse.Namespace) -> int:
@@ -93,9 +87,9 @@ def cmd_distill_tokens(args: argparse.Namespace) -> int:
     from ..tokens import build
     from ..tokens.distill import DistillConfig, distill_merge_, training_paragraphs
 
-    settings = _pairs(args.set, "--set") or {"keep": "0.02", "threshold": "0.47", "features": "hidden"}
+    settings = parse_pairs(args.set) or {"keep": "0.02", "threshold": "0.47", "features": "hidden"}
     method = build(args.method, settings)  # bad names / values fail before the model loads
-    cfg = DistillConfig(**coerce_fields(DistillConfig, _pairs(args.train_set, "--train-set")))
+    cfg = DistillConfig(**coerce_fields(DistillConfig, parse_pairs(args.train_set, "--train-set")))
     model, tok = load(args.model, with_tokenizer=True)
     if anatomy_of(model).causal:
         raise ValueError(f"{args.model} is a decoder; distill-tokens fine-tunes encoders for token merging")
