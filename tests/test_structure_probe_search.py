@@ -87,7 +87,7 @@ def test_padded_kv_cut_scores_what_the_surgery_gives(calib):
     surgery.prune_heads(b, cut.heads)
     a.o.weight.copy_(cut.W)
     assert (a.num_heads, a.num_kv_heads) == (2, 1)
-    assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4)
+    assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4, abs=5e-8)  # KL from a logsumexp difference: ~1e-8 fp32 residue
 
 
 def test_search_takes_the_planted_dead_kv_group_and_reloads(calib, tmp_path):
