@@ -43,13 +43,18 @@ METHODS = [  # one FLOPs budget (0.6 = the issue's "40 % fewer") for every metho
 ]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def protocol_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The P4 settings every P4 script takes (paragraphs, batch, latency timing, threads)."""
     p.add_argument("--paragraphs", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--timing-batches", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="1: with the CPU shared, 2 threads stall at barriers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = protocol_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--out", default=str(OUT / "p4_tokens"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

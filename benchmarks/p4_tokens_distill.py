@@ -25,6 +25,9 @@ import trimformer
 from trimformer.tokens.bench import _embed, evaluate_encoder, paragraph_batches
 from trimformer.tokens.distill import DistillConfig, distill_merge_, training_paragraphs
 
+sys.path.insert(0, str(Path(__file__).parent))
+from p4_tokens import protocol_args  # noqa: E402
+
 OUT = Path(__file__).parent / "results"
 TRAINED = {"keep": 0.02, "threshold": 0.47, "features": "hidden"}  # the best training-free setting at FLOPs ~0.6
 FIXED = {"flops": 0.6, "features": "hidden"}  # a fixed schedule: FLOPs 0.60 whatever the text
@@ -34,12 +37,7 @@ FRONTIER = [{"keep": 0.02, "threshold": 0.55, "features": "hidden"}, {"flops": 0
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--paragraphs", type=int, default=512)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--timing-batches", type=int, default=2)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p = protocol_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--minutes", type=float, default=15.0, help="training time limit (the LR schedule follows it)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=3e-5)

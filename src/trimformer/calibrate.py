@@ -192,15 +192,24 @@ class BlockCalib:
             self._dense_x = xs
         return self._dense_x
 
-    def _forward(self, module: nn.Module, inputs: list[torch.Tensor], shortcuts: list[Shortcut]) -> list[torch.Tensor]:
-        outs = []
+    def batches(self, inputs: list[torch.Tensor] | None = None,
+                shortcuts: list[Shortcut] | None = None) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
+        """(index, input, kwargs) of every calibration batch (default: this block's inputs), inside the compute
+        context with `shortcuts` (default: this block's) installed and pointed at the current batch."""
+        inputs = self.inputs if inputs is None else inputs
+        shortcuts = self.shortcuts if shortcuts is None else shortcuts
         with self.compute(), shortcuts_installed(shortcuts):
             for i, (x, kw) in enumerate(zip(inputs, self.kwargs)):
                 for s in shortcuts:
                     s.batch = i
-                y = module(x, **kw)
-                y = y[0] if isinstance(y, tuple) else y
-                outs.append(y if y.dtype == x.dtype else y.to(x.dtype))
+                yield i, x, kw
+
+    def _forward(self, module: nn.Module, inputs: list[torch.Tensor], shortcuts: list[Shortcut]) -> list[torch.Tensor]:
+        outs = []
+        for _, x, kw in self.batches(inputs, shortcuts):
+            y = module(x, **kw)
+            y = y[0] if isinstance(y, tuple) else y
+            outs.append(y if y.dtype == x.dtype else y.to(x.dtype))
         return outs
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ output, which also corrects what the blocks before it changed (width.py's asymme
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -414,11 +415,8 @@ class Search:
         pick = choose(lib, budget)
         chosen = [opts[j] for j in pick]
         predicted = (fixed + sum(lib[i][j].cost for i, j in enumerate(pick))) / whole
-        if self.refit == "asymmetric":
-            _apply_refitted(anatomy, chosen, cuts, calibration, batch_size=batch_size, precision=self.precision,
-                            progress=progress)
-        else:
-            _apply(anatomy, chosen, cuts)
+        _apply(anatomy, chosen, cuts, calibration if self.refit == "asymmetric" else None, batch_size=batch_size,
+               precision=self.precision, progress=progress)
         return {"choices": [o.name for o in chosen], "predicted_" + self._kind: predicted,
                 "predicted_error": sum(lib[i][j].error for i, j in enumerate(pick)),
                 "latency_table": None if table is None else {
@@ -428,63 +426,44 @@ class Search:
 
 
 @torch.no_grad()
-def _apply(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[float, FFNCut]]) -> None:
-    """Carry out the chosen options (FFN cuts, sublayer removals), then drop blocks left empty."""
+def _apply(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[Any, Any]], calibration: torch.Tensor | None = None,
+           *, batch_size: int = 1, precision: str = "auto", progress: bool = False) -> None:
+    """Carry out the chosen options block by block (KV-group and FFN cuts, sublayer removals), then drop the
+    blocks left empty. Without calibration the cuts keep their one-block least-squares re-fits; with it, each
+    block is built against the dense stream: o (attention kept) and down (MLP kept, cut or not) are re-fitted so
+    the block's output matches the dense block's (output_error_stats of the block as it is at that point)."""
+    if calibration is None:
+        steps = ((b, None) for b in anatomy.blocks)
+    else:
+        steps = ((bc.block, functools.partial(output_error_stats, bc))
+                 for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress,
+                                            precision=precision, desc="search: building", dense_targets=True))
     empty = []
-    for block, o, cut in zip(anatomy.blocks, chosen, cuts):
-        if not o.attn and (o.ffn == 0 or block.mlp is None):
-            empty.append(block.index)
-            continue
-        if not o.attn and block.attention is not None:
-            surgery.remove_attention(anatomy, block)
-        elif _kv_cut(block, o):
-            c = cut[("kv", o.kv)]
-            surgery.prune_heads(block, c.heads)
-            assign(block.attention.o, (c.W, c.b))
-        if block.mlp is not None and o.ffn == 0:
-            surgery.remove_mlp(block)
-        elif block.mlp is not None and o.ffn < 1:
-            c = cut[o.ffn]
-            surgery.prune_neurons(block, c.keep)
-            block.mlp.down.weight.copy_(c.W.to(block.mlp.down.weight.dtype))
-            if c.b is not None:
-                block.mlp.down.bias.copy_(c.b.to(block.mlp.down.bias.dtype))
-    if empty:
-        surgery.remove_blocks(anatomy, empty)
-    from ..models import anatomy_of
-
-    surgery.sync_config(anatomy_of(anatomy.model))
-
-
-@torch.no_grad()
-def _apply_refitted(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[float, FFNCut]], calibration: torch.Tensor,
-                    *, batch_size: int, precision: str, progress: bool) -> None:
-    """Carry out the choice block by block, re-fitting o/down so each block's output matches the dense block's."""
-    empty = []
-    for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, precision=precision,
-                               desc="search: building", dense_targets=True):
-        block, o = bc.block, chosen[bc.block.index]
+    for block, stats in steps:
+        o, cut = chosen[block.index], cuts[block.index]
         a, m = block.attention, block.mlp
-        if a is not None:
-            if o.attn:
-                cut = cuts[block.index][("kv", o.kv)] if _kv_cut(block, o) else None
-                cols = cut.cols if cut is not None else torch.arange(a.o.in_features)
-                new = least_squares(a.o, cols, output_error_stats(bc, a.o), bias=a.o.bias is not None)
-                if cut is not None:
-                    surgery.prune_heads(block, cut.heads)
-                assign(a.o, new)
-            else:
-                surgery.remove_attention(anatomy, block)  # the module is swapped; bc runs the block without it
-        if m is not None:
-            if o.ffn == 0:
-                surgery.remove_mlp(block)
-            else:
-                st = output_error_stats(bc, m.down)  # after this block's attention changed
-                keep = cuts[block.index][o.ffn].keep if o.ffn < 1 else torch.arange(m.intermediate_size)
-                new = least_squares(m.down, keep, st, bias=m.down.bias is not None)
-                if o.ffn < 1:
-                    surgery.prune_neurons(block, keep)
-                assign(m.down, new)
+        if a is not None and not o.attn:
+            surgery.remove_attention(anatomy, block)  # the module is swapped: later runs skip it
+        elif a is not None:
+            c = cut[("kv", o.kv)] if _kv_cut(block, o) else None
+            new = (c.W, c.b) if c is not None else None
+            if stats is not None:
+                cols = c.cols if c is not None else torch.arange(a.o.in_features)
+                new = least_squares(a.o, cols, stats(a.o), bias=a.o.bias is not None)
+            if c is not None:
+                surgery.prune_heads(block, c.heads)
+            assign(a.o, new)
+        if m is not None and o.ffn == 0:
+            surgery.remove_mlp(block)
+        elif m is not None:
+            c = cut[o.ffn] if o.ffn < 1 else None
+            new = (c.W, c.b) if c is not None else None
+            if stats is not None:  # after this block's attention changed
+                keep = c.keep if c is not None else torch.arange(m.intermediate_size)
+                new = least_squares(m.down, keep, stats(m.down), bias=m.down.bias is not None)
+            if c is not None:
+                surgery.prune_neurons(block, c.keep)
+            assign(m.down, new)
         if not o.attn and (o.ffn == 0 or m is None):
             empty.append(block.index)
     if empty:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calibrate import BlockCalib, Shortcut, shortcuts_installed
+from ..calibrate import BlockCalib, Shortcut
 from ..models import Block, Proj
 
 
@@ -121,15 +121,12 @@ def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.M
     if sub is not None:
         hooks.append(sub.register_forward_hook(sub_hook))
     try:
-        with bc.compute(), shortcuts_installed(bc.shortcuts):
-            for batch, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
-                for s in bc.shortcuts:
-                    s.batch = batch
-                seen.clear()
-                try:
-                    bc.block.module(x, **kw)
-                except _Stop:
-                    pass
+        for batch, x, kw in bc.batches():  # noqa: B007 (`batch` is read by pre_hook)
+            seen.clear()
+            try:
+                bc.block.module(x, **kw)
+            except _Stop:
+                pass
     finally:
         for h in hooks:
             h.remove()
