@@ -18,7 +18,7 @@ from trimformer.structure.search import (
     BudgetTooSmallError,
     down_stats,
     ffn_cut,
-    kv_cut,
+    head_cut,
     latency_table,
     options,
     score_library,
@@ -70,7 +70,8 @@ def test_padded_ffn_cut_scores_what_the_surgery_gives(calib):
 
 
 @torch.no_grad()
-def test_padded_kv_cut_scores_what_the_surgery_gives(calib):
+@pytest.mark.parametrize("key,kept", [(("kv", 1), ([[0, 1], [2, 3]], (2, 1))), (("q", 1), (None, (2, 2)))])
+def test_padded_head_cut_scores_what_the_surgery_gives(calib, key, kept):
     from trimformer.structure import surgery
 
     model = _deeper(tiny("llama"), 3)  # 4 query heads in 2 KV groups
@@ -79,15 +80,44 @@ def test_padded_kv_cut_scores_what_the_surgery_gives(calib):
     probe = Probe(an, calib, precision="fp32")
     b = an.blocks[1]
     a = b.attention
-    cut = kv_cut(b, 1, down_stats(probe, b, a.o))
-    assert cut.heads.tolist() in ([0, 1], [2, 3])  # a whole group: both of its query heads
+    cut = head_cut(b, key, down_stats(probe, b, a.o))
+    heads, shape = kept
+    if heads is not None:
+        assert cut.heads.tolist() in heads  # a whole group: both of its query heads
+    else:
+        assert sorted(h // 2 for h in cut.heads.tolist()) == [0, 1]  # one query head in every group
     with swapped(a.o, cut.padded(a.o.in_features), cut.b):
         kl = probe.kl_from(1)
     assert torch.equal(a.o.weight, dense.model.layers[1].self_attn.o_proj.weight)  # restored
     surgery.prune_heads(b, cut.heads)
     a.o.weight.copy_(cut.W)
-    assert (a.num_heads, a.num_kv_heads) == (2, 1)
+    assert (a.num_heads, a.num_kv_heads) == shape
     assert kl == pytest.approx(_full_kl(model, dense, calib), rel=1e-4, abs=5e-8)  # KL from a logsumexp difference: ~1e-8 fp32 residue
+
+
+def test_search_takes_planted_dead_query_heads(calib):
+    model = _deeper(tiny("llama"), 4)
+    an = anatomy_of(model)
+    a = an.blocks[2].attention
+    D = a.head_dim
+    with torch.no_grad():  # heads 0 and 3 (one in each KV group) of block 2 add nothing; the others matter
+        for b in an.blocks:  # (sharp attention: two heads of a group then read different tokens of the shared V)
+            b.attention.q.weight.mul_(8)
+            b.attention.o.weight.mul_(8)
+        a.o.weight[:, :D] = 0
+        a.o.weight[:, 3 * D:] = 0
+    n0 = count_parameters(model)
+    gone = (a.q.weight.numel() + a.o.weight.numel()) / 2  # half the query heads: q rows and o columns
+    res = trimformer.prune_(model, trimformer.build("search", {"target": f"params={(n0 - gone) / n0 + 1e-7}",
+                                                                "widths": "", "kv_groups": "none",
+                                                                "precision": "fp32"}),
+                            calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert res["choices"][2] == "attn-q1+ffn1" and all(c == "attn+ffn1" for i, c in enumerate(res["choices"]) if i != 2)
+    assert count_parameters(model) == n0 - gone
+    b = anatomy_of(model).blocks[2].attention
+    assert (b.num_heads, b.num_kv_heads) == (2, 2)
+    with pytest.raises(ValueError, match="query_heads"):
+        trimformer.build("search", {"query_heads": "x"})
 
 
 def test_search_takes_the_planted_dead_kv_group_and_reloads(calib, tmp_path):

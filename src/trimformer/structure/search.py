@@ -89,30 +89,43 @@ def choose(library: list[list[Candidate]], budget: float) -> list[int]:
 # -- the candidate library ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Option:
-    """One replacement of a block: attention kept or not (kv: with only this many KV groups, 0 = all of them),
-    the share of FFN neurons kept (0: MLP removed)."""
+    """One replacement of a block: attention kept or not (kv: with only this many KV groups, 0 = all of them;
+    q: with only this many query heads in every KV group, 0 = all of them), the share of FFN neurons kept
+    (0: MLP removed)."""
 
     attn: bool
     ffn: float
     kv: int = 0
+    q: int = 0
 
     @property
     def name(self) -> str:
         if not self.attn and self.ffn == 0:
             return "removed"
-        a = "no-attn" if not self.attn else f"attn-kv{self.kv}" if self.kv else "attn"
+        a = "no-attn" if not self.attn else "attn" + (f"-kv{self.kv}" if self.kv else "") + (f"-q{self.q}" if self.q else "")
         return f"{a}+ffn{self.ffn:g}"
 
 
-def options(widths: list[float], attention: bool = True, kv: list[int] | tuple = ()) -> list[Option]:
+def options(widths: list[float], attention: bool = True, kv: list[int] | tuple = (), q: list[int] | tuple = ()
+            ) -> list[Option]:
+    """Every attention variant (kept; with kv groups; with q query heads per group; removed) times every FFN share."""
     shares = sorted({1.0, *widths}, reverse=True)
-    attn = [(True, 0), *((True, k) for k in sorted(set(kv), reverse=True))] + ([(False, 0)] if attention else [])
-    return [Option(a, f, k) for a, k in attn for f in shares]
+    attn = [(True, 0, 0), *((True, k, 0) for k in sorted(set(kv), reverse=True)),
+            *((True, 0, h) for h in sorted(set(q), reverse=True))] + ([(False, 0, 0)] if attention else [])
+    return [Option(a, f, k, h) for a, k, h in attn for f in shares]
 
 
-def _kv_cut(block: Block, o: Option) -> bool:
-    """Whether option o removes KV groups of this block (a count >= the block's groups keeps them all)."""
-    return o.attn and 0 < o.kv and block.attention is not None and o.kv < block.attention.num_kv_heads
+def _head_key(block: Block, o: Option) -> tuple[str, int] | None:
+    """Which head cut option o makes in this block: ('kv', groups kept), ('q', query heads kept per group) or
+    None (attention removed or kept whole: a count >= what the block has keeps it all)."""
+    a = block.attention
+    if not o.attn or a is None:
+        return None
+    if 0 < o.kv < a.num_kv_heads:
+        return ("kv", o.kv)
+    if 0 < o.q < a.num_heads // a.num_kv_heads:
+        return ("q", o.q)
+    return None
 
 
 @dataclass
@@ -131,8 +144,8 @@ class FFNCut:
 
 
 @dataclass
-class KVCut:
-    """KV groups to keep in one block's attention (their query heads) and the re-fit o_proj over them."""
+class HeadCut:
+    """Query heads to keep in one block's attention (with the KV groups they use) and the re-fit o_proj over them."""
 
     heads: torch.Tensor  # (h,) sorted query heads kept
     cols: torch.Tensor  # (h * head_dim,) o_proj input columns kept
@@ -145,24 +158,34 @@ class KVCut:
         return W
 
 
-def _group_heads(a, groups: torch.Tensor) -> torch.Tensor:
-    per = a.num_heads // a.num_kv_heads
-    return (groups[:, None] * per + torch.arange(per)).flatten().sort().values
-
-
 def _cols(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def kv_cut(block: Block, keep_groups: int, st: InputStats, importance: str = "hessian") -> KVCut:
-    """Keep the `keep_groups` KV groups whose query heads' o_proj columns score highest; re-fit o_proj."""
+def _head_indices(a, key: tuple[str, int]) -> torch.Tensor:
+    """The first heads a cut of this kind keeps (for timing: which ones does not matter)."""
+    per = a.num_heads // a.num_kv_heads
+    kind, n = key
+    groups, each = (torch.arange(n), per) if kind == "kv" else (torch.arange(a.num_kv_heads), n)
+    return (groups[:, None] * per + torch.arange(each)).flatten()
+
+
+def head_cut(block: Block, key: tuple[str, int], st: InputStats, importance: str = "hessian") -> HeadCut:
+    """('kv', g): keep the g KV groups whose query heads' o_proj columns score highest (scored as a whole);
+    ('q', h): keep the h highest-scoring query heads of every KV group. o_proj is re-fitted by least squares."""
     a = block.attention
-    per = [_cols(_group_heads(a, torch.tensor([g])), a.head_dim) for g in range(a.num_kv_heads)]
-    top = scores(importance, a.o, st, per).topk(keep_groups).indices.sort().values
-    heads = _group_heads(a, top)
+    per, kind, n = a.num_heads // a.num_kv_heads, *key
+    if kind == "kv":
+        groups = [_cols(g * per + torch.arange(per), a.head_dim) for g in range(a.num_kv_heads)]
+        top = scores(importance, a.o, st, groups).topk(n).indices.sort().values
+        heads = (top[:, None] * per + torch.arange(per)).flatten()
+    else:
+        sc = scores(importance, a.o, st, [_cols(torch.tensor([h]), a.head_dim) for h in range(a.num_heads)])
+        top = sc.view(a.num_kv_heads, per).topk(n, dim=1).indices  # (groups, n) heads kept in each group
+        heads = (top + torch.arange(a.num_kv_heads)[:, None] * per).flatten().sort().values
     cols = _cols(heads, a.head_dim)
     W, b = least_squares(a.o, cols, st, bias=a.o.bias is not None)
-    return KVCut(heads, cols, W, b)
+    return HeadCut(heads, cols, W, b)
 
 
 def ffn_cut(block: Block, keep_n: int, st: InputStats, importance: str = "hessian") -> FFNCut:
@@ -193,11 +216,11 @@ def _keep_n(block: Block, share: float, multiple_of: int) -> int:
 
 @torch.no_grad()
 def score_library(anatomy: Anatomy, probe: Probe, shares: list[float], *, attention: bool = True,
-                  importance: str = "hessian", multiple_of: int = 1, progress: bool = True, kv: tuple = ()
-                  ) -> tuple[list[dict[Any, float]], list[dict[Any, Any]]]:
-    """Per block: {'attn': KL with attention removed, ('kv', k): KL with only k KV groups, share: KL with the
-    FFN cut to that share} (dense elsewhere), and the cuts that produced them. Share 0 silences the MLP;
-    share 1 is the dense block (0)."""
+                  importance: str = "hessian", multiple_of: int = 1, progress: bool = True, kv: tuple = (),
+                  q: tuple = ()) -> tuple[list[dict[Any, float]], list[dict[Any, Any]]]:
+    """Per block: {'attn': KL with attention removed, ('kv', k): KL with only k KV groups, ('q', h): KL with only
+    h query heads per KV group, share: KL with the FFN cut to that share} (dense elsewhere), and the cuts that
+    produced them. Share 0 silences the MLP; share 1 is the dense block (0)."""
     errors, cuts = [], []
     for block in bar(anatomy.blocks, desc="search: scoring options", unit="block", disable=not progress):
         i, err, cut = block.index, {1.0: 0.0}, {}
@@ -205,12 +228,14 @@ def score_library(anatomy: Anatomy, probe: Probe, shares: list[float], *, attent
         if attention and a is not None:
             with silenced(block, "attn"):
                 err["attn"] = probe.kl_from(i)
-        if a is not None and any(0 < k < a.num_kv_heads for k in kv):
+        keys = [] if a is None else sorted({k for o in options([], False, kv, q) if (k := _head_key(block, o))},
+                                           reverse=True)
+        if keys:
             st = down_stats(probe, block, a.o)
-            for k in sorted({k for k in kv if 0 < k < a.num_kv_heads}):
-                c = cut[("kv", k)] = kv_cut(block, k, st, importance)
+            for key in keys:
+                c = cut[key] = head_cut(block, key, st, importance)
                 with swapped(a.o, c.padded(a.o.in_features), c.b):
-                    err[("kv", k)] = probe.kl_from(i)
+                    err[key] = probe.kl_from(i)
         if block.mlp is not None:
             st = down_stats(probe, block)
             for f in sorted(set(shares) - {1.0}):
@@ -264,8 +289,8 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
             if not o.attn and o.ffn == 0:
                 continue
             b = copy.deepcopy(block)  # Block, module and projections copied together
-            if _kv_cut(b, o):
-                surgery.prune_heads(b, _group_heads(b.attention, torch.arange(o.kv)))
+            if key_ := _head_key(b, o):
+                surgery.prune_heads(b, _head_indices(b.attention, key_))
             if not o.attn and b.attention is not None:
                 surgery.remove_attention(anatomy, b)
                 b.attention = None
@@ -297,8 +322,15 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
 def _params(block: Block, o: Option, multiple_of: int) -> float:
     a = sum(p.weight.numel() + (p.bias.numel() if p.bias is not None else 0)
             for p in block.attention.projections.values()) if block.attention is not None else 0
-    if _kv_cut(block, o):  # q, k, v rows and o columns all shrink with the groups (query heads per group fixed)
+    key = _head_key(block, o)
+    if key and key[0] == "kv":  # q, k, v rows and o columns all shrink with the groups (query heads per group fixed)
         a = a * o.kv / block.attention.num_kv_heads
+    elif key:  # fewer query heads per group: q rows and o columns shrink, k and v stay
+        at = block.attention
+        qo = sum(p.weight.numel() + (p.bias.numel() if p.bias is not None else 0) for p in (at.q, at.o) if p is not None)
+        if at.q is None:  # fused qkv: the q share of it
+            qo = at.o.weight.numel() + at.qkv.weight.numel() * at.num_heads / (at.num_heads + 2 * at.num_kv_heads)
+        a = a - qo * (1 - o.q / (at.num_heads // at.num_kv_heads))
     m = block.mlp
     if m is None or o.ffn == 0:
         f = 0
@@ -319,6 +351,23 @@ def parse_budget(text: str) -> tuple[str, float]:
     return kind.strip(), r
 
 
+def _counts(name: str, spec: Any, n: int) -> tuple[int, ...]:
+    """Counts offered from a spec: 'auto' (every smaller count when n <= 4, else 3/4, 1/2 and 1/4 of n),
+    '' or 'none' (nothing), or comma-separated counts >= 1; a clear error on anything else."""
+    spec = str(spec).strip()
+    if spec in ("", "none"):
+        return ()
+    if spec == "auto":
+        return tuple(range(n - 1, 0, -1)) if n <= 4 else tuple(sorted({3 * n // 4, n // 2, max(1, n // 4)}, reverse=True))
+    try:
+        counts = tuple(int(k) for k in spec.split(",") if k.strip())
+    except ValueError:
+        counts = (0,)
+    if not counts or min(counts) < 1:
+        raise ValueError(f"{name} {spec!r}: 'auto', 'none' or comma-separated counts >= 1, e.g. 2,1")
+    return counts
+
+
 @STRUCTURE.register("search")
 @dataclass
 class Search:
@@ -328,7 +377,8 @@ class Search:
     the KL scores (positions: evenly spaced positions per window the KL is averaged over, 0 = all).
     importance: neuron criterion of the FFN cuts and KV-group criterion (least-squares re-fit always).
     kv_groups: KV-group counts offered for attention ('auto': every smaller count up to 4 groups, else 3/4,
-    1/2 and 1/4 of them; '' or 'none': never).
+    1/2 and 1/4 of them; '' or 'none': never). query_heads: query heads per KV group offered, all groups kept
+    (same 'auto' rule over the heads of one group; '' or 'none': never).
     refit: 'asymmetric' builds the choice block by block, re-fitting o/down to the dense model's block outputs
     on all calibration windows; 'plain' applies the cuts with their one-block least-squares re-fits only."""
 
@@ -345,6 +395,7 @@ class Search:
     positions: int = 64
     refit: str = "asymmetric"
     kv_groups: str = "auto"
+    query_heads: str = "auto"
     _kind: str = field(default="latency", init=False, repr=False)
     _keep: float = field(default=0.6, init=False, repr=False)
 
@@ -360,25 +411,17 @@ class Search:
             raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(sorted(IMPORTANCE))}")
         if self.windows < 1 or self.length < 2 or self.multiple_of < 1 or self.runs < 1:
             raise ValueError("windows, multiple_of, runs must be >= 1 and length >= 2")
-        if str(self.kv_groups).strip() not in ("auto", "", "none"):
-            try:
-                counts = [int(k) for k in str(self.kv_groups).split(",") if k.strip()]
-            except ValueError:
-                counts = [0]
-            if not counts or min(counts) < 1:
-                raise ValueError(f"kv_groups {self.kv_groups!r}: 'auto', 'none' or comma-separated counts >= 1, e.g. 2,1")
+        for name in ("kv_groups", "query_heads"):
+            _counts(name, getattr(self, name), 1)  # raises on a bad spec
         if self.refit not in ("asymmetric", "plain"):
             raise ValueError(f"refit {self.refit!r}: choose 'asymmetric' or 'plain'")
         calibrate.resolve_precision(self.precision)
 
-    def _kv_counts(self, anatomy: Anatomy) -> tuple[int, ...]:
-        spec = str(self.kv_groups).strip()
-        if spec in ("", "none"):
-            return ()
-        if spec != "auto":
-            return tuple(int(k) for k in spec.split(",") if k.strip())
-        n = max((b.attention.num_kv_heads for b in anatomy.blocks if b.attention is not None), default=1)
-        return tuple(range(n - 1, 0, -1)) if n <= 4 else tuple(sorted({3 * n // 4, n // 2, max(1, n // 4)}, reverse=True))
+    def _head_counts(self, anatomy: Anatomy) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        att = [b.attention for b in anatomy.blocks if b.attention is not None]
+        groups = max((a.num_kv_heads for a in att), default=1)
+        per = max((a.num_heads // a.num_kv_heads for a in att), default=1)
+        return _counts("kv_groups", self.kv_groups, groups), _counts("query_heads", self.query_heads, per)
 
     def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
                batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -386,8 +429,8 @@ class Search:
             raise ValueError("search needs calibration windows (its options are scored by KL on them)")
         if not anatomy.causal or not all(b.pre_norm for b in anatomy.blocks):
             raise ValueError("search replaces sublayers of pre-norm decoders only")
-        kv = self._kv_counts(anatomy)
-        opts = options(self._shares, self.attention, kv)
+        kv, q = self._head_counts(anatomy)
+        opts = options(self._shares, self.attention, kv, q)
         if self._kind == "latency":
             table = latency_table(anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of)
             costs = [[row[o] for o in opts] for row in table["blocks"]]
@@ -404,13 +447,15 @@ class Search:
         probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
                       precision=self.precision, positions=self.positions)
         errors, cuts = score_library(anatomy, probe, [o.ffn for o in opts], attention=self.attention,
-                                     importance=self.importance, multiple_of=self.multiple_of, progress=progress, kv=kv)
+                                     importance=self.importance, multiple_of=self.multiple_of, progress=progress, kv=kv,
+                                     q=q)
         del probe
 
         def attn_error(b: Block, o: Option, e: dict) -> float:
-            return e.get("attn", 0.0) if not o.attn else e.get(("kv", o.kv), 0.0) if _kv_cut(b, o) else 0.0
+            return e.get("attn", 0.0) if not o.attn else e.get(_head_key(b, o), 0.0)
 
-        lib = [[Candidate(o.name, attn_error(b, o, e) + e.get(o.ffn, 0.0), c) for o, c in zip(opts, cs)]
+        # a KL is >= 0: a negative score is rounding noise around "no change" (the MIP would chase it)
+        lib = [[Candidate(o.name, max(0.0, attn_error(b, o, e)) + max(0.0, e.get(o.ffn, 0.0)), c) for o, c in zip(opts, cs)]
                for b, e, cs in zip(anatomy.blocks, errors, costs)]
         pick = choose(lib, budget)
         chosen = [opts[j] for j in pick]
@@ -445,7 +490,7 @@ def _apply(anatomy: Anatomy, chosen: list[Option], cuts: list[dict[Any, Any]], c
         if a is not None and not o.attn:
             surgery.remove_attention(anatomy, block)  # the module is swapped: later runs skip it
         elif a is not None:
-            c = cut[("kv", o.kv)] if _kv_cut(block, o) else None
+            c = cut[key] if (key := _head_key(block, o)) else None
             new = (c.W, c.b) if c is not None else None
             if stats is not None:
                 cols = c.cols if c is not None else torch.arange(a.o.in_features)
