@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import trimformer
 from trimformer import data
+from trimformer.commands import parse_pairs
 from trimformer.models import anatomy_of, count_parameters
 from trimformer.models.load import _cache_dir
 
@@ -184,31 +185,37 @@ def depth_part(dense, ctx) -> list[dict]:
     fc = {"compute": n_blocks / L, **{k: v for k, v in (("windows", a.finercut_windows), ("length", a.finercut_length),
           ("shortlist", a.finercut_shortlist), ("positions", a.finercut_positions), ("rank", a.finercut_rank),
           ("blocks", a.finercut_blocks), ("refine", a.finercut_refine)) if v is not None}}
-    cfg = FinerCut(**fc)
-    m = copy.deepcopy(dense)
-    t0 = time.perf_counter()
-    trimformer.prune_(m, trimformer.build("depth", {"remove": n_blocks, "criterion": "block-influence"}),
-                      calibration=ctx["calib"], progress=False)
-    sec = time.perf_counter() - t0
-    drop = m.trimformer_history[-1]["result"]["removed_blocks"]
-    an = anatomy_of(dense)
-    probe = Probe(an, ctx["calib"][: cfg.windows, : cfg.length], precision=cfg.precision, positions=cfg.positions)
-    with contextlib.ExitStack() as st:
-        for i in drop:
-            for k in ("attn", "mlp"):
-                st.enter_context(silenced(an.blocks[i], k))
-        bi_kl = probe.kl_from(0)
-    del probe
-    rows.append(measure(f"depth block-influence remove={n_blocks}", m, dense, ctx, sec,
-                        {"removed": drop, "calib_kl": bi_kl}))
-    m = copy.deepcopy(dense)
-    t0 = time.perf_counter()
-    trimformer.prune_(m, cfg, calibration=ctx["calib"], progress=True)
-    res = m.trimformer_history[-1]["result"]
-    rows.append(measure(f"finercut {fc}", m, dense, ctx, time.perf_counter() - t0,
-                        {"removed": res["final"], "greedy": res["removed"], "swaps": res["swaps"],
-                         "calib_kl": res["kl"], "greedy_calib_kl": res["greedy_kl"],
-                         "compute_removed": res["compute_removed"], "config": dataclasses.asdict(cfg)}))
+    for fuse in a.depth_variants:
+        fused = fuse == "fused"
+        cfg = FinerCut(**fc, fuse=fused)
+        tag = " fused" if fused else ""
+        m = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        trimformer.prune_(m, trimformer.build("depth", {"remove": n_blocks, "criterion": "block-influence", "fuse": fused}),
+                          calibration=ctx["calib"], progress=False)
+        sec = time.perf_counter() - t0
+        res = m.trimformer_history[-1]["result"]
+        drop = res["removed_blocks"]
+        bi_kl = None
+        if not fused:  # FinerCut's criterion on the same removal (fusion changes weights: scored on eval only)
+            an = anatomy_of(dense)
+            probe = Probe(an, ctx["calib"][: cfg.windows, : cfg.length], precision=cfg.precision, positions=cfg.positions)
+            with contextlib.ExitStack() as st:
+                for i in drop:
+                    for k in ("attn", "mlp"):
+                        st.enter_context(silenced(an.blocks[i], k))
+                bi_kl = probe.kl_from(0)
+            del probe
+        rows.append(measure(f"depth block-influence remove={n_blocks}{tag}", m, dense, ctx, sec,
+                            {"removed": drop, "calib_kl": bi_kl, "fused": res.get("fused")}))
+        m = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        trimformer.prune_(m, cfg, calibration=ctx["calib"], progress=True)
+        res = m.trimformer_history[-1]["result"]
+        rows.append(measure(f"finercut {fc}{tag}", m, dense, ctx, time.perf_counter() - t0,
+                            {"removed": res["final"], "greedy": res["removed"], "swaps": res["swaps"],
+                             "calib_kl": res["kl"], "greedy_calib_kl": res["greedy_kl"], "fused": res.get("fused"),
+                             "compute_removed": res["compute_removed"], "config": dataclasses.asdict(cfg)}))
     return rows
 
 
@@ -221,7 +228,8 @@ def search_part(dense, ctx) -> list[dict]:
         m = copy.deepcopy(dense)
         t0 = time.perf_counter()
         cfg = {"target": f"latency={lat}", **{k: v for k, v in (("windows", a.finercut_windows),
-                                                                 ("length", a.finercut_length)) if v is not None}}
+                                                                 ("length", a.finercut_length)) if v is not None},
+               **parse_pairs(a.search_set, "--search-set")}
         trimformer.prune_(m, trimformer.build("search", cfg), calibration=ctx["calib"], progress=True)
         res = m.trimformer_history[-1]["result"]
         rows.append(measure(f"search {cfg}", m, dense, ctx, time.perf_counter() - t0,
@@ -295,6 +303,10 @@ def main() -> None:
                    help="trimformer width settings per run: [KEEP:]key=value joined by ',,'")
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--latencies", type=float, nargs="*", default=[0.6], help="search latency targets (none: only the uniform cuts)")
+    p.add_argument("--depth-variants", nargs="+", choices=["plain", "fused"], default=["plain"],
+                   help="depth part: plain removal and/or with the removed sublayers fused into their neighbours")
+    p.add_argument("--search-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="search config fields, e.g. windows=16 positions=0 query_heads=none")
     p.add_argument("--out-name", help="result file stem (default p1p2_structure[_PART]); p1p2_structure_* files are merged")
     p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.55, 0.6],
                    help="params targets of the uniform width cuts the search is compared with")

@@ -171,3 +171,45 @@ def test_finercut_refine_never_worsens_and_reports_the_kl_of_the_cut_model(calib
     q = F.log_softmax(model(input_ids=calib).logits.float(), -1)
     full = F.kl_div(q, p, log_target=True, reduction="sum").item() / p[..., 0].numel()
     assert res["kl"] == pytest.approx(full, rel=1e-4, abs=1e-7)
+
+
+def _kl(dense, model, ids):
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        p = F.log_softmax(dense(input_ids=ids).logits.float(), -1)
+        q = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return F.kl_div(q, p, log_target=True, reduction="sum").item() / p[..., 0].numel()
+
+
+def test_depth_fusion_lowers_the_kl_and_leaves_the_kept_blocks_elsewhere_alone(calib):
+    model = _deep_llama(6)
+    dense = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    res = _prune(model, "depth", calib, remove=2, fuse=True).trimformer_history[-1]["result"]
+    again = _prune(plain, "depth", calib, remove=2).trimformer_history[-1]["result"]
+    assert res["removed_blocks"] == again["removed_blocks"]  # fusion does not change what is removed
+    fused = res["fused"]
+    assert fused and all(r["kept"] == (r["kl_after"] < r["kl_before"]) for r in fused)
+    assert any(r["kept"] for r in fused)
+    assert _kl(dense, model, calib) < _kl(dense, plain, calib)
+    # only the neighbours' output projections changed
+    tried = {r["block"] for r in fused if r["kept"]}
+    kept_blocks = [i for i in range(6) if i not in res["removed_blocks"]]
+    for new, i in enumerate(kept_blocks):
+        a, b = model.model.layers[new], dense.model.layers[i]
+        for name, p in a.named_parameters():
+            same = torch.equal(p, b.get_parameter(name))
+            assert same or (i in tried and name in ("mlp.down_proj.weight", "self_attn.o_proj.weight")), (i, name)
+    with pytest.raises(ValueError, match="fuse_windows"):
+        trimformer.build("depth", {"remove": 1, "fuse_windows": 0})
+
+
+def test_finercut_fusion_reports_the_kl_of_the_cut_model(calib):
+    model = _deep_llama(6)
+    dense = copy.deepcopy(model)
+    res = _prune(model, "finercut", calib, remove=3, windows=4, length=32, precision="fp32", fuse=True,
+                 fuse_windows=4).trimformer_history[-1]["result"]
+    kept = [r for r in res["fused"] if r["kept"]]
+    assert kept and kept[-1]["kl_after"] < res["kl"]  # below the unfused cut's KL
+    assert kept[-1]["kl_after"] == pytest.approx(_kl(dense, model, calib), rel=1e-4, abs=1e-7)

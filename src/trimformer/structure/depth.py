@@ -74,17 +74,23 @@ def angular_distances(anatomy: Anatomy, calibration: torch.Tensor, n: int, progr
 @dataclass
 class Depth:
     """Remove whole blocks. remove: how many (or share: the fraction of blocks).
-    criterion: block-influence (lowest BI) | angular (the most similar contiguous interval)."""
+    criterion: block-influence (lowest BI) | angular (the most similar contiguous interval).
+    fuse: fold each removed run of blocks into the kept block before it (`fuse_into_neighbours`, on
+    `fuse_windows` calibration windows of 256 tokens), kept where it lowers the calibration KL."""
 
     remove: int = 0
     share: float = 0.0
     criterion: str = "block-influence"
+    fuse: bool = False
+    fuse_windows: int = 32
 
     def __post_init__(self) -> None:
         if self.criterion not in ("block-influence", "angular"):
             raise ValueError(f"criterion {self.criterion!r}: choose 'block-influence' or 'angular'")
         if self.remove < 0 or not 0.0 <= self.share < 1.0:
             raise ValueError(f"remove must be >= 0 and share in [0, 1), got {self.remove}, {self.share}")
+        if self.fuse_windows < 1:
+            raise ValueError(f"fuse_windows must be >= 1, got {self.fuse_windows}")
 
     def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
                batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -99,8 +105,14 @@ class Depth:
             scores = angular_distances(anatomy, calibration, k, progress)
             start = min(range(len(scores)), key=lambda i: scores[i])
             drop = list(range(start, start + k))
+        fused = None
+        if self.fuse:
+            if not anatomy.causal or not all(b.pre_norm for b in anatomy.blocks):
+                raise ValueError("fuse needs a pre-norm causal LM (it scores by next-token KL); set fuse=false")
+            fused = fuse_into_neighbours(anatomy, calibration, [(i, k) for i in drop for k in ("attn", "mlp")],
+                                         windows=self.fuse_windows, batch_size=batch_size, progress=progress)
         surgery.remove_blocks(anatomy, drop)
-        return {"removed_blocks": drop, "scores": scores}
+        return {"removed_blocks": drop, "scores": scores, "fused": fused}
 
 
 # -- FinerCut -----------------------------------------------------------------------------------
@@ -129,6 +141,71 @@ def _sublayer_params(block: Block, kind: str) -> int:
 Unit = tuple[int, str]  # (block index, 'attn' | 'mlp')
 
 
+@torch.no_grad()
+def fuse_into_neighbours(anatomy: Anatomy, calibration: torch.Tensor, removed: list[Unit], *, windows: int = 32,
+                         length: int = 256, batch_size: int = 1, precision: str = "auto",
+                         progress: bool = True) -> list[dict[str, Any]]:
+    """Fold what the removed sublayers did into the kept neighbour before them (FuseGPT's idea, training-free).
+
+    Call on the model with nothing removed yet. For every block p that keeps a sublayer and is followed by a gap
+    (its own removed sublayer, or whole blocks removed after it), the last kept output projection of p (down_proj
+    if its MLP stays, else o_proj) is re-fitted by least squares so that p's output matches the *dense* model's
+    hidden state at the end of the gap, given p's inputs in the pruned model. A fusion is kept only when it lowers
+    the KL to the dense model on the calibration windows; the weights change in place, the sublayers are not
+    removed here. Returns one record per block tried: {'block', 'proj', 'kl_before', 'kl_after', 'kept'}."""
+    from .importance import InputStats, least_squares
+    from .width import assign
+
+    gone = set(removed)
+    L = len(anatomy.blocks)
+    whole = {i for i in range(L) if {(i, "attn"), (i, "mlp")} <= gone or
+             all((i, k) in gone or getattr(anatomy.blocks[i], "attention" if k == "attn" else "mlp") is None
+                 for k in ("attn", "mlp"))}
+    probe = Probe(anatomy, calibration[:windows, :length], batch_size=batch_size, precision=precision)
+    dense = list(probe.states)  # dense[i]: the dense model's input of block i; dense[L]: after the last block
+    hooks = [silence(anatomy.blocks[i], k) for i, k in sorted(gone)]
+    log: list[dict[str, Any]] = []
+    try:
+        probe.refresh(0)
+        current = probe.kl_from(0)
+        plan = []
+        for p in range(L):
+            if p in whole:
+                continue
+            q = p + 1
+            while q < L and q in whole:
+                q += 1
+            b = anatomy.blocks[p]
+            if q == p + 1 and not any(u[0] == p for u in gone):
+                continue  # nothing removed right after p
+            proj = b.mlp.down if b.mlp is not None and (p, "mlp") not in gone else b.attention.o
+            plan.append((p, q, proj))
+        for p, q, proj in bar(plan, desc="fusing removed sublayers", unit="block", disable=not progress):
+            st, seen = InputStats(), []
+            h = proj.module.register_forward_hook(lambda _m, a, _o, seen=seen: seen.append(a[0]))
+            try:
+                ys = probe._run(anatomy.blocks[p], probe.block_inputs(p))
+            finally:
+                h.remove()
+            for x, y, t in zip(seen, ys, dense[q]):
+                st.add(x, t.float() - y.float())
+            old = (proj.weight.detach().clone(), proj.bias.detach().clone() if proj.bias is not None else None)
+            assign(proj, least_squares(proj, torch.arange(proj.in_features), st, bias=proj.bias is not None))
+            kl = probe.kl_from(p)
+            kept = kl < current
+            log.append({"block": p, "proj": "down" if proj is getattr(anatomy.blocks[p].mlp, "down", None) else "o",
+                        "target_block": q, "kl_before": current, "kl_after": kl, "kept": kept})
+            if kept:
+                current = kl
+                probe.refresh(p)
+            else:
+                assign(proj, old)
+    finally:
+        for h in hooks:
+            h.remove()
+    return log
+
+
 @STRUCTURE.register("finercut")
 @dataclass
 class FinerCut:
@@ -147,6 +224,8 @@ class FinerCut:
     refine: rounds of swap refinement after the greedy (0 = the paper's plain greedy): each round scores
     restoring every removed sublayer and removing every kept one, then tries the `shortlist` most
     promising swaps of two sublayers of the same kind (same compute) and keeps the best if it lowers the KL.
+    fuse: fold the removed sublayers into the kept neighbour before them (`fuse_into_neighbours`, on
+    `fuse_windows` windows of `length` tokens), kept where it lowers the calibration KL.
     The hidden state entering every block is cached (probe.Probe), so scoring a sublayer of block i
     re-runs blocks i.. only; after each change the cache is refreshed from that block on."""
 
@@ -161,6 +240,8 @@ class FinerCut:
     rank: str = "per-compute"
     blocks: bool = True
     refine: int = 0
+    fuse: bool = False
+    fuse_windows: int = 32
 
     def __post_init__(self) -> None:
         self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
@@ -168,7 +249,7 @@ class FinerCut:
             raise ValueError(f"parts {self.parts!r}: use 'attn', 'mlp' or 'attn,mlp'")
         if (self.remove > 0) == (self.compute > 0) or not 0.0 <= self.compute < 1.0:
             raise ValueError("set exactly one of remove=N (sublayers) or compute=S (share of blocks' compute, 0<S<1)")
-        if self.windows < 1 or self.length < 2 or self.shortlist < 0 or self.refine < 0:
+        if self.windows < 1 or self.length < 2 or self.shortlist < 0 or self.refine < 0 or self.fuse_windows < 1:
             raise ValueError(f"windows >= 1, length >= 2, shortlist >= 0, refine >= 0; got {self.windows}, "
                              f"{self.length}, {self.shortlist}, {self.refine}")
         if self.rank not in ("kl", "per-compute"):
@@ -245,6 +326,9 @@ class FinerCut:
             h.remove()
         del probe
         removed = sorted(hooks)
+        fused = fuse_into_neighbours(anatomy, calibration, removed, windows=self.fuse_windows, length=self.length,
+                                     batch_size=batch_size, precision=self.precision, progress=progress) \
+            if self.fuse else None
         for i, k in removed:  # surgery last: silencing used hooks, so indices stayed valid
             if k == "attn":
                 surgery.remove_attention(anatomy, anatomy.blocks[i])
@@ -254,7 +338,7 @@ class FinerCut:
         if empty:  # both sublayers gone: the block is the identity, drop it
             surgery.remove_blocks(anatomy, empty)
         surgery.sync_config(anatomy_of(model))
-        return {"removed": trace, "removed_blocks": empty, "swaps": swaps, "greedy_kl": greedy_kl,
+        return {"removed": trace, "removed_blocks": empty, "swaps": swaps, "greedy_kl": greedy_kl, "fused": fused,
                 "kl": current, "final": [list(u) for u in removed],
                 "compute_removed": sum(cost(*u) for u in removed) / total if self.compute else None}
 
