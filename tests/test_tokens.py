@@ -310,3 +310,35 @@ def test_unknown_method_and_wrong_family(bert, llama):
     with pytest.raises(ValueError, match="is for encoders and ViTs"):
         with tokens.prune(llama, "zero-tprune"):
             pass
+
+
+# -- content-based progressive pruning ---------------------------------------------------------------
+def test_coverage_keeps_what_the_content_needs(bert, batch):
+    ids, mask = batch
+    ref = hidden(bert, ids, mask)
+    with tokens.prune(bert, "coverage", mass=1.0) as s:  # all the attention: every real token stays
+        out = hidden(bert, ids, mask)
+    for b, n in enumerate((24, 17, 9)):  # (padding slots are dropped: what they hold is filler)
+        torch.testing.assert_close(out[b, :n], ref[b, :n], atol=1e-5, rtol=1e-5)
+    assert s.counts == [[24, 17, 9]] * L
+    counts = {}
+    for mass in (0.5, 0.8):
+        with tokens.prune(bert, "coverage", mass=mass) as s:
+            out = hidden(bert, ids, mask)
+            assert (s.state.index[:, 0] == 0).all()  # [CLS] stays
+            kept = s.state.valid.sum(1).tolist()
+        counts[mass] = s.counts
+        assert s.counts[0] == [24, 17, 9] and s.counts[-1][0] < 24
+        assert all(b <= a for r0, r1 in zip(s.counts, s.counts[1:]) for a, b in zip(r0, r1))  # progressive
+        for b in range(3):  # per-row counts: a padded batch equals each row alone
+            n = int(mask[b].sum())
+            with tokens.prune(bert, "coverage", mass=mass) as one:
+                row = hidden(bert, ids[b:b + 1, :n])[0]
+            assert [c[0] for c in one.counts] == [c[b] for c in s.counts]
+            torch.testing.assert_close(out[b, :kept[b]], row, atol=1e-5, rtol=1e-4)
+    assert all(a <= b for a, b in zip(counts[0.5][1], counts[0.8][1]))  # more mass, more tokens (same block-1 scores)
+    with tokens.prune(bert, "coverage", mass=0.5, keep=0.9) as s:  # the schedule is a floor
+        hidden(bert, ids, mask)
+    assert s.counts[-1] == [math.ceil(n * 0.9 - 1e-6) for n in (24, 17, 9)]
+    with pytest.raises(ValueError, match="mass"):
+        tokens.build("coverage", {"mass": 0})

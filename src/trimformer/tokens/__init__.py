@@ -27,7 +27,7 @@ from ..registry import Registry
 TOKENS: Registry = Registry("token")
 
 # Explicit imports fill the registry (no discovery).
-from . import acc, lazy, merge, transform, zero_tprune  # noqa: E402,F401
+from . import acc, coverage, lazy, merge, transform, zero_tprune  # noqa: E402,F401
 from .base import Context, Plan, TokenPruner  # noqa: E402
 from .engine import TokenSession, attach  # noqa: E402
 
