@@ -40,6 +40,8 @@ METHODS = [  # one FLOPs budget (0.6 = the issue's "40 % fewer") for every metho
     ("zero-tprune", {"flops": 0.6}),
     ("acc", {"flops": 0.6}),
     ("acc", {"speedup": 1.5}),
+    ("coverage", {"mass": 0.9}),  # content-based progressive: FLOPs follow the text
+    ("coverage", {"mass": 0.95}),
 ]
 
 
