@@ -224,17 +224,21 @@ def search_part(dense, ctx) -> list[dict]:
     with the best uniform cut whose measured prefill ratio is not above the search's."""
     a = ctx["args"]
     rows = []
+    lib = tempfile.TemporaryDirectory()  # every target reuses one scored library (scores do not depend on it)
     for lat in a.latencies:
         m = copy.deepcopy(dense)
         t0 = time.perf_counter()
         cfg = {"target": f"latency={lat}", **{k: v for k, v in (("windows", a.finercut_windows),
                                                                  ("length", a.finercut_length)) if v is not None},
                **parse_pairs(a.search_set, "--search-set")}
+        cfg.setdefault("library", os.path.join(lib.name, "library.pt"))
         trimformer.prune_(m, trimformer.build("search", cfg), calibration=ctx["calib"], progress=True)
         res = m.trimformer_history[-1]["result"]
-        rows.append(measure(f"search {cfg}", m, dense, ctx, time.perf_counter() - t0,
+        name = {k: v for k, v in cfg.items() if k != "library"}
+        rows.append(measure(f"search {name}", m, dense, ctx, time.perf_counter() - t0,
                             {"tool": "trimformer", "latency_target": lat, "choices": res["choices"],
-                             "predicted_latency": res["predicted_latency"], "latency_table": res["latency_table"]}))
+                             "predicted_latency": res["predicted_latency"], "latency_table": res["latency_table"],
+                             "library_scored_here": lat == a.latencies[0]}))
         del m
     for keep in a.uniform_keeps:
         m = copy.deepcopy(dense)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -234,3 +235,33 @@ def test_width_measured_allocation_meets_target_and_spares_the_loud_block(calib)
     assert res["ffn"][2] == max(res["ffn"]) and len(set(res["ffn"])) > 1
     with pytest.raises(ValueError, match="parts=ffn"):
         trimformer.build("width", {"allocation": "measured", "parts": "ffn,heads"})
+
+
+def test_search_library_file_is_reused_only_for_the_same_model(calib, tmp_path, monkeypatch):
+    from trimformer.structure import search as S
+
+    dense = _deeper(tiny("llama"), 4)
+    lib = str(tmp_path / "library.pt")
+    settings = {"widths": "0.5,0", "multiple_of": 1, "library": lib}
+    first = copy.deepcopy(dense)
+    r1 = trimformer.prune_(first, trimformer.build("search", {"target": "params=0.8", **settings}),
+                           calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert os.path.exists(lib) and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+    def no_scoring(*a, **k):
+        raise AssertionError("the library was scored again")
+
+    monkeypatch.setattr(S, "score_library", no_scoring)
+    again = copy.deepcopy(dense)  # same model, another budget: loaded, and the same scores as before
+    r2 = trimformer.prune_(again, trimformer.build("search", {"target": "params=0.7", **settings}),
+                           calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert r2["errors"] == r1["errors"]
+    changed = copy.deepcopy(dense)
+    with torch.no_grad():
+        anatomy_of(changed).blocks[2].mlp.down.weight[0, 0] += 1e-3
+    with pytest.raises(AssertionError, match="scored again"):  # other weights: the file is stale
+        trimformer.prune_(changed, trimformer.build("search", {"target": "params=0.8", **settings}),
+                          calibration=calib, progress=False)
+    with pytest.raises(AssertionError, match="scored again"):  # other windows too
+        trimformer.prune_(copy.deepcopy(dense), trimformer.build("search", {"target": "params=0.8", **settings}),
+                          calibration=calib[:2], progress=False)

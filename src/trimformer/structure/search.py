@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -351,6 +352,31 @@ def parse_budget(text: str) -> tuple[str, float]:
     return kind.strip(), r
 
 
+def _library_key(anatomy: Anatomy, windows: torch.Tensor, settings: tuple) -> str:
+    """A fingerprint of what the scored library depends on: the weights, the calibration windows, the settings."""
+    import hashlib
+
+    h = hashlib.sha256(repr(settings).encode())
+    h.update(windows.cpu().numpy().tobytes())
+    for name, p in anatomy.model.state_dict().items():  # exact sums in fp64: any changed weight shows
+        h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.17g}{p.double().abs().sum().item():.17g}".encode())
+    return h.hexdigest()
+
+
+def _load_library(path: str, key: str) -> tuple[list, list] | None:
+    if not path or not os.path.exists(path):
+        return None
+    saved = torch.load(path, weights_only=False)
+    return (saved["errors"], saved["cuts"]) if saved.get("key") == key else None
+
+
+def _save_library(path: str, key: str, errors: list, cuts: list) -> None:
+    """Written to a temporary file first, then renamed: an interrupted save leaves no half-written library."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"key": key, "errors": errors, "cuts": cuts}, tmp)
+    os.replace(tmp, path)
+
+
 def _counts(name: str, spec: Any, n: int) -> tuple[int, ...]:
     """Counts offered from a spec: 'auto' (every smaller count when n <= 4, else 3/4, 1/2 and 1/4 of n),
     '' or 'none' (nothing), or comma-separated counts >= 1; a clear error on anything else."""
@@ -379,23 +405,26 @@ class Search:
     kv_groups: KV-group counts offered for attention ('auto': every smaller count up to 4 groups, else 3/4,
     1/2 and 1/4 of them; '' or 'none': never). query_heads: query heads per KV group offered, all groups kept
     (same 'auto' rule over the heads of one group; '' or 'none': never).
+    library: a file that keeps the scored library (errors and cuts); a later search of the same model, windows
+    and library settings at another budget loads it instead of scoring again (a stale file is re-scored).
     refit: 'asymmetric' builds the choice block by block, re-fitting o/down to the dense model's block outputs
     on all calibration windows; 'plain' applies the cuts with their one-block least-squares re-fits only."""
 
     target: str = "latency=0.6"
     widths: str = "0.75,0.5,0.25,0"
     attention: bool = True
-    windows: int = 8
+    windows: int = 16
     length: int = 256
     importance: str = "hessian"
     multiple_of: int = 8
     tokens: int = 512
     runs: int = 5
     precision: str = "auto"
-    positions: int = 64
+    positions: int = 0
     refit: str = "asymmetric"
     kv_groups: str = "auto"
     query_heads: str = "auto"
+    library: str = ""
     _kind: str = field(default="latency", init=False, repr=False)
     _keep: float = field(default=0.6, init=False, repr=False)
 
@@ -444,12 +473,20 @@ class Search:
         if budget < 0:
             raise BudgetTooSmallError(f"target {self.target}: everything outside the blocks already costs "
                                       f"{fixed / whole:.2f} of the dense model; raise the target")
-        probe = Probe(anatomy, calibration[: self.windows, : self.length], batch_size=batch_size,
-                      precision=self.precision, positions=self.positions)
-        errors, cuts = score_library(anatomy, probe, [o.ffn for o in opts], attention=self.attention,
-                                     importance=self.importance, multiple_of=self.multiple_of, progress=progress, kv=kv,
-                                     q=q)
-        del probe
+        windows = calibration[: self.windows, : self.length]
+        key = _library_key(anatomy, windows, (sorted({o.ffn for o in opts}), self.attention, self.importance,
+                                              self.multiple_of, kv, q, self.precision, self.positions))
+        cached = _load_library(self.library, key)
+        if cached is not None:
+            errors, cuts = cached
+        else:
+            probe = Probe(anatomy, windows, batch_size=batch_size, precision=self.precision, positions=self.positions)
+            errors, cuts = score_library(anatomy, probe, [o.ffn for o in opts], attention=self.attention,
+                                         importance=self.importance, multiple_of=self.multiple_of, progress=progress,
+                                         kv=kv, q=q)
+            del probe
+            if self.library:
+                _save_library(self.library, key, errors, cuts)
 
         def attn_error(b: Block, o: Option, e: dict) -> float:
             return e.get("attn", 0.0) if not o.attn else e.get(_head_key(b, o), 0.0)
