@@ -266,7 +266,7 @@ def to_markdown(res: dict) -> str:
                      f"{r['kl_doc']:.3f} | {r['top1_doc']:.3f} | {r['kl_code']:.3f} | "
                      f"{r.get('prefill_ratio', float('nan')):.3f} | {r['prune_seconds']:.0f} | "
                      f"{r.get('eval_windows', '')} ({r.get('dense_ppl_doc', res['dense']['ppl_doc']):.2f}) |")
-    depth = [r for r in res["rows"] if "calib_kl" in r]
+    depth = [r for r in res["rows"] if r.get("calib_kl") is not None]
     if depth:
         lines += ["", "Depth, scored by FinerCut's own calibration-side criterion (KL to the dense model on its "
                   "calibration windows): " + "; ".join(f"{r['name'].split(' {')[0]} {r['calib_kl']:.3f}" for r in depth)]
@@ -275,6 +275,13 @@ def to_markdown(res: dict) -> str:
                 lines.append(f"FinerCut ({json.dumps(r['config'])}): greedy {r['greedy_calib_kl']:.3f}, after "
                              f"{len(r['swaps'])} swaps {r['calib_kl']:.3f}; compute removed {r['compute_removed']:.4f}; "
                              f"removed {', '.join(f'{i}.{k}' for i, k in r['removed'])}")
+    for r in res["rows"]:
+        if r.get("fused"):
+            kept = [f for f in r["fused"] if f["kept"]]
+            lines.append(f"{r['name']}: {len(kept)} of {len(r['fused'])} fusions kept (block -> dense state after "
+                         f"the gap, calibration KL): " + ", ".join(f"{f['block']}.{f['proj']}->{f['target_block']} "
+                                                                  f"{f['kl_before']:.3f}->{f['kl_after']:.3f}"
+                                                                  for f in kept))
     searched = [r for r in res["rows"] if "latency_target" in r and "error" not in r]
     uniform = [r for r in res["rows"] if r.get("uniform_for_search") and "error" not in r]
     for r in searched:
