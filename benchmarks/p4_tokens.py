@@ -58,11 +58,15 @@ def protocol_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     p = protocol_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--out", default=str(OUT / "p4_tokens"))
+    p.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods' rows (e.g. coverage merge)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = trimformer.load("minilm-l6", with_tokenizer=True)
     batches = paragraph_batches(tok, args.paragraphs, args.batch)
-    rows = evaluate_encoder(model, batches, METHODS, args.timing_batches, args.reps)
+    methods = [m for m in METHODS if not args.only or m[0] in args.only]
+    if not methods:
+        p.error(f"--only {args.only}: no such method in this benchmark ({', '.join(dict.fromkeys(m[0] for m in METHODS))})")
+    rows = evaluate_encoder(model, batches, methods, args.timing_batches, args.reps)
     for r in rows:
         print(json.dumps(r), flush=True)
     result = {
