@@ -40,8 +40,7 @@ class ACC(TokenPruner):
             raise ValueError("acc: measure_tokens must be >= 8 and measure_batch >= 1")
 
     def score(self, ctx: Context) -> torch.Tensor:
-        A = ctx.attention().mean(1) * ctx.valid[:, :, None]  # (B, T, T)
-        return A.sum(1)  # (B, T) attention each token receives
+        return ctx.received()
 
     def fraction(self, block: int, num_blocks: int) -> float:
         if self.solved is not None:

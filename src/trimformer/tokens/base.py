@@ -42,6 +42,14 @@ class Context:
         q = self.q if rows is None else self.q[:, :, rows]
         return attention_probs(q, self.k, self.key_bias, self.causal, rows)
 
+    def attention_graph(self) -> torch.Tensor:
+        """(B, T, T) previous block's attention, mean over heads, with padding queries' rows zeroed."""
+        return self.attention().mean(1) * self.valid[:, :, None]
+
+    def received(self) -> torch.Tensor:
+        """(B, T) attention each token receives from the real queries (column sums of `attention_graph`)."""
+        return self.attention_graph().sum(1)
+
     def keys(self) -> torch.Tensor:
         """(B, T, h_kv*D) keys with heads concatenated (ToMe's similarity features); hidden states if none."""
         if self.k is None:

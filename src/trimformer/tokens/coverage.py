@@ -35,8 +35,7 @@ class Coverage(TokenPruner):
             raise ValueError(f"coverage: mass={self.mass} must be in (0, 1] (the share of attention the kept tokens carry)")
 
     def score(self, ctx: Context) -> torch.Tensor:
-        A = ctx.attention().mean(1) * ctx.valid[:, :, None]  # (B, T, T)
-        return A.sum(1)  # (B, T) attention each token receives
+        return ctx.received()
 
     def plan(self, ctx: Context, recover: bool) -> Plan:
         s = self.score(ctx).float().masked_fill(~ctx.valid, 0.0)

@@ -35,7 +35,7 @@ class ZeroTPrune(TokenPruner):
             raise ValueError(f"zero-tprune: iters={self.iters} must be >= 1")
 
     def score(self, ctx: Context) -> torch.Tensor:
-        A = ctx.attention().mean(1) * ctx.valid[:, :, None]  # (B, T, T) head mean; padding queries give nothing
+        A = ctx.attention_graph()  # (B, T, T) head mean; padding queries give nothing
         B, T = ctx.valid.shape
         s = ctx.valid.float() / ctx.valid.sum(1, keepdim=True)  # (B, T) uniform start
         for _ in range(self.iters):  # s_j <- sum_i A_ij s_i
