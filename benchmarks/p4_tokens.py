@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _label(r: dict) -> str:
     s = r["settings"]
+    if s.get("mass") is not None:
+        return f"mass {s['mass']} (content-based)"
     if s.get("speedup"):
         return f"speedup {s['speedup']}"
     extra = f", {s['features']}" if "features" in s else ""
