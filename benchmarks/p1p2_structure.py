@@ -319,7 +319,7 @@ def main() -> None:
     p.add_argument("--search-set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="search config fields, e.g. windows=16 positions=0 query_heads=none")
     p.add_argument("--out-name", help="result file stem (default p1p2_structure[_PART]); p1p2_structure_* files are merged")
-    p.add_argument("--uniform-keeps", type=float, nargs="+", default=[0.55, 0.6],
+    p.add_argument("--uniform-keeps", type=float, nargs="*", default=[0.55, 0.6],
                    help="params targets of the uniform width cuts the search is compared with")
     p.add_argument("--finercut-windows", type=int, help="FinerCut's settings; unset: its defaults")
     p.add_argument("--finercut-length", type=int)
