@@ -359,7 +359,8 @@ def _library_key(anatomy: Anatomy, windows: torch.Tensor, settings: tuple) -> st
     h = hashlib.sha256(repr(settings).encode())
     h.update(windows.cpu().numpy().tobytes())
     for name, p in anatomy.model.state_dict().items():  # exact sums in fp64: any changed weight shows
-        h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.17g}{p.double().abs().sum().item():.17g}".encode())
+        d = p.double()  # one fp64 copy per tensor, read twice
+        h.update(f"{name}{tuple(p.shape)}{d.sum().item():.17g}{d.abs().sum().item():.17g}".encode())
     return h.hexdigest()
 
 
