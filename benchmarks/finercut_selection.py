@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import trimformer
 from trimformer import data
 from trimformer.models import anatomy_of
+from trimformer.steps import StepContext
 from trimformer.structure.depth import FinerCut, silenced
 
 OUT = Path(__file__).parent / "results" / "finercut_selection.jsonl"
@@ -87,7 +88,7 @@ def main() -> None:
         cfg = {"compute": 0.2, **json.loads(a.config)}
         m = copy.deepcopy(dense)
         t = time.time()
-        res = FinerCut(**cfg).apply_(anatomy_of(m), calib, progress=True)
+        res = FinerCut(**cfg).apply_(anatomy_of(m), StepContext(calibration=calib))
         greedy = [(r["block"], r["sublayer"]) for r in res["removed"]]
         final = [tuple(u) for u in res["final"]]
         out = {"method": "finercut", "cfg": cfg, "seconds": time.time() - t, "greedy_kl": res["greedy_kl"],

@@ -15,6 +15,7 @@ from test_recover_cli import tiny_tokenizer
 import trimformer
 from trimformer import cli
 from trimformer.methods import Recipe
+from trimformer.steps import StepContext
 
 
 def test_interleaved_prune_recover_recipe_heals_from_the_dense_model():
@@ -50,7 +51,7 @@ def test_recover_step_settings_are_checked_when_the_recipe_is_read():
         Recipe.from_obj([{"method": "recover", "teachr": "dense"}])
     step = Recipe.from_obj([{"method": "recover", "teacher": "dense"}]).build()[0]
     with pytest.raises(ValueError, match="before the recipe"):
-        step.apply_(trimformer.anatomy_of(tiny("llama")), windows())
+        step.apply_(trimformer.anatomy_of(tiny("llama")), StepContext(calibration=windows()))
 
 
 def test_cli_prune_recipe_with_a_recover_step(tmp_path):

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, is_dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from .config import settings
 from .methods import Recipe
 from .models import anatomy_of
-from .weights.base import FilterFn
+from .steps import FilterFn, OfflineStep, StepContext, check_step
 
 
 def prune_(
     model: nn.Module,
-    method: Any,
+    method: OfflineStep | Recipe,
     *,
     calibration: torch.Tensor | None = None,
     filter_fn: FilterFn | None = None,
@@ -26,23 +25,27 @@ def prune_(
 ) -> nn.Module:
     """Apply one method (a built config) or a Recipe to `model`, in place.
 
-    `calibration`: token windows (n, length) for methods that need data.
+    `calibration`: token windows (n, length) for methods that need data. `filter_fn(module, name) -> bool`:
+    only the modules it accepts are cut (for weight methods a projection; see each family's docs).
     Each applied step is appended to `model.trimformer_history` (method, settings, seconds, per-layer result).
     """
-    steps = method.build() if isinstance(method, Recipe) else [method]
+    steps = method.build() if isinstance(method, Recipe) else [check_step(method)]
+    for step in steps:
+        if step.needs_calibration and calibration is None:
+            raise ValueError(f"method {type(step).name!r} needs calibration windows: pass calibration=, e.g. "
+                             "trimformer.data.calibration_windows(tokenizer, n=64, length=512)")
     anatomy = anatomy_of(model)
     history = getattr(model, "trimformer_history", [])
     # a step that heals from the dense model (recipe step `recover`, teacher: dense) gets a copy made now
-    dense = copy.deepcopy(model).eval() if any(getattr(s, "needs_dense", False) for s in steps) else None
+    dense = copy.deepcopy(model).eval() if any(s.needs_dense for s in steps) else None
+    run = StepContext(calibration=calibration, filter_fn=filter_fn, batch_size=batch_size, progress=progress,
+                      dense=dense)
     for step in steps:
-        if getattr(step, "needs_dense", False):
-            step.dense = dense
         t0 = time.perf_counter()
-        result = step.apply_(anatomy, calibration, filter_fn=filter_fn, batch_size=batch_size, progress=progress)
+        result = step.apply_(anatomy, run)
         anatomy = anatomy_of(model)  # structure steps change shapes
-        settings = {k: v for k, v in asdict(step).items() if not k.startswith("_")} if is_dataclass(step) else {}
-        history.append(
-            {"method": type(step).name, "settings": settings, "seconds": time.perf_counter() - t0, "result": result}
-        )
+        history.append({"method": type(step).name, "settings": settings(step),
+                        "seconds": time.perf_counter() - t0, "result": result})
     model.trimformer_history = history
     return model
+

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .config import coerce_fields, settings
 from .recover.step import RECOVER
-from .registry import Registry, coerce_fields
+from .registry import Registry
 from .structure import STRUCTURE
 from .weights import WEIGHTS
 
-# Offline families whose methods have `apply_(anatomy, calibration, ...)`; explicit, in order.
+# Offline families (their methods are OfflineSteps: `apply_(anatomy, StepContext)`); explicit, in order.
 REGISTRIES: list[Registry] = [WEIGHTS, STRUCTURE, RECOVER]
 
 
@@ -106,6 +107,5 @@ class Recipe:
     def to_list(self) -> list[dict[str, Any]]:
         out = []
         for m in self.build():
-            d = asdict(m) if is_dataclass(m) else {}
-            out.append({"method": type(m).name, **{k: v for k, v in d.items() if not k.startswith("_")}})
+            out.append({"method": type(m).name, **settings(m)})
         return out

@@ -145,7 +145,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, tok = load(args.model, with_tokenizer=True)
     say = (lambda *a: None) if quiet() else (lambda *a: print(*a, file=sys.stderr))
     say(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
-    needs = any(getattr(m, "needs_calibration", True) for m in recipe.build())
+    needs = any(m.needs_calibration for m in recipe.build())
     calib = None
     if needs:
         calib = data.calibration_windows(tok, args.calib, n=args.calib_windows, length=args.calib_length,

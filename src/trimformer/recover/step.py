@@ -21,6 +21,7 @@ from torch import nn
 
 from ..models import Anatomy
 from ..registry import Registry
+from ..steps import StepContext
 from .train import RecoverConfig, recover_
 
 RECOVER: Registry = Registry("recover")
@@ -37,7 +38,6 @@ class RecoverStep(RecoverConfig):
         super().__post_init__()
         if not isinstance(self.teacher, str) or not self.teacher:
             raise ValueError(f"teacher must be 'dense' or a model name / folder, got {self.teacher!r}")
-        self.dense: nn.Module | None = None  # set by prune_ before apply_ when needs_dense
 
     @property
     def needs_dense(self) -> bool:
@@ -47,15 +47,17 @@ class RecoverStep(RecoverConfig):
         names = {f.name for f in fields(RecoverConfig) if f.init}
         return RecoverConfig(**{k: v for k, v in vars(self).items() if k in names})
 
-    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None, *, filter_fn: Any = None,
-               batch_size: int = 1, progress: bool = True) -> dict:
+    needs_calibration = True
+
+    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict:
+        calibration, progress = run.calibration, run.progress
         if calibration is None:
             raise ValueError("the recover step trains on the calibration windows; give calibration data")
         if self.needs_dense:
-            if self.dense is None:
+            if run.dense is None:
                 raise ValueError("teacher 'dense' is the model before the recipe; run the recipe through "
                                  "trimformer.prune_, or name a teacher model (teacher: smollm2-135m)")
-            teacher = self.dense
+            teacher = run.dense
         else:
             from ..models.load import load
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import calibrate
 from ..models import Anatomy, Block, anatomy_of
 from ..progress import bar
+from ..steps import StepContext
 from . import STRUCTURE, surgery
 from .probe import Probe
 
@@ -92,8 +93,11 @@ class Depth:
         if self.fuse_windows < 1:
             raise ValueError(f"fuse_windows must be >= 1, got {self.fuse_windows}")
 
-    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
-               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    needs_calibration = True
+    needs_dense = False
+
+    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, Any]:
+        calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
         if calibration is None:
             raise ValueError(f"depth ({self.criterion}) needs calibration windows")
         L = len(anatomy.blocks)
@@ -256,8 +260,11 @@ class FinerCut:
             raise ValueError(f"rank {self.rank!r}: choose 'kl' or 'per-compute'")
         calibrate.resolve_precision(self.precision)
 
-    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
-               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    needs_calibration = True
+    needs_dense = False
+
+    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, Any]:
+        calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
         if calibration is None:
             raise ValueError("finercut needs calibration windows")
         if not all(b.pre_norm for b in anatomy.blocks) or not anatomy.causal:

@@ -33,6 +33,7 @@ import torch
 from .. import calibrate
 from ..models import Anatomy, Block, count_parameters
 from ..progress import bar
+from ..steps import StepContext
 from . import STRUCTURE, surgery
 from .depth import silenced
 from .importance import IMPORTANCE, InputStats, least_squares, scores
@@ -453,8 +454,11 @@ class Search:
         per = max((a.num_heads // a.num_kv_heads for a in att), default=1)
         return _counts("kv_groups", self.kv_groups, groups), _counts("query_heads", self.query_heads, per)
 
-    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
-               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    needs_calibration = True
+    needs_dense = False
+
+    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, Any]:
+        calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
         if calibration is None:
             raise ValueError("search needs calibration windows (its options are scored by KL on them)")
         if not anatomy.causal or not all(b.pre_norm for b in anatomy.blocks):

@@ -19,6 +19,7 @@ from .. import calibrate
 from ..calibrate import BlockCalib
 from ..models import Anatomy, Block, Proj, count_parameters
 from ..progress import bar
+from ..steps import StepContext
 from . import STRUCTURE, surgery
 from .importance import IMPORTANCE, NEEDS_DATA, NEEDS_GRAD, InputStats, least_squares, scores
 
@@ -321,8 +322,14 @@ class Width:
                 p.requires_grad_(True)
         return out
 
-    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn=None,
-               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    needs_dense = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance in NEEDS_DATA or self.compensate
+
+    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, Any]:
+        calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
         data = self.importance in NEEDS_DATA or self.compensate
         if data and calibration is None:
             raise ValueError(f"width with importance={self.importance!r}"

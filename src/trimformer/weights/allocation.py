@@ -20,7 +20,8 @@ from .. import calibrate
 from ..models import Anatomy, Proj
 from ..progress import bar
 from . import WEIGHTS
-from .base import FilterFn, WeightPruner
+from ..steps import StepContext
+from .base import WeightPruner
 from .masks import check_sparsity, topk_mask
 
 
@@ -49,6 +50,8 @@ class Allocation:
     targets: str = "all"
 
     name: ClassVar[str] = "?"
+    calibrated: ClassVar[bool] = True  # the allocation itself reads calibration data
+    needs_dense: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -65,12 +68,15 @@ class Allocation:
         """Each layer's share of removed weights; parameter-weighted mean = self.sparsity."""
         raise NotImplementedError
 
-    def apply_(self, anatomy: Anatomy, calibration: torch.Tensor | None = None, *, filter_fn: FilterFn | None = None,
-               batch_size: int = 1, progress: bool = True) -> dict[str, float]:
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibrated or self._inner.needs_calibration
+
+    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, float]:
         inner = copy.copy(self._inner)
-        projs = {n: p for b in anatomy.blocks for n, p in inner.selected(b.projections(), filter_fn).items()}
-        inner._table = self.allocate(anatomy, calibration, projs, batch_size, progress)
-        return inner.apply_(anatomy, calibration, filter_fn=filter_fn, batch_size=batch_size, progress=progress)
+        projs = {n: p for b in anatomy.blocks for n, p in inner.selected(b.projections(), run.filter_fn).items()}
+        inner._table = self.allocate(anatomy, run.calibration, projs, run.batch_size, run.progress)
+        return inner.apply_(anatomy, run)
 
 
 def _check_lam(lam: float) -> None:
@@ -82,6 +88,8 @@ def _check_lam(lam: float) -> None:
 @dataclass
 class GlobalMagnitude(Allocation):
     """One |W| threshold over every selected layer decides each layer's share (global magnitude pruning)."""
+
+    calibrated = False
 
     def allocate(self, anatomy, calibration, projs, batch_size, progress):
         mags = torch.cat([p.weight.detach().abs().flatten().float() for p in projs.values()])

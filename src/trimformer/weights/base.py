@@ -14,9 +14,9 @@ from .. import calibrate
 from ..calibrate import LayerStats
 from ..models import Anatomy, Proj
 from ..progress import bar
+from ..steps import FilterFn, StepContext
 from .masks import block_mask, check_sparsity, nm_mask, parse_block, parse_pattern, topk_mask
 
-FilterFn = Callable[[nn.Module, str], bool]
 SHORT_NAMES = {"attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
 
 
@@ -46,6 +46,7 @@ class WeightPruner:
     needs_calibration: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = False
     per_row: ClassVar[bool] = False  # compare scores within each output row (Wanda) or across the layer
+    needs_dense: ClassVar[bool] = False  # (OfflineStep: no copy of the model before the recipe needed)
     dense_targets: ClassVar[bool] = False  # calibrate with the dense model's stream beside the pruned one
 
     def __post_init__(self) -> None:
@@ -129,16 +130,9 @@ class WeightPruner:
             out[p.name] = p
         return out
 
-    def apply_(
-        self,
-        anatomy: Anatomy,
-        calibration: torch.Tensor | None = None,
-        *,
-        filter_fn: FilterFn | None = None,
-        batch_size: int = 1,
-        progress: bool = True,
-    ) -> dict[str, float]:
+    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, float]:
         """Prune every selected projection; returns the realised sparsity per layer."""
+        calibration, filter_fn, batch_size, progress = run.calibration, run.filter_fn, run.batch_size, run.progress
         self.check_layers(anatomy)
         if self.sparsity == 0.0 and self.nm is None and not self._table and not self.layers:
             return {}
