@@ -14,10 +14,6 @@ recipe's first step (`prune_` keeps a copy when a step asks for it); anything el
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
-
-import torch
-from torch import nn
 
 from ..models import Anatomy
 from ..registry import Registry

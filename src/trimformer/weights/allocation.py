@@ -19,8 +19,8 @@ from torch import nn
 from .. import calibrate
 from ..models import Anatomy, Proj
 from ..progress import bar
-from . import WEIGHTS
 from ..steps import StepContext
+from . import WEIGHTS
 from .base import WeightPruner
 from .masks import check_sparsity, topk_mask
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from .. import calibrate
 from ..calibrate import LayerStats
