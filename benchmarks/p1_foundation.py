@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import trimformer
 from trimformer.evaluate import cost, perplexity
 from trimformer.evaluate.speed import peak_rss_bytes
-from trimformer.export.hf import atomic_file
+from trimformer.io import atomic_file
 
 
 def parse_methods(text: str) -> list[tuple[str, dict]]:

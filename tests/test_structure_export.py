@@ -12,7 +12,9 @@ from conftest import ALL_FAMILIES, tiny
 
 import trimformer
 from trimformer.models import anatomy_of
-from trimformer.structure import export, surgery
+from trimformer.export import structured as export
+from trimformer.models import modeling_file
+from trimformer.structure import surgery
 
 
 def _out(model, ids):
@@ -49,7 +51,7 @@ def test_uniform_cut_saves_plain_checkpoint(family, ids, tmp_path):
     want = _out(model, ids)
     export.save(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert "auto_map" not in cfg and not (tmp_path / "m" / export.MODELING_FILE).exists()
+    assert "auto_map" not in cfg and not (tmp_path / "m" / modeling_file.MODELING_FILE).exists()
     assert cfg.get("intermediate_size", cfg.get("ffn_dim")) == 64
     back = trimformer.load(tmp_path / "m")
     torch.testing.assert_close(_out(back, ids), want)
@@ -62,7 +64,7 @@ def test_heterogeneous_cut_round_trips(family, ids, tmp_path):
     want = _out(model, ids)
     export.save(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert "auto_map" in cfg and (tmp_path / "m" / export.MODELING_FILE).is_file()
+    assert "auto_map" in cfg and (tmp_path / "m" / modeling_file.MODELING_FILE).is_file()
     back = trimformer.load(tmp_path / "m")
     torch.testing.assert_close(_out(back, ids), want)
     an = anatomy_of(back)  # the reloaded model has an anatomy with the pruned shapes

@@ -136,7 +136,7 @@ def test_search_takes_the_planted_dead_kv_group_and_reloads(calib, tmp_path):
     assert res["choices"][1] == "attn-kv1+ffn1" and all(c == "attn+ffn1" for i, c in enumerate(res["choices"]) if i != 1)
     assert count_parameters(model) == n0 - group
     assert anatomy_of(model).blocks[1].attention.num_kv_heads == 1
-    from trimformer.structure import export
+    from trimformer import export
 
     export.save(model, tmp_path / "m")  # per-layer head counts: the auto_map layout
     again = trimformer.load(str(tmp_path / "m"))

@@ -79,7 +79,8 @@ def config_from_args(args: argparse.Namespace):
 def cmd_recover(args: argparse.Namespace) -> int:
     from .. import data as D
     from .. import load
-    from ..export.hf import OutputExistsError, save_pretrained
+    from ..export.hf import save_pretrained
+    from ..io import OutputExistsError
     from ..progress import quiet
     from ..recover import NonFiniteLossError, recover_
 

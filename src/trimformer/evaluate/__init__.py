@@ -2,8 +2,8 @@
 
 from .cost import cost, flops_per_token, nonzeros
 from .quality import embedding_fidelity, kl_top1, mean_pooled, perplexity
-from .report import SCHEMA, evaluate, to_markdown
 from .speed import speed
+from .summary import SCHEMA, evaluate, to_markdown
 
 __all__ = ["SCHEMA", "cost", "embedding_fidelity", "evaluate", "flops_per_token", "kl_top1", "mean_pooled",
            "nonzeros", "perplexity", "speed", "to_markdown"]

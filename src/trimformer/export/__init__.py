@@ -1,5 +1,7 @@
 """Checkpoints and formats."""
 
-from .hf import OutputExistsError, atomic_dir, save_pretrained
+from ..io import OutputExistsError, atomic_dir
+from .hf import save_pretrained
+from .structured import save
 
-__all__ = ["OutputExistsError", "atomic_dir", "save_pretrained"]
+__all__ = ["OutputExistsError", "atomic_dir", "save", "save_pretrained"]

@@ -25,8 +25,9 @@ from compressed_tensors.utils.helpers import pack_bitmasks, unpack_bitmasks
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import atomic_dir
 from ..models import anatomy_of
-from .hf import add_legacy_fields, atomic_dir
+from .hf import add_legacy_fields
 
 FORMATS = (CompressionFormat.sparse_bitmask.value, CompressionFormat.sparse_24_bitmask.value)
 PARTS = ("shape", "compressed", "bitmask", "row_offsets")
@@ -106,7 +107,7 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     """A compressed-tensors sparse checkpoint (sparse-bitmask / sparse-24-bitmask) back as a dense model, eval mode."""
     from transformers import AutoConfig
 
-    from ..models.load import _model_class
+    from ..models.load import model_class
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
@@ -115,7 +116,7 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
     if fmt not in FORMATS:
         raise ValueError(f"{str(path)!r} is not a sparse compressed-tensors checkpoint (sparsity format {fmt!r})")
     config = AutoConfig.for_model(**cfg)
-    model = _model_class(config)(config)
+    model = model_class(config)(config)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))

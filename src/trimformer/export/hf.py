@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-
-class OutputExistsError(FileExistsError):
-    pass
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success it replaces `out`, on any error it vanishes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {str(out)!r} exists; choose another or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from ..io import atomic_dir
 
 
 def add_legacy_fields(config_path: Path) -> None:
@@ -78,18 +50,3 @@ def save_pretrained(
             text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
             (tmp / name).write_text(text)
     return Path(out)
-
-
-def atomic_file(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` via a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..export.hf import atomic_dir
+from ..io import atomic_dir
 
 STATE = "state.pt"
 

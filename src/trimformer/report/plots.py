@@ -90,7 +90,7 @@ def layer_sparsity(report: dict, path: str | os.PathLike = "sparsity.png") -> Pa
 
 def write_report(inputs: list[str], out: str | os.PathLike, x: str = "nonzeros", overwrite: bool = False) -> Path:
     """A folder with frontier.png, per-run sparsity plots and index.md (a table of every run)."""
-    from ..export.hf import atomic_dir
+    from ..io import atomic_dir
 
     reports = [load_report(p) for p in inputs]
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -1,7 +1,7 @@
 """Structured pruning: physically remove heads, KV groups, FFN neurons, hidden channels, sublayers, blocks.
 
     trimformer.prune_(model, trimformer.build("width", {"target": "params=0.8"}), calibration=calib)
-    trimformer.structure.save(model, "out/")   # plain HF, or per-layer shapes + trimformer_modeling.py
+    trimformer.export.save(model, "out/")   # plain HF, or per-layer shapes + trimformer_modeling.py
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from ..registry import Registry
 STRUCTURE: Registry = Registry("structure")
 
 from . import depth, search, width  # noqa: E402  (fill STRUCTURE)
-from .export import save  # noqa: E402
 from .sensitivity import sensitivity  # noqa: E402
 
-__all__ = ["STRUCTURE", "depth", "save", "search", "sensitivity", "width"]
+__all__ = ["STRUCTURE", "depth", "search", "sensitivity", "width"]

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..export.hf import save_pretrained
 from ..models import anatomy_of
-from . import surgery
-
-MODELING_FILE = "trimformer_modeling.py"
+from ..models.modeling_file import MODELING_FILE, source
+from ..structure.surgery import sync_config
+from .hf import save_pretrained
 
 _AUTO = (  # (auto class, mapping name in transformers.models.auto.modeling_auto)
     ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
@@ -86,7 +85,7 @@ def _auto_key(model: nn.Module) -> str:
 def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
          extra_files: dict[str, Any] | None = None) -> Path:
     """Write `model` to `out`: plain when vanilla transformers rebuilds it, else with trimformer_modeling.py."""
-    surgery.sync_config(anatomy_of(model))
+    sync_config(anatomy_of(model))
     cfg = model.config
     for key in ("trimformer_shapes", "trimformer_attrs", "trimformer_removed", "auto_map"):
         if hasattr(cfg, key):
@@ -98,72 +97,10 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, ove
         for k, v in diff.items():
             setattr(cfg, k, v)
         cfg.auto_map = {_auto_key(model): f"trimformer_modeling.Trimmed{base}"}
-        files[MODELING_FILE] = _TEMPLATE.replace("{BASE}", base)
+        files[MODELING_FILE] = source(base)
     try:
         return save_pretrained(model, out, tokenizer=tokenizer, extra_files=files, overwrite=overwrite)
     finally:
         for key in ("trimformer_shapes", "trimformer_attrs", "trimformer_removed", "auto_map"):
             if hasattr(cfg, key):
                 delattr(cfg, key)
-
-
-_TEMPLATE = '''"""Rebuilds a model pruned by trimformer (per-layer shapes) on top of the vanilla transformers class.
-
-Written by trimformer; needs only torch and transformers. Load with trust_remote_code=True.
-"""
-
-import torch
-from torch import nn
-from transformers import {BASE} as _Base
-
-
-class RemovedAttention(nn.Module):
-    """A removed attention sublayer: adds 0; records sequence length in the KV cache."""
-
-    trimformer_removed = True
-
-    def __init__(self, layer_idx):
-        super().__init__()
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states, *args, **kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and hasattr(cache, "update"):
-            B, T = hidden_states.shape[:2]
-            stub = hidden_states.new_zeros(B, 1, T, 1)
-            cache.update(stub, stub, self.layer_idx)
-        return torch.zeros_like(hidden_states), None
-
-
-class RemovedMLP(nn.Module):
-    """A removed MLP sublayer: adds 0."""
-
-    trimformer_removed = True
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return torch.zeros_like(hidden_states)
-
-
-class Trimmed{BASE}(_Base):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        for path, (kind, layer_idx) in getattr(config, "trimformer_removed", {}).items():
-            parent, _, child = path.rpartition(".")
-            stand_in = RemovedAttention(layer_idx) if kind == "attention" else RemovedMLP()
-            setattr(self.get_submodule(parent) if parent else self, child, stand_in)
-        for name, shape in getattr(config, "trimformer_shapes", {}).items():
-            path, _, pname = name.rpartition(".")
-            module = self.get_submodule(path) if path else self
-            old = getattr(module, pname, None)
-            like = old if old is not None else next(self.parameters())
-            new = nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device),
-                               requires_grad=like.requires_grad)
-            setattr(module, pname, new)
-        for path, attrs in getattr(config, "trimformer_attrs", {}).items():
-            module = self.get_submodule(path) if path else self
-            for key, value in attrs.items():
-                old = getattr(module, key, None)
-                setattr(module, key, tuple(value) if isinstance(old, tuple) else value)
-        if getattr(config, "tie_word_embeddings", False) and self.get_output_embeddings() is not None:
-            self.get_output_embeddings().weight = self.get_input_embeddings().weight
-'''

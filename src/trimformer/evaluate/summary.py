@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import data
-from ..models import anatomy_of
+from ..models import Anatomy, anatomy_of
 from .cost import cost
 from .quality import embedding_fidelity, kl_top1, perplexity
 from .speed import peak_rss_bytes, speed
@@ -35,6 +35,8 @@ def evaluate(
     embeddings against the reference. Cost: parameters, non-zeros, FLOPs/token, bytes; speed and peak memory.
     """
     a = anatomy_of(model)
+    if reference is not None:
+        check_comparable(a, anatomy_of(reference))
     report: dict = {
         "schema": SCHEMA,
         "model": {"source": getattr(model, "trimformer_source", None), "family": a.family,
@@ -70,6 +72,17 @@ def evaluate(
                              "python": platform.python_version(), "threads": torch.get_num_threads(),
                              "machine": platform.machine()}
     return report
+
+
+def check_comparable(model: Anatomy, reference: Anatomy) -> None:
+    """A model is compared with its dense reference token by token: same kind of model, same vocabulary."""
+    if model.causal != reference.causal:
+        kinds = ["an encoder", "a decoder"]
+        raise ValueError(f"cannot compare {kinds[model.causal]} ({model.family}) with {kinds[reference.causal]} "
+                         f"({reference.family}) as its reference; give the dense model this one was pruned from")
+    if model.vocab_size != reference.vocab_size:
+        raise ValueError(f"the model's vocabulary ({model.vocab_size} tokens) differs from the reference's "
+                         f"({reference.vocab_size}); give the dense model this one was pruned from")
 
 
 def _fmt(v, kind: str = "") -> str:
