@@ -239,8 +239,10 @@ def test_composed_token_and_channel_press(models):
     D = cache.layers[0].head_dim
     assert (cache.kept_tokens() == 10).all()
     assert cache.layers[0].keys.shape == (2 * 10, D - D // 4)
-    with kv.press(m, "snapkv+think", 0.5):
-        pass
+    with kv.press(m, "snapkv+think", 0.5, window=4) as s:  # the same by name: half the tokens, half the key channels
+        named = s.prefill(ids)
+    assert (named.kept_tokens() == 10).all()
+    assert named.layers[0].keys.shape == (2 * 10, D - D // 2) and named.layers[0].values.shape[-1] == D
 
 
 @torch.no_grad()

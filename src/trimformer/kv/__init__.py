@@ -19,8 +19,9 @@ append, and evict only beyond the decode budget. `cache.nbytes` is what is physi
 """
 
 from .base import PRESSES, Observation, Press
+from .build import build_press
 from .cache import PressCache, PressLayer
-from .hooks import Session, build_press, press
+from .hooks import Session, press
 from .presses import Compose, PerHead, PerLayer
 from .presses.expected import ExpectedAttention
 from .presses.h2o import A2SF, H2O, VATP, ObservedAttention

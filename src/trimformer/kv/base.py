@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import Config
 from ..models import Attention
 from ..registry import Registry
 
@@ -122,12 +123,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Press:
+class Press(Config):
     """Base of every press. `ratio` is the share of cached tokens removed (0 = keep all)."""
 
     ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
             raise ValueError(
                 f"{type(self).__name__}: ratio must be in [0, 1) (the share of the cache removed), got {self.ratio!r}"

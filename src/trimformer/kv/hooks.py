@@ -11,27 +11,9 @@ import torch
 from torch import nn
 
 from ..models import Anatomy, UnsupportedModelError, anatomy_of
-from .base import PRESSES, Observation, Press
+from .base import Observation, Press
+from .build import build_press
 from .cache import PressCache
-
-
-def build_press(press: str | Press, ratio: float | None = None, **settings) -> Press:
-    """A press from a registered name ('snapkv', 'snapkv+think') or an instance (then `ratio` must be None)."""
-    if isinstance(press, Press):
-        if ratio is not None or settings:
-            raise ValueError("give the ratio and settings to the press object itself, not next to it")
-        return press
-    if not isinstance(press, str):
-        raise TypeError(f"press must be a name or a Press, got {type(press).__name__}")
-    if "+" in press:  # a token press and a channel press, both at `ratio`
-        from .presses.wrappers import Compose
-
-        token, chan = press.split("+", 1)
-        return Compose(build_press(token, ratio), build_press(chan, ratio))
-    fields = dict(settings)
-    if ratio is not None:
-        fields["ratio"] = ratio
-    return PRESSES.build(press, fields)
 
 
 class Session:

@@ -1,5 +1,4 @@
-"""Presses around presses: a per-head budget (AdaKV), a per-layer budget (PyramidKV), and a token press
-composed with a channel press."""
+"""Presses around presses: a per-head budget (AdaKV) and a per-layer budget (PyramidKV)."""
 
 from __future__ import annotations
 
@@ -8,11 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from ..base import Observation, Press, top_per_head
+from ..build import build_press
 
 
 def _inner(press: str | Press, ratio: float) -> Press:
-    from ..hooks import build_press
-
     return build_press(press, ratio) if isinstance(press, str) else press
 
 
@@ -93,41 +91,3 @@ class PerLayer(_Wrapper):
 
     def select(self, scores: torch.Tensor, keep: torch.Tensor, obs: Observation) -> torch.Tensor:
         return self.press.select(scores, keep, obs)
-
-
-@dataclass(init=False)
-class Compose(Press):
-    """A token press and a channel press together: tokens evicted by the first, key channels of the
-    kept tokens removed by the second (e.g. SnapKV + ThinK)."""
-
-    tokens: Press
-    keys: Press
-
-    def __init__(self, tokens: Press, keys: Press) -> None:
-        self.tokens, self.keys = tokens, keys
-        self.__post_init__()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.tokens, Press) or not isinstance(self.keys, Press):
-            raise ValueError("Compose needs a token press and a channel press: Compose(SnapKV(0.5), ThinK(0.5))")
-        self.ratio = self.tokens.ratio
-        super().__post_init__()
-
-    def observe(self, obs: Observation) -> None:
-        self.tokens.observe(obs)
-
-    @property
-    def observes(self) -> bool:
-        return self.tokens.observes
-
-    def budget(self, obs: Observation, decode_budget: int | None) -> torch.Tensor | None:
-        return self.tokens.budget(obs, decode_budget)
-
-    def score(self, obs: Observation) -> torch.Tensor:
-        return self.tokens.score(obs)
-
-    def select(self, scores: torch.Tensor, keep: torch.Tensor, obs: Observation) -> torch.Tensor:
-        return self.tokens.select(scores, keep, obs)
-
-    def channels(self, obs: Observation) -> torch.Tensor | None:
-        return self.keys.channels(obs)
