@@ -140,7 +140,7 @@ def test_flops_target_is_met(bert, name):
     [
         ("transform", {"tau": 0.0}, "tau=0.0 must be > 0"),
         ("transform", {"neighbours": 0}, "neighbours=0 must be >= 1"),
-        ("merge", {"features": "values"}, "features='values' must be 'keys' or 'hidden'"),
+        ("merge", {"features": "values"}, "merge: features='values': choose one of 'keys', 'hidden'"),
         ("merge", {"threshold": 1.5}, "threshold=1.5 must be a cosine"),
         ("merge", {"flops": 1.5}, "flops=1.5 must be in"),
         ("merge", {"flops": 0.5, "schedule": [1, 1, 1, 1]}, "not both"),

@@ -8,11 +8,12 @@ position, picks the top-k, and keeps order; `engine.py` applies the plan to the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
+from ..config import Config
 from .scores import attention_probs
 
 
@@ -78,7 +79,7 @@ class Plan:
 
 
 @dataclass
-class TokenPruner:
+class TokenPruner(Config):
     """Base config. `keep`: share of each row's tokens that reaches the last block; blocks from `start`
     on shrink geometrically. `schedule`: share at the input of every block instead (one per block).
     `recover`: restore full length before that block (len(blocks) = after the last one), or None;
@@ -95,10 +96,11 @@ class TokenPruner:
     start: int = 1
     schedule: list[float] | None = None
     recover: int | None = None
-    fill: str = "copy"
+    fill: Literal["copy", "skip", "delta"] = "copy"
     flops: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = getattr(self, "name", type(self).__name__)
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"{name}: keep={self.keep} must be in (0, 1] (the share of tokens kept)")
@@ -107,8 +109,6 @@ class TokenPruner:
                 raise ValueError(f"{name}: flops={self.flops} must be in (0, 1] (a share of dense FLOPs)")
             if self.schedule is not None:
                 raise ValueError(f"{name}: give either flops (a target) or schedule (explicit shares), not both")
-        if self.fill not in ("copy", "skip", "delta"):
-            raise ValueError(f"{name}: fill={self.fill!r} must be 'copy', 'skip' or 'delta'")
         if self.start < 1:
             raise ValueError(f"{name}: start={self.start} must be >= 1 (scores come from the previous block)")
         if self.schedule is not None:

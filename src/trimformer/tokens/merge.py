@@ -13,7 +13,7 @@ with a low `keep` each row merges as much as its content allows (FLOPs vary with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def bipartite_soft_matching(
 @dataclass
 class Merge(TokenPruner):
     r: int | None = None
-    features: str = "keys"
+    features: Literal["keys", "hidden"] = "keys"
     threshold: float | None = None
 
     encoder_only: ClassVar[bool] = True
@@ -64,8 +64,6 @@ class Merge(TokenPruner):
         name = getattr(self, "name", "merge")
         if self.r is not None and self.r < 0:
             raise ValueError(f"{name}: r={self.r} must be >= 0 (tokens merged per block)")
-        if self.features not in ("keys", "hidden"):
-            raise ValueError(f"{name}: features={self.features!r} must be 'keys' or 'hidden'")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"{name}: threshold={self.threshold} must be a cosine in [-1, 1]")
 

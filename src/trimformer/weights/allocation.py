@@ -11,17 +11,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from .. import calibrate
+from ..config import Config
 from ..models import Anatomy, Proj
 from ..progress import bar
 from ..steps import StepContext
 from . import WEIGHTS
-from .base import WeightPruner
+from .base import Target, WeightPruner
 from .masks import check_sparsity, topk_mask
 
 
@@ -41,19 +42,20 @@ def rebalance(raw: dict[str, float], sizes: dict[str, int], target: float, hi: f
 
 
 @dataclass
-class Allocation:
+class Allocation(Config):
     """Base of the allocation variants: a global `sparsity`, spread over layers, pruned by method `base`."""
 
     sparsity: float = 0.5
     base: str = "wanda"
     settings: dict[str, Any] = field(default_factory=dict)
-    targets: str = "all"
+    targets: list[Target] = field(default_factory=lambda: ["all"])
 
     name: ClassVar[str] = "?"
     calibrated: ClassVar[bool] = True  # the allocation itself reads calibration data
     needs_dense: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_sparsity(self.sparsity)
         if self.base in WEIGHTS and issubclass(WEIGHTS.get(self.base), Allocation):
             raise ValueError(f"base {self.base!r} is itself an allocation; wrap a pruning method (wanda, sparsegpt, ...)")
@@ -156,26 +158,19 @@ class Adaptive(Allocation):
 
     lam: float = 0.1
     power: float = 1.0
-    importance: str = "cosine"
+    importance: Literal["cosine", "kl"] = "cosine"
     probe: float = 0.6
     probe_windows: int = 2
-    unit: str = "block"
-
-    IMPORTANCE: ClassVar[tuple[str, ...]] = ("cosine", "kl")
-    UNITS: ClassVar[tuple[str, ...]] = ("block", "sublayer")
+    unit: Literal["block", "sublayer"] = "block"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_lam(self.lam)
         if self.power <= 0:
             raise ValueError(f"power must be positive, got {self.power!r}")
-        if self.importance not in self.IMPORTANCE:
-            raise ValueError(f"importance must be one of {', '.join(self.IMPORTANCE)}, got {self.importance!r}")
         check_sparsity(self.probe)
         if self.probe_windows < 1:
             raise ValueError(f"probe_windows must be >= 1, got {self.probe_windows!r}")
-        if self.unit not in self.UNITS:
-            raise ValueError(f"unit must be one of {', '.join(self.UNITS)}, got {self.unit!r}")
         if self.unit == "sublayer" and self.importance != "kl":
             raise ValueError("unit='sublayer' needs importance='kl' (cosine importance is measured per block)")
 

@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 
 from .. import calibrate
 from ..calibrate import LayerStats
+from ..config import Config
 from ..models import Anatomy, Proj
 from ..progress import bar
 from ..steps import FilterFn, StepContext
 from .masks import block_mask, check_sparsity, nm_mask, parse_block, parse_pattern, topk_mask
 
-SHORT_NAMES = {"attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
+Target = Literal["all", "attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up",
+                 "mlp.down"]
+SHORT_NAMES = set(get_args(Target)) - {"all"}
+Precision = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass
-class WeightPruner:
+class WeightPruner(Config):
     """Base config of every weight method: how much, in what pattern, where.
 
-    sparsity: share of weights removed per layer (ignored by N:M patterns, which fix it at 1 - N/M).
+    sparsity: share of weights removed per layer (default 0.5); an N:M pattern fixes it at 1 - N/M (giving
+      another value beside it is an error).
     pattern: 'unstructured', 'N:M' (N kept of every M consecutive inputs, e.g. '2:4'), or 'block:RxC'
       (whole blocks of R rows x C inputs, e.g. 'block:1x4', 'block:4x4', for block-sparse kernels).
-    targets: which projections, by short name ('attn.q', 'mlp.down', ...; 'all' for every one).
+    targets: which projections, by short name ('attn.q', 'mlp.down', ...; 'all' for every one); a list, or
+      comma-separated on the command line.
     layers: per-layer overrides, {glob: sparsity}, the glob matched against the full module name
       ('model.layers.0.*') or the short name ('mlp.down'); the last matching entry wins. With an
       N:M pattern the only override is 0 (leave the layer dense).
@@ -34,11 +40,11 @@ class WeightPruner:
       sums of squares) are computed and weights updated in fp32 either way.
     """
 
-    sparsity: float = 0.5
+    sparsity: float | None = None
     pattern: str = "unstructured"
-    targets: str = "all"
+    targets: list[Target] = field(default_factory=lambda: ["all"])
     layers: dict[str, float] | None = None
-    precision: str = "auto"
+    precision: Precision = "auto"
 
     name: ClassVar[str] = "?"
     needs_calibration: ClassVar[bool] = True
@@ -48,19 +54,19 @@ class WeightPruner:
     dense_targets: ClassVar[bool] = False  # calibrate with the dense model's stream beside the pruned one
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.block = parse_block(self.pattern)
         self.nm = None if self.block else parse_pattern(self.pattern)
         if self.nm is None:
+            self.sparsity = 0.5 if self.sparsity is None else self.sparsity
             check_sparsity(self.sparsity)
         else:
-            self.sparsity = 1.0 - self.nm[0] / self.nm[1]
-        self._targets = None if self.targets in ("all", "", None) else {t.strip() for t in self.targets.split(",")}
-        unknown = (self._targets or set()) - SHORT_NAMES
-        if unknown:
-            raise ValueError(f"targets: unknown projection(s) {', '.join(sorted(unknown))}; "
-                             f"use 'all' or a comma list of {', '.join(sorted(SHORT_NAMES))}")
-        if self.layers is not None and not isinstance(self.layers, dict):
-            raise ValueError(f"layers must map a layer glob to a sparsity, e.g. {{'mlp.down': 0.3}}, got {self.layers!r}")
+            fixed = 1.0 - self.nm[0] / self.nm[1]
+            if self.sparsity is not None and abs(self.sparsity - fixed) > 1e-9:
+                raise ValueError(f"pattern {self.pattern!r} fixes the sparsity at {fixed:g}, but sparsity={self.sparsity:g} "
+                                 "was given too: drop the sparsity, or use an unstructured pattern")
+            self.sparsity = fixed
+        self._targets = None if "all" in self.targets or not self.targets else set(self.targets)
         for glob, share in (self.layers or {}).items():
             try:
                 check_sparsity(share)
@@ -69,9 +75,13 @@ class WeightPruner:
             if self.nm is not None and share != 0:
                 raise ValueError(f"layers[{glob!r}] = {share}: with pattern {self.pattern!r} a layer is either "
                                  "N:M or left dense (0)")
-        calibrate.resolve_precision(self.precision)  # validates the name
         self._table: dict[str, float] = {}  # per-layer shares set by an allocation variant (allocation.py)
         self._short: dict[str, str] = {}  # full module name -> short name, filled by apply_
+
+    def fixed_fields(self) -> set[str]:
+        """Fields the other settings determine: an N:M pattern fixes the sparsity (a recipe-wide `--set
+        sparsity=` leaves such a step alone)."""
+        return {"sparsity"} if self.nm is not None else set()
 
     # -- the one hook a method implements -----------------------------------------------------
     def score(self, W: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:

@@ -9,26 +9,28 @@ after each `optimizer.step()`. With `transformers.Trainer`: `callbacks=[gmp.call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..config import Config
 from ..models import anatomy_of
-from .base import SHORT_NAMES
+from .base import Target
 from .masks import check_sparsity, topk_mask
 
 
 @dataclass
-class GradualMagnitude:
+class GradualMagnitude(Config):
     final_sparsity: float = 0.5
     initial_sparsity: float = 0.0
     start_step: int = 0
     end_step: int = 1000
     frequency: int = 100
-    targets: str = "all"
+    targets: list[Target] = field(default_factory=lambda: ["all"])
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_sparsity(self.final_sparsity)
         check_sparsity(self.initial_sparsity)
         if self.initial_sparsity > self.final_sparsity:
@@ -37,9 +39,7 @@ class GradualMagnitude:
             raise ValueError(f"need 0 <= start_step < end_step, got {self.start_step} and {self.end_step}")
         if self.frequency < 1:
             raise ValueError(f"frequency (steps between pruning steps) must be >= 1, got {self.frequency}")
-        self._targets = None if self.targets in ("all", "") else {t.strip() for t in self.targets.split(",")}
-        if self._targets and self._targets - SHORT_NAMES:
-            raise ValueError(f"targets: unknown {', '.join(sorted(self._targets - SHORT_NAMES))}; use {sorted(SHORT_NAMES)}")
+        self._targets = None if "all" in self.targets or not self.targets else set(self.targets)
         self._masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> ((out, in) weight view, keep mask)
         self.current = 0.0
 
