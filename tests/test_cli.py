@@ -60,8 +60,9 @@ def test_recipe_with_set_override(saved_llama, tmp_path):
     (["--method", "wanda", "--sparsity", "1.5"], "sparsity must be in"),
     (["--method", "wanda", "--pattern", "4:4"], "need 0 < N < M"),
     (["--method", "wandda"], "Did you mean 'wanda'"),
-    (["--method", "wanda", "--calib-windows", "100000"], "fewer than the 100000"),
-    (["--method", "wanda", "--set", "bogus=1"], "no step of the recipe has such a setting"),
+    (["--method", "wanda", "--calib-windows", "100000", "--calib-length", "32"], "fewer than the 100000"),
+    (["--method", "wanda", "--calib-length", "512"], "longer than the model's 256 positions"),
+    (["--method", "wanda", "--set", "bogus=1"], "wanda has no setting 'bogus'"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(saved_llama, tmp_path, capsys, argv, match):
     out = tmp_path / "never"
@@ -129,7 +130,7 @@ def test_method_fields_work_as_flags(saved_llama, tmp_path):
 def test_unknown_method_flag_is_a_clear_error(saved_llama, tmp_path, capsys):
     code = main(["-q", "prune", "--model", str(saved_llama), "--method", "wanda", "--bogus", "1",
                  "--out", str(tmp_path / "x"), "--no-eval"])
-    assert code == 2 and "no step of the recipe has such a setting" in capsys.readouterr().err
+    assert code == 2 and "wanda has no setting 'bogus'" in capsys.readouterr().err
 
 
 def test_allocation_flag_wraps_a_weight_method(saved_llama, tmp_path):

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
 from . import data, export
 from .api import prune_
 from .evaluate import evaluate
@@ -17,8 +19,18 @@ from .models import anatomy_of
 from .models.load import BUNDLED, load
 from .recover import RecoverConfig, recover_
 
-__version__ = "0.1.0"
+# Public subpackages, imported on first use: `import trimformer; trimformer.kv.press(...)` works as written.
+_LAZY = ("calibrate", "config", "io", "kv", "models", "pipeline", "recover", "report", "steps", "structure", "tokens",
+         "weights")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'trimformer' has no attribute {name!r}")
 
 
 __all__ = ["BUNDLED", "Recipe", "RecoverConfig", "anatomy_of", "build", "data", "evaluate", "export", "load", "prune_",
-           "recover_"]
+           "recover_", *_LAZY]

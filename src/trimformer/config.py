@@ -173,7 +173,10 @@ def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"{getattr(cls, 'name', cls.__name__)} has no setting {key!r}.{hint} "
                               f"Settings: {', '.join(sorted(known))}")
-        out[key] = coerce(value, known[key], key)
+        try:
+            out[key] = coerce(value, known[key], key)
+        except ConfigError as e:
+            raise ConfigError(f"{getattr(cls, 'name', cls.__name__)}: {e}") from None
     return out
 
 
@@ -183,7 +186,10 @@ class Config:
     def __post_init__(self) -> None:
         for key, annotation in field_types(type(self)).items():
             value = getattr(self, key)
-            new = coerce(value, annotation, key)
+            try:
+                new = coerce(value, annotation, key)
+            except ConfigError as e:
+                raise ConfigError(f"{getattr(self, 'name', type(self).__name__)}: {e}") from None
             if new is not value:
                 object.__setattr__(self, key, new)
 

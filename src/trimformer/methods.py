@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from .config import coerce_fields, settings
 from .recover.step import RECOVER
 from .registry import Registry
 from .structure import STRUCTURE
 from .weights import WEIGHTS
+from .weights.allocation import Allocation
 
 # Offline families (their methods are OfflineSteps: `apply_(anatomy, StepContext)`); explicit, in order.
 REGISTRIES: list[Registry] = [WEIGHTS, STRUCTURE, RECOVER]
@@ -29,8 +38,32 @@ def find(name: str) -> type:
 
 
 def build(name: str, settings: dict[str, Any] | None = None):
+    """The step `name` with `settings` (strings coerced to the fields' types).
+
+    A weight method given `allocation=owl|adaptive|global` is wrapped by that allocation variant:
+    `build("sparsegpt", {"allocation": "owl", "sparsity": 0.6, "lam": 0.08})` is the step
+    `{method: owl, base: sparsegpt, sparsity: 0.6, lam: 0.08}`; settings the variant does not have go to the base.
+    """
     cls = find(name)
-    return cls(**coerce_fields(cls, dict(settings or {})))
+    settings = dict(settings or {})
+    alloc = settings.pop("allocation", None) if _wraps_allocation(cls, settings) else None
+    if alloc is not None:
+        variant = WEIGHTS.get(str(alloc))
+        if not issubclass(variant, Allocation):
+            raise ValueError(f"allocation {alloc!r}: choose one of {', '.join(allocations())}")
+        own = {f.name for f in fields(variant)} - {"settings", "base"}
+        outer = {k: v for k, v in settings.items() if k in own}
+        inner = {k: v for k, v in settings.items() if k not in own}
+        return variant(**coerce_fields(variant, {**outer, "base": name, "settings": inner}))
+    return cls(**coerce_fields(cls, settings))
+
+
+def allocations() -> list[str]:
+    return [n for n in WEIGHTS.names() if issubclass(WEIGHTS.get(n), Allocation)]
+
+
+def _wraps_allocation(cls: type, settings: dict[str, Any]) -> bool:
+    return "allocation" in settings and cls.name in WEIGHTS and "allocation" not in {f.name for f in fields(cls)}
 
 
 @dataclass
@@ -72,33 +105,51 @@ class Recipe:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"recipe {str(p)!r} does not exist")
-        text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            obj = yaml.safe_load(text)
-        elif p.suffix == ".toml":
-            import tomllib
-
-            obj = tomllib.loads(text)
-        elif p.suffix == ".json":
-            obj = json.loads(text)
-        else:
+        if p.suffix not in (".yaml", ".yml", ".toml", ".json"):
             raise ValueError(f"recipe {str(p)!r}: use a .yaml, .toml or .json file")
-        return cls.from_obj(obj)
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"recipe {str(p)!r} is not text (UTF-8)") from None
+        try:
+            if p.suffix == ".toml":
+                obj = tomllib.loads(text)
+            elif p.suffix == ".json":
+                obj = json.loads(text)
+            else:
+                obj = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            raise ValueError(f"recipe {where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"recipe {p}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"recipe {p}: not valid TOML ({e})") from None
+        try:
+            return cls.from_obj(obj)
+        except (ValueError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ValueError(f"recipe {p}: {msg}") from None
 
     def override(self, settings: dict[str, Any]) -> Recipe:
         """Apply `--set` values to every step that has such a field; unknown everywhere is an error."""
         used = set()
         steps = []
         for s in self.steps:
-            names = {f.name for f in fields(find(s.method))}
+            # a field another setting of the step determines (an N:M pattern fixes the sparsity) is not overridden
+            fixed = getattr(s.build(), "fixed_fields", set)()
+            names = {f.name for f in fields(find(s.method))} - fixed
             mine = {k: v for k, v in settings.items() if k in names}
             used |= set(mine)
             steps.append(Step(s.method, {**s.settings, **mine}))
-        unknown = set(settings) - used
+        unknown = sorted(set(settings) - used)
         if unknown:
-            raise ValueError(f"--set {', '.join(sorted(unknown))}: no step of the recipe has such a setting")
+            known = sorted({f.name for s in self.steps for f in fields(find(s.method)) if f.init})
+            close = difflib.get_close_matches(unknown[0], known, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"--set {', '.join(unknown)}: no step of the recipe has such a setting.{hint} "
+                             f"Settings: {', '.join(known)}")
         return Recipe(steps)
 
     def build(self) -> list:

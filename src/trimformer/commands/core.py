@@ -46,18 +46,6 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
     g.add_argument("--speed-runs", type=int, default=5, help="timed runs per model, median reported (default 5)")
 
 
-def _evaluate(args: argparse.Namespace, model, tok, reference) -> dict:
-    """Run `evaluate` with the options added by `_add_eval_options`."""
-    from .. import evaluate
-    from ..progress import quiet
-
-    return evaluate(model, tok, reference=reference, windows=args.eval_windows, kl_windows=args.kl_windows,
-                    length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
-                    progress=not quiet())
-
-
-
-
 def add_prune(sub: argparse._SubParsersAction) -> None:
     from ..methods import REGISTRIES
 
@@ -98,77 +86,42 @@ def _recipe(args: argparse.Namespace):
 
     if bool(args.method) == bool(args.recipe):
         raise ValueError("give exactly one of --method NAME or --recipe FILE")
-    recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.one(args.method)
     sets = parse_pairs(args.set)
-    if args.sparsity is not None:
-        sets.setdefault("sparsity", args.sparsity)
-    if args.pattern is not None:
-        sets.setdefault("pattern", args.pattern)
-    recipe = _wrap_allocation(args.method, sets) or (recipe.override(sets) if sets else recipe)
-    recipe.build()  # validate every value before any heavy work
-    return recipe
+    for flag in ("sparsity", "pattern"):
+        value = getattr(args, flag)
+        if value is not None:
+            if flag in sets and str(sets[flag]) != str(value):
+                raise ValueError(f"--{flag} {value} and --set {flag}={sets[flag]} disagree; give one")
+            sets[flag] = value
+    if args.recipe:
+        recipe = Recipe.from_file(args.recipe)
+        return recipe.override(sets) if sets else recipe
+    return Recipe.one(args.method, **sets)
 
 
-def _wrap_allocation(method: str | None, sets: dict):
-    """`--method sparsegpt --allocation owl` is the step {method: owl, base: sparsegpt, ...}."""
-    from dataclasses import fields
+def _eval_options(args: argparse.Namespace):
+    from ..pipeline import EvalOptions
 
-    from ..methods import Recipe, find
-    from ..weights import WEIGHTS
-
-    alloc = sets.get("allocation")
-    if not method or alloc is None or method not in WEIGHTS:
-        return None
-    if "allocation" in {f.name for f in fields(find(method))}:
-        return None
-    wrapper = {f.name for f in fields(find(alloc))} - {"settings"}
-    outer = {k: v for k, v in sets.items() if k in wrapper and k != "allocation"}
-    inner = {k: v for k, v in sets.items() if k not in wrapper and k != "allocation"}
-    return Recipe.one(str(alloc), base=method, settings=inner, **outer)
+    return EvalOptions(windows=args.eval_windows, kl_windows=args.kl_windows, length=args.eval_length,
+                       measure_speed=not args.no_speed, speed_runs=args.speed_runs)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import sys
-    import time
-    from pathlib import Path
 
-    from .. import data, load, prune_
     from ..evaluate import to_markdown
-    from ..export import OutputExistsError
-    from ..progress import quiet
-    from ..structure.export import save  # plain HF when uniform, else per-layer shapes + modeling file
+    from ..pipeline import Job, run
 
-    recipe = _recipe(args)
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"output folder {args.out!r} exists; choose another or pass --overwrite")
-    t0 = time.perf_counter()
-    model, tok = load(args.model, with_tokenizer=True)
-    say = (lambda *a: None) if quiet() else (lambda *a: print(*a, file=sys.stderr))
-    say(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
-    needs = any(m.needs_calibration for m in recipe.build())
-    calib = None
-    if needs:
-        calib = data.calibration_windows(tok, args.calib, n=args.calib_windows, length=args.calib_length,
-                                         field=args.calib_field)
-    prune_(model, recipe, calibration=calib, batch_size=args.batch_size, progress=not quiet())
-    for h in model.trimformer_history:
-        say(f"{h['method']}: {h['seconds']:.1f} s")
-    report = None
-    if not args.no_eval:
-        reference = load(args.model)
-        report = _evaluate(args, model, tok, reference)
-        report["calibration"] = None if calib is None else {"source": args.calib, "windows": args.calib_windows,
-                                                           "window_tokens": args.calib_length}
-    meta = {"trimformer": __import__("trimformer").__version__, "model": args.model,
-            "command": "trimformer " + " ".join(sys.argv[1:]), "recipe": recipe.to_list(),
-            "history": model.trimformer_history}
-    extra = {"trimformer.json": meta}
-    if report is not None:
-        extra.update({"report.json": report, "report.md": to_markdown(report)})
-    save(model, args.out, tokenizer=tok, extra_files=extra, overwrite=args.overwrite)
-    if report is not None:
-        print(to_markdown(report))
-    print(f"saved {args.out}/ (checkpoint, report.json, report.md, trimformer.json)")
+    job = Job(model=args.model, recipe=_recipe(args), out=args.out, overwrite=args.overwrite, calib=args.calib,
+              calib_field=args.calib_field, calib_windows=args.calib_windows, calib_length=args.calib_length,
+              batch_size=args.batch_size, evaluation=None if args.no_eval else _eval_options(args),
+              command="trimformer " + " ".join(sys.argv[1:]))
+    result = run(job)
+    if result.report is not None:
+        print(to_markdown(result.report))
+        print(f"saved {args.out}/ (checkpoint, report.json, report.md, trimformer.json)")
+    else:
+        print(f"saved {args.out}/ (checkpoint, trimformer.json; no evaluation: --no-eval)")
     return 0
 
 
@@ -193,9 +146,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load(args.model)
         _, tok = load(args.reference, with_tokenizer=True)
     reference = load(args.reference) if args.reference else None
-    report = _evaluate(args, model, tok, reference)
+    report = _eval_options(args)(model, tok, reference)
     if args.json:
-        from ..export.hf import atomic_file
+        from ..io import atomic_file
 
         atomic_file(args.json, json.dumps(report, indent=2, default=str))
     print(to_markdown(report))

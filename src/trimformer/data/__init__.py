@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def doc_corpus() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def read_text(source: str | os.PathLike, field: str = "text") -> str:
+def read_text(source: str | os.PathLike, field: str = "text", field_flag: str = "--calib-field") -> str:
     """Text from `docs` (built-in corpus), a text file, a folder of .txt/.md files, or a JSONL file's `field`."""
     if str(source) == BUILTIN:
         return doc_corpus()
@@ -30,7 +31,7 @@ def read_text(source: str | os.PathLike, field: str = "text") -> str:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl", ".json"))
         if not files:
             raise DataError(f"folder {str(p)!r} has no .txt, .md or .jsonl files")
-        return "\n\n".join(read_text(f, field) for f in files)
+        return "\n\n".join(read_text(f, field, field_flag) for f in files)
     if not p.is_file():
         raise DataError(f"calibration data {str(source)!r} is neither 'docs', a file nor a folder")
     if p.suffix in (".jsonl", ".json"):
@@ -42,11 +43,35 @@ def read_text(source: str | os.PathLike, field: str = "text") -> str:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{n}: each line must be a JSON object like {{\"{field}\": \"...\"}}, "
+                                f"got {type(row).__name__}")
             if field not in row:
-                raise DataError(f"{p}:{n}: no field {field!r} (fields: {', '.join(row)}); choose one with --data-field")
+                raise DataError(f"{p}:{n}: no field {field!r} (fields: {', '.join(row) or 'none'}); choose one with "
+                                f"{field_flag}")
             texts.append(str(row[field]))
         return "\n\n".join(texts)
-    return p.read_text(errors="replace")
+    text = p.read_text(errors="replace")
+    check_text(text, str(p))
+    return text
+
+
+def check_text(text: str, what: str) -> float:
+    """Warn when `text` looks like binary data read as text: the share of replacement characters and control
+    characters (other than whitespace). Returns that share."""
+    if not text:
+        return 0.0
+    sample = text[:1_000_000]
+    bad = sum(1 for ch in sample if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\n\r\f\v"))
+    share = bad / len(sample)
+    if share > 0.01:
+        warnings.warn(f"{what}: {share:.0%} of its characters are not text (binary data?); calibrating on it will "
+                      "give meaningless statistics", DataWarning, stacklevel=3)
+    return share
+
+
+class DataWarning(UserWarning):
+    pass
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+
+from .modeling_file import MODELING_FILE, is_ours
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
     return text, None  # a hub id
 
 
-def _model_class(config):
+def model_class(config):
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
@@ -88,6 +92,62 @@ def _model_class(config):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+
+
+_TRUST_REMOTE_CODE = False  # the default of `load(trust_remote_code=None)`; the CLI's --trust-remote-code sets it
+
+
+def set_trust_remote_code(trust: bool) -> None:
+    """Process-wide default for `load(..., trust_remote_code=None)` (the CLI's --trust-remote-code)."""
+    global _TRUST_REMOTE_CODE
+    _TRUST_REMOTE_CODE = bool(trust)
+
+
+class RemoteCodeError(ValueError):
+    pass
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that does not hold what its config says (missing, unexpected or mis-shaped tensors, a
+    damaged file): loading it would leave parts of the model random."""
+
+
+def remote_code(folder: str | os.PathLike) -> list[str]:
+    """The code files a local checkpoint would run when loaded with trust_remote_code (from config.json's
+    auto_map), other than a modeling file byte-identical to the one this version of trimformer writes."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{str(cfg_path)!r} is not readable JSON ({e}); the checkpoint is damaged") from None
+    refs = cfg.get("auto_map") or {}
+    if not isinstance(refs, dict):
+        return ["config.json auto_map (malformed)"]
+    files = set()
+    for ref in refs.values():
+        for r in ref if isinstance(ref, list) else [ref]:
+            if isinstance(r, str) and r:
+                files.add(r.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    untrusted = []
+    for f in sorted(files):
+        path = folder / f
+        if f == MODELING_FILE and path.is_file() and is_ours(path.read_bytes()):
+            continue
+        untrusted.append(f)
+    return untrusted
+
+
+def resolve_local(name_or_path: str | os.PathLike) -> Path | None:
+    """The file or folder on this machine that `load(name_or_path)` reads (None for a hub id)."""
+    text = str(name_or_path)
+    if text in BUNDLED:
+        try:
+            return bundled_path(text)[0]
+        except ModelNotFoundError:
+            return None
+    p = Path(text).expanduser()
+    return p if p.exists() else None
 
 
 def load(
@@ -103,6 +163,9 @@ def load(
 
     `name_or_path`: a bundled name (`smollm2-135m`, `minilm-l6`), a local HF directory
     (trimformer exports included), a `.gguf` file, or a hub id when a network exists.
+    Code shipped with a checkpoint (config.json `auto_map`) runs only with `trust_remote_code=True`; the one
+    exception is a trimformer_modeling.py byte-identical to what this version writes. A checkpoint whose
+    tensors do not match its config (missing, unexpected, other shapes, damaged file) is an error.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -113,27 +176,57 @@ def load(
         return out
     where, gguf = resolve(name_or_path)
     kw = {"gguf_file": gguf} if gguf else {}
-    if trust_remote_code is None:  # our own heterogeneous exports carry their modeling file
-        trust_remote_code = (Path(where) / "trimformer_modeling.py").is_file()
+    trust = _TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
+    local = Path(where).is_dir()
+    if local and not gguf:
+        untrusted = remote_code(where)
+        if untrusted and not trust:
+            raise RemoteCodeError(
+                f"{str(name_or_path)!r} ships code that loading it would run ({', '.join(untrusted)}); it is not run "
+                "unless you trust it: pass --trust-remote-code (Python: trust_remote_code=True)")
+        cfg_json = json.loads((Path(where) / "config.json").read_text())
+        trust = trust or bool(cfg_json.get("auto_map"))  # only our own, verified modeling file is left
     try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
-        cls = _model_class(config)
-        if getattr(config, "auto_map", None) and trust_remote_code:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust, **kw)
+        cls = model_class(config)
+        if getattr(config, "auto_map", None) and trust:
             import transformers
 
             auto = next((k for k in config.auto_map if k.startswith("AutoModel")), "AutoModelForCausalLM")
             cls = getattr(transformers, auto)
-        model = cls.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+        model, info = cls.from_pretrained(where, dtype=dtype, trust_remote_code=trust, output_loading_info=True, **kw)
     except OSError as e:
-        raise ModelNotFoundError(f"could not load {str(name_or_path)!r}: {e}") from e
+        raise ModelNotFoundError(f"could not load {str(name_or_path)!r}: {_first_line(e)}") from e
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as e:  # damaged files and shape clashes
+        raise ModelLoadError(f"could not load {str(name_or_path)!r}: {_first_line(e)}") from e
+    _check_loading_info(str(name_or_path), info)
     if gguf:
         model = _without_quantization_config(model)
     model.to(device).eval()
     model.trimformer_source = _source or str(name_or_path)
     if not with_tokenizer:
         return model
-    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust, **kw)
     return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_loading_info(name: str, info: dict) -> None:
+    """Missing, unexpected or mismatched tensors mean part of the model would be random (or ignored)."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of another shape")):
+        items = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if items:
+            shown = ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+            problems.append(f"{len(items)} tensor(s) {what}: {shown}")
+    if problems:
+        raise ModelLoadError(f"{name!r} does not match its config ({'; '.join(problems)}); loading it would leave "
+                             "those weights random: fix config.json or the weight files")
 
 
 def _without_quantization_config(model: nn.Module) -> nn.Module:
@@ -170,7 +263,7 @@ def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32)
         model = _without_quantization_config(model)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
-        from ..export.hf import atomic_dir
+        from ..io import atomic_dir
 
         with atomic_dir(cache, overwrite=True) as tmp:
             model.save_pretrained(tmp)

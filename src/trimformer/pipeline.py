@@ -1,0 +1,132 @@
+"""A recipe end to end: load -> calibrate -> steps -> evaluate -> export. `trimformer prune` only calls `run`.
+
+    job = trimformer.pipeline.Job(model="smollm2-135m", recipe=trimformer.Recipe.one("wanda", sparsity=0.5),
+                                  out="pruned/")
+    result = trimformer.pipeline.run(job)      # result.model, result.report, result.out
+
+Everything that can be checked is checked before the model loads: the recipe's names and values, the
+output location (never the input, writable, enough disk), the calibration window length against the model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import __version__, data
+from .api import prune_
+from .evaluate import evaluate, to_markdown
+from .export import save
+from .io import check_output
+from .methods import Recipe
+from .models.load import load, resolve_local
+from .progress import quiet
+
+__all__ = ["EvalOptions", "Job", "Result", "run"]
+
+
+@dataclass
+class EvalOptions:
+    """BENCHMARK.md P1/P2 on the doc corpus' evaluation pool."""
+
+    windows: int = 64
+    kl_windows: int = 16
+    length: int = 512
+    measure_speed: bool = True
+    speed_runs: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("windows", "kl_windows", "speed_runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.length < 2:
+            raise ValueError(f"--eval-length must be >= 2, got {self.length}")
+
+    def __call__(self, model: nn.Module, tokenizer: Any, reference: nn.Module | None) -> dict:
+        return evaluate(model, tokenizer, reference=reference, windows=self.windows, kl_windows=self.kl_windows,
+                        length=self.length, measure_speed=self.measure_speed, speed_runs=self.speed_runs,
+                        progress=not quiet())
+
+
+@dataclass
+class Job:
+    """What `trimformer prune` does. evaluation=None skips the report; out=None keeps the model in memory."""
+
+    model: str
+    recipe: Recipe
+    out: str | None = None
+    overwrite: bool = False
+    calib: str = data.BUILTIN
+    calib_field: str = "text"
+    calib_windows: int = 64
+    calib_length: int = 512
+    batch_size: int = 1
+    evaluation: EvalOptions | None = field(default_factory=EvalOptions)
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.calib_windows < 1 or self.calib_length < 2:
+            raise ValueError(f"need at least 1 calibration window of at least 2 tokens, got --calib-windows "
+                             f"{self.calib_windows} --calib-length {self.calib_length}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        self.recipe.build()  # every name and value checked before any heavy work
+
+
+@dataclass
+class Result:
+    model: nn.Module
+    tokenizer: Any
+    report: dict | None
+    out: Path | None
+    seconds: dict[str, float]
+
+
+def _stderr(*parts: Any) -> None:
+    if not quiet():
+        print(*parts, file=sys.stderr)
+
+
+def run(job: Job, say: Callable[..., None] = _stderr) -> Result:
+    """Run `job`; the output folder appears only when everything succeeded."""
+    steps = job.recipe.build()
+    if job.out is not None:
+        check_output(job.out, overwrite=job.overwrite, inputs=[p for p in [resolve_local(job.model)] if p])
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tok = load(job.model, with_tokenizer=True)
+    seconds["load"] = time.perf_counter() - t0
+    say(f"loaded {job.model} in {seconds['load']:.1f} s")
+    calib = None
+    if any(s.needs_calibration for s in steps):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and job.calib_length > limit:
+            raise ValueError(f"--calib-length {job.calib_length} is longer than the model's {limit} positions; "
+                             f"use --calib-length {limit} or less")
+        calib = data.calibration_windows(tok, job.calib, n=job.calib_windows, length=job.calib_length,
+                                         field=job.calib_field)
+    t0 = time.perf_counter()
+    prune_(model, job.recipe, calibration=calib, batch_size=job.batch_size, progress=not quiet())
+    seconds["prune"] = time.perf_counter() - t0
+    for h in model.trimformer_history:
+        say(f"{h['method']}: {h['seconds']:.1f} s")
+    report = None
+    if job.evaluation is not None:
+        report = job.evaluation(model, tok, load(job.model))
+        report["calibration"] = None if calib is None else {
+            "source": job.calib, "windows": job.calib_windows, "window_tokens": job.calib_length}
+    out = None
+    if job.out is not None:
+        meta = {"trimformer": __version__, "model": job.model, "command": job.command,
+                "recipe": job.recipe.to_list(), "history": model.trimformer_history}
+        files: dict[str, Any] = {"trimformer.json": meta}
+        if report is not None:
+            files.update({"report.json": report, "report.md": to_markdown(report)})
+        out = save(model, job.out, tokenizer=tok, extra_files=files, overwrite=job.overwrite)
+    return Result(model, tok, report, out, seconds)
