@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import coerce_fields, settings
+from .config import coerce_fields, setting_names, settings
 from .recover.step import RECOVER
 from .registry import Registry
 from .structure import STRUCTURE
@@ -92,7 +92,7 @@ class Recipe:
         used = set()
         steps = []
         for s in self.steps:
-            names = {f.name for f in fields(find(s.method))}
+            names = setting_names(find(s.method))  # (fields, their flat aliases, 'group.field')
             mine = {k: v for k, v in settings.items() if k in names}
             used |= set(mine)
             steps.append(Step(s.method, {**s.settings, **mine}))
