@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import trimformer
-from trimformer.tokens.bench import _embed, _neighbours, evaluate_encoder, paragraph_batches
+from trimformer import tokens
+from trimformer.evaluate.encoder import embed, evaluate_encoder, neighbours, paragraph_batches
 
 OUT = Path(__file__).parent / "results"
 COSINES = (0.999, 0.995, 0.99, 0.98, 0.97)
@@ -47,22 +48,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     model, tok = trimformer.load("minilm-l6", with_tokenizer=True)
     batches = paragraph_batches(tok, args.paragraphs, args.batch)
-    dense = _embed(model, batches)
+    dense = embed(model, batches)
     e = F.normalize(dense, dim=-1)
-    nn0 = _neighbours(dense)
+    nn0 = neighbours(dense)
     top = (e @ e.T).fill_diagonal_(-2.0).topk(2, dim=1).values
     margin = top[:, 0] - top[:, 1]
     rows = []
     g = torch.Generator().manual_seed(0)
     for c in COSINES:
-        kept = [(_neighbours(perturbed(e, c, g)) == nn0).float().mean().item() for _ in range(args.draws)]
+        kept = [(neighbours(perturbed(e, c, g)) == nn0).float().mean().item() for _ in range(args.draws)]
         rows.append({"change": f"random direction, cos {c}", "cos_mean": c, "nn_unchanged": sum(kept) / len(kept)})
-    half = _embed(model.to(torch.bfloat16), batches).float()
+    half = embed(model.to(torch.bfloat16), batches).float()
     model.float()
     rows.append({"change": "dense model in bf16", "cos_mean": F.cosine_similarity(half, dense).mean().item(),
-                 "nn_unchanged": (_neighbours(half) == nn0).float().mean().item()})
+                 "nn_unchanged": (neighbours(half) == nn0).float().mean().item()})
     merged = evaluate_encoder(model, batches, [("merge", {"flops": f, "features": "hidden"}) for f in BUDGETS],
-                              timing_batches=1, reps=1, progress=False)
+                              timing_batches=1, reps=1, progress=False, prune=tokens.prune)
     for r in merged:
         rows.append({"change": f"merge, FLOPs {r['flops_ratio']:.3f}", "cos_mean": r["cos_mean"],
                      "nn_unchanged": r["nn_unchanged"], "flops_ratio": r["flops_ratio"]})

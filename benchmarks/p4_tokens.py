@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 import trimformer
-from trimformer.tokens.bench import evaluate_encoder, paragraph_batches
+from trimformer import tokens
+from trimformer.evaluate.encoder import evaluate_encoder, paragraph_batches
 
 OUT = Path(__file__).parent / "results"
 METHODS = [  # one FLOPs budget (0.6 = the "40 % fewer") for every method, plus merge's frontier
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods = [m for m in METHODS if not args.only or m[0] in args.only]
     if not methods:
         p.error(f"--only {args.only}: no such method in this benchmark ({', '.join(dict.fromkeys(m[0] for m in METHODS))})")
-    rows = evaluate_encoder(model, batches, methods, args.timing_batches, args.reps)
+    rows = evaluate_encoder(model, batches, methods, args.timing_batches, args.reps, prune=tokens.prune)
     for r in rows:
         print(json.dumps(r), flush=True)
     result = {

@@ -1,5 +1,5 @@
 """BENCHMARK.md P4 with merge-aware distillation: minilm-l6 dense, training-free merge, and merge after
-fine-tuning the model with merging on (tokens/distill.py), side by side in one run.
+fine-tuning the model with merging on (recover/merging.py), side by side in one run.
 
 The distilled model trains on doc-corpus paragraphs that are neither among the 512 P4 paragraphs nor
 copies of one (`training_paragraphs`); its targets are the ORIGINAL model's dense embeddings, and every
@@ -22,8 +22,11 @@ from pathlib import Path
 import torch
 
 import trimformer
-from trimformer.tokens.bench import _embed, evaluate_encoder, paragraph_batches
-from trimformer.tokens.distill import DistillConfig, distill_merge_, training_paragraphs
+from trimformer import tokens
+from trimformer.config import settings as settings_of
+from trimformer.data import training_paragraphs
+from trimformer.evaluate.encoder import embed, evaluate_encoder, paragraph_batches
+from trimformer.recover import DistillConfig, distill_merge_
 
 sys.path.insert(0, str(Path(__file__).parent))
 from p4_tokens import protocol_args  # noqa: E402
@@ -52,10 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     model, tok = trimformer.load("minilm-l6", with_tokenizer=True)
     batches = paragraph_batches(tok, args.paragraphs, args.batch)
-    dense = _embed(model, batches)  # the original model: every row is scored against it
+    dense = embed(model, batches)  # the original model: every row is scored against it
     frontier = [("merge", f) for f in FRONTIER] if args.frontier else []
     methods = [("merge", TRAINED), ("merge", FIXED), *frontier]
-    free = evaluate_encoder(model, batches, methods, args.timing_batches, args.reps)
+    free = evaluate_encoder(model, batches, methods, args.timing_batches, args.reps, prune=tokens.prune)
 
     data = training_paragraphs(tok, docstrings=args.docstrings)
     cfg = DistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, loss=args.loss, train=args.train,
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = student.trimformer_history[-1]["result"]
         seconds = time.perf_counter() - t0
         scored = evaluate_encoder(student, batches, [("merge", settings), *(frontier if settings is TRAINED else [])],
-                                  args.timing_batches, args.reps, reference=dense)
+                                  args.timing_batches, args.reps, reference=dense, prune=tokens.prune)
         L = summary["losses"]
         for row in scored:
             row.update({"distilled": True, "trained_for": settings, "train_seconds": seconds, "train_steps": len(L),
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "P4 + merge-aware distillation", "model": "minilm-l6", "paragraphs": args.paragraphs,
         "batch": args.batch, "timing_batches": args.timing_batches, "reps": args.reps, "threads": args.threads,
-        "train_paragraphs": len(data), "docstrings": args.docstrings, "train": {k: v for k, v in vars(cfg).items()},
+        "train_paragraphs": len(data), "docstrings": args.docstrings, "train": settings_of(cfg),
         "rows": [{**r, "distilled": False} for r in free] + rows,
         "command": "PYTHONPATH=src python benchmarks/p4_tokens_distill.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

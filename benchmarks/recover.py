@@ -233,8 +233,8 @@ def main() -> None:
 def width(args: argparse.Namespace) -> None:
     """Width cut to `keep` of the parameters (structure method 'width'), then distillation for `minutes`."""
     import trimformer
-    from trimformer.recover import RecoverConfig, recover_
     from trimformer import export as structure_export
+    from trimformer.recover import RecoverConfig, recover_
 
     if args.dry:
         args.seq_len, args.calib_windows, args.eval_windows, args.minutes = 64, 2, 2, min(args.minutes, 1.0)

@@ -280,13 +280,12 @@ def test_prune_recover_cycles_grow_the_mask_and_heal_between_cuts(tmp_path):
 
 
 def test_batches_depend_on_the_step_only_and_split_across_processes():
-    from trimformer.recover.train import _batch
+    from trimformer.recover.train import window_rows
 
-    data = torch.arange(10)[:, None].repeat(1, 4)  # window i is all i: (10, 4)
-    one = [_batch(data, s, 4, seed=0)[:, 0].tolist() for s in range(5)]  # 20 samples = 2 epochs
+    one = [window_rows(10, s, 4, seed=0).tolist() for s in range(5)]  # 20 samples of 10 windows = 2 epochs
     assert sorted(sum(one[:2], []) + one[2][:2]) == list(range(10))  # each epoch is a permutation
-    assert one == [_batch(data, s, 4, seed=0)[:, 0].tolist() for s in range(5)]
-    two = [_batch(data, 0, 2, seed=0, rank=r, world=2)[:, 0].tolist() for r in (0, 1)]
+    assert one == [window_rows(10, s, 4, seed=0).tolist() for s in range(5)]
+    two = [window_rows(10, 0, 2, seed=0, rank=r, world=2).tolist() for r in (0, 1)]
     assert two[0] + two[1] == one[0]  # two processes share the global batch without overlap
 
 
@@ -343,3 +342,50 @@ def test_given_masks_are_applied_and_kept(lora_rank):
     with pytest.raises(ValueError, match="names no trained parameter"):
         recover_(student, teacher, windows(), RecoverConfig(steps=1), masks={"model.nope": keep})
 
+
+
+def test_filter_fn_trains_only_the_modules_it_accepts():
+    student, teacher = pruned_pair()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    zeros = zeros_of(student)
+    seen = set()
+
+    def mlp_only(module, name):
+        seen.add(name)
+        return ".mlp." in name
+
+    cfg = RecoverConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=0)
+    recover_(student, teacher, windows(), cfg, filter_fn=mlp_only, progress=False)
+    assert "model.layers.0.self_attn.q_proj" in seen and "model.layers.1.mlp.down_proj" in seen
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if ".mlp." in n}  # every MLP weight moved, nothing else did
+    assert all(torch.equal(student.get_parameter(n) == 0, z) for n, z in zeros.items())
+
+    # LoRA: adapters only on the accepted projections
+    student, teacher = pruned_pair()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    recover_(student, teacher, windows(), RecoverConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0, lora_rank=2),
+             filter_fn=lambda m, n: n.endswith("up_proj"), progress=False)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)}
+
+    with pytest.raises(ValueError, match="filter_fn accepts no module"):
+        recover_(student, teacher, windows(), cfg, filter_fn=lambda m, n: n == "lm_head", progress=False)
+    with pytest.raises(ValueError, match="none of the block projections"):
+        recover_(student, teacher, windows(), RecoverConfig(steps=1, lora_rank=2),
+                 filter_fn=lambda m, n: "norm" in n, progress=False)
+
+
+def test_recipe_recover_step_honours_filter_fn():
+    model = tiny("llama")
+    dense = copy.deepcopy(model)
+    recipe = trimformer.Recipe.from_obj([
+        {"method": "wanda", "sparsity": 0.5},
+        {"method": "recover", "steps": 2, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "teacher": "dense"},
+    ])
+    attention = lambda module, name: ".self_attn." in name  # noqa: E731
+    trimformer.prune_(model, recipe, calibration=windows(), filter_fn=attention, progress=False)
+    wanda = trimformer.prune_(copy.deepcopy(dense), trimformer.build("wanda", {"sparsity": 0.5}),
+                              calibration=windows(), filter_fn=attention, progress=False)
+    for (n, p), q in zip(model.named_parameters(), wanda.parameters()):
+        assert torch.equal(p, q) != (".self_attn." in n and p.dim() == 2), n  # cut and healed there only

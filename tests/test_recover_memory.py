@@ -55,7 +55,7 @@ def test_lora_checkpoints_activations_by_default():
 
 RSS_SCRIPT = """
 import sys, torch
-from trimformer.recover.train import release_freed_memory
+from trimformer.recover.memory import release_freed_memory
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

@@ -11,9 +11,8 @@ import torch
 from conftest import ALL_FAMILIES, tiny
 
 import trimformer
-from trimformer.models import anatomy_of
 from trimformer.export import structured as export
-from trimformer.models import modeling_file
+from trimformer.models import anatomy_of, modeling_file
 from trimformer.structure import surgery
 
 

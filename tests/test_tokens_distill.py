@@ -1,4 +1,4 @@
-"""Merge-aware distillation (tokens/distill.py) on the tiny random BERT: gradients, loss, schedule, no-op."""
+"""Merge-aware distillation (recover/merging.py) on the tiny random BERT: gradients, loss, schedule, no-op."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from trimformer import tokens
-from trimformer.tokens.distill import DistillConfig, distill_loss, distill_merge_, pooled
+from trimformer.data import doc_paragraphs, paragraphs, stdlib_docstrings, training_paragraphs
+from trimformer.evaluate.encoder import paragraph_batches
+from trimformer.recover.merging import DistillConfig, distill_loss, distill_merge_, pooled
 
 L = 4  # blocks in the test model
 MERGE = {"keep": 0.4, "features": "hidden"}
@@ -94,7 +96,7 @@ def test_norms_only_and_lora(bert, data):
 
 @pytest.mark.parametrize("settings, message", [
     ({"loss": "cos+foo"}, "joined terms from cos"),
-    ({"train": "heads"}, "train must be one of"),
+    ({"train": "heads"}, "choose one of 'all', 'blocks', 'norms', 'lora'"),
     ({"batch_size": 1}, "batch_size must be >= 2"),
     ({"tau": 0.0}, "tau must be > 0"),
 ])
@@ -120,3 +122,34 @@ def test_cli_errors_before_loading(capsys, tmp_path):
     assert "Did you mean 'loss'" in capsys.readouterr().err
     assert main(["distill-tokens", "--out", str(tmp_path / "m"), "--set", "treshold=0.4"]) == 2
     assert "Did you mean 'threshold'" in capsys.readouterr().err
+
+
+def test_training_paragraphs_leave_out_the_p4_set(tokenizer):
+    held = doc_paragraphs(tokenizer, 20)
+    assert len(held) == 20 and all(32 <= len(tokenizer(p)["input_ids"]) <= 256 for p in held)
+    batches = paragraph_batches(tokenizer, 20, batch=10)  # the P4 set is those paragraphs
+    assert tokenizer.batch_decode(batches[0]["input_ids"][:1], skip_special_tokens=True)[0] == held[0]
+    train = training_paragraphs(tokenizer, exclude=20)  # byte-level: equal ids are equal text
+    ids = [tuple(t.tolist()) for t in train]
+    assert len(ids) == len(set(ids)) > 100  # no copies either
+    assert not set(ids) & {tuple(tokenizer(p)["input_ids"]) for p in held}
+    assert all(16 <= len(t) <= 256 for t in ids)
+
+
+def test_stdlib_docstrings_are_read_from_the_sources_without_running_them(tmp_path, monkeypatch):
+    words = "with twelve words or more in it, so that it counts as a paragraph"
+    (tmp_path / "json.py").write_text(
+        f'"""The module, {words}.\n\nToo short to count."""\n'
+        'raise RuntimeError("imported: code ran")\n\n'
+        f'def f():\n    """A function, {words}."""\n    def inner():\n        """Nested, {words}."""\n\n'
+        f'class C:\n    """A class, {words}."""\n')
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "__init__.py").write_text(f'"""A package, {words}."""\n')
+    for name in ("_pydecimal", "notstdlib"):  # private, and not a standard-library name
+        (tmp_path / f"{name}.py").write_text(f'"""Skipped, {words}."""\n')
+    monkeypatch.setattr(paragraphs.sysconfig, "get_path", lambda name: str(tmp_path))
+    assert stdlib_docstrings() == [f"A package, {words}.", f"The module, {words}.", f"A function, {words}.",
+                                   f"A class, {words}."]
+    (tmp_path / "zipfile.py").write_text("def broken(:\n")
+    with pytest.raises(SyntaxError):  # not swallowed
+        stdlib_docstrings()

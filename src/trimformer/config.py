@@ -10,6 +10,18 @@ A config is a dataclass that subclasses `Config`. Its annotations are the contra
 0.5, "true" -> True, "none" -> None, a YAML list stays a list with its items coerced, and a value outside
 a `Literal` is an error that names the field, the allowed values and the closest one. Subclasses then
 validate ranges in their own `__post_init__` after calling `super().__post_init__()`.
+
+A config with many settings nests them in groups (fields whose type is itself a config dataclass), and
+keeps the flat names users type in one table, `aliases` (flat name -> "group.field"):
+
+    @dataclass(init=False)                 # Config.__init__ then takes flat, dotted and grouped settings
+    class RecoverConfig(Config):
+        aliases: ClassVar = {"lora_rank": "lora.rank", ...}
+        lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+`RecoverConfig(lora_rank=8)`, `{lora.rank: 8}`, `{lora: {rank: 8}}` and `lora=LoRAConfig(rank=8)` are the
+same config; a partial group is completed from the owner's default for it; `settings()` gives the flat
+names back.
 """
 
 from __future__ import annotations
@@ -19,9 +31,10 @@ import difflib
 import json
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-__all__ = ["Config", "ConfigError", "coerce", "coerce_fields", "field_types", "plain", "settings"]
+__all__ = ["Config", "ConfigError", "coerce", "coerce_fields", "field_types", "plain", "setting_names", "settings"]
 
 
 class ConfigError(ValueError):
@@ -153,6 +166,8 @@ def coerce(value: Any, annotation: Any, name: str = "value") -> Any:
     if isinstance(annotation, type):
         if isinstance(value, annotation):
             return value
+        if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):  # a group of settings
+            return annotation(**coerce_fields(annotation, dict(value)))
         parse = getattr(annotation, "parse", None)
         if callable(parse) and isinstance(value, str):
             try:
@@ -163,25 +178,103 @@ def coerce(value: Any, annotation: Any, name: str = "value") -> Any:
     return value
 
 
-def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Check names against the dataclass' fields ("did you mean") and coerce every value to its field's type."""
-    known = field_types(cls)
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"missing setting {f.name!r}")
+
+
+def _is_group(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+
+
+def _values(group: Any) -> dict[str, Any]:
+    return {f.name: getattr(group, f.name) for f in dataclasses.fields(group) if f.init}
+
+
+def _flat(cls: type) -> set[str]:
+    """Fields listed under their flat names: the groups and the fields the alias table names."""
+    return {path.partition(".")[0] for path in getattr(cls, "aliases", {}).values()}
+
+
+def setting_names(cls: type) -> set[str]:
+    """Every name a config accepts: its fields, their flat aliases and 'group.field' for its groups."""
+    names = set(field_types(cls)) | set(getattr(cls, "aliases", {}))
+    for name, annotation in field_types(cls).items():
+        if _is_group(annotation):
+            names |= {f"{name}.{sub}" for sub in field_types(annotation)}
+    return names
+
+
+def _nest(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Flat aliases and 'group.field' names gathered into their groups; a group given in part is completed
+    from the field's default (so `lr=...` keeps the owner's own default `steps`)."""
+    aliases = getattr(cls, "aliases", {})
     out: dict[str, Any] = {}
+    inner: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        head, dot, rest = aliases.get(key, key).partition(".")
+        if dot:
+            inner.setdefault(head, {})[rest] = value
+        else:
+            out[head] = value
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not _is_group(types_.get(f.name)):
+            continue
+        given, more = out.get(f.name), inner.get(f.name, {})
+        if isinstance(given, Mapping):  # a group in part (a recipe's nested form)
+            given, more = None, {**given, **more}
+        elif not more:
+            continue  # absent (the default), or a whole group object
+        out[f.name] = {**_values(_default(f) if given is None else given), **more}
+    return out
+
+
+def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Check names against the dataclass' fields ("did you mean") and coerce every value to its field's type.
+
+    Flat aliases and 'group.field' names come back nested: {"lora_rank": 8} -> {"lora": LoRAConfig(rank=8)}."""
+    known = field_types(cls)
+    names = setting_names(cls)
+    for key in values:
+        if key not in names:
+            listed = set(getattr(cls, "aliases", {})) | (set(known) - _flat(cls))  # the names users type
+            first = {n for n in names if "." in n} if "." in key else listed  # (suggest in the form given)
+            close = difflib.get_close_matches(key, first, n=3, cutoff=0.5) or \
+                difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"{getattr(cls, 'name', cls.__name__)} has no setting {key!r}.{hint} "
-                              f"Settings: {', '.join(sorted(known))}")
-        try:
-            out[key] = coerce(value, known[key], key)
-        except ConfigError as e:
-            raise ConfigError(f"{getattr(cls, 'name', cls.__name__)}: {e}") from None
-    return out
+                              f"Settings: {', '.join(sorted(listed))}")
+    try:
+        given = {key: value if _is_group(_annotation(cls, key)) else coerce(value, _annotation(cls, key), key)
+                 for key, value in values.items()}  # (errors name the key as given; groups are completed first)
+        return {key: coerce(value, known[key], key) for key, value in _nest(cls, given).items()}
+    except ConfigError as e:
+        raise ConfigError(f"{getattr(cls, 'name', cls.__name__)}: {e}") from None
+
+
+def _annotation(cls: type, key: str) -> Any:
+    """The type of setting `key`, a field, a flat alias or 'group.field'."""
+    head, dot, rest = getattr(cls, "aliases", {}).get(key, key).partition(".")
+    annotation = field_types(cls)[head]
+    return field_types(annotation)[rest] if dot else annotation
 
 
 class Config:
     """Base of every method config (a dataclass): fields are coerced to their annotated types on creation."""
+
+    aliases: ClassVar[dict[str, str]] = {}  # flat name -> "group.field" (see the module docstring)
+
+    def __init__(self, **settings: Any) -> None:
+        """The constructor of `@dataclass(init=False)` configs: flat, dotted and grouped settings alike."""
+        given = coerce_fields(type(self), settings)
+        for f in dataclasses.fields(self):
+            if f.init:
+                object.__setattr__(self, f.name, given[f.name] if f.name in given else _default(f))
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         for key, annotation in field_types(type(self)).items():
@@ -195,21 +288,32 @@ class Config:
 
 
 def plain(value: Any) -> Any:
-    """A config value as JSON / YAML can hold it: parsed types (a budget) as their text, containers item by item."""
+    """A config value as JSON / YAML can hold it: parsed types (a budget) as their text, groups as their
+    settings, containers item by item."""
     if isinstance(value, (list, tuple, set, frozenset)):
         return [plain(v) for v in value]
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return settings(value)
     if callable(getattr(type(value), "parse", None)):
         return str(value)
     return value
 
 
 def settings(config: Any) -> dict[str, Any]:
-    """The public settings of a config dataclass (fields not starting with '_'), JSON-able."""
+    """The public settings of a config dataclass (fields not starting with '_'), JSON-able. A config with an
+    alias table lists those settings first, under their flat names, in the table's order."""
     if not dataclasses.is_dataclass(config):
         return {}
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)
-            if f.init and not f.name.startswith("_")}
+    out: dict[str, Any] = {}
+    for flat, path in getattr(type(config), "aliases", {}).items():
+        head, _, rest = path.partition(".")
+        value = getattr(config, head)
+        out[flat] = plain(getattr(value, rest) if rest else value)
+    for f in dataclasses.fields(config):
+        if f.init and not f.name.startswith("_") and f.name not in _flat(type(config)):
+            out[f.name] = plain(getattr(config, f.name))
+    return out

@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .config import coerce_fields, settings
+from .config import coerce_fields, setting_names, settings
 from .recover.step import RECOVER
 from .registry import Registry
 from .structure import STRUCTURE
@@ -139,13 +139,13 @@ class Recipe:
         for s in self.steps:
             # a field another setting of the step determines (an N:M pattern fixes the sparsity) is not overridden
             fixed = getattr(s.build(), "fixed_fields", set)()
-            names = {f.name for f in fields(find(s.method))} - fixed
+            names = setting_names(find(s.method)) - fixed  # (fields, their flat aliases, 'group.field')
             mine = {k: v for k, v in settings.items() if k in names}
             used |= set(mine)
             steps.append(Step(s.method, {**s.settings, **mine}))
         unknown = sorted(set(settings) - used)
         if unknown:
-            known = sorted({f.name for s in self.steps for f in fields(find(s.method)) if f.init})
+            known = sorted({n for s in self.steps for n in setting_names(find(s.method))})
             close = difflib.get_close_matches(unknown[0], known, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"--set {', '.join(unknown)}: no step of the recipe has such a setting.{hint} "

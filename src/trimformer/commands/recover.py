@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import parse_pairs
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -47,7 +49,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints from an earlier run")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any RecoverConfig field, e.g. --set temperature=2 --set gmp_sparsity=0.6")
+                   help="any RecoverConfig setting by its flat name, e.g. --set temperature=2 --set gmp_sparsity=0.6 "
+                   "(or nested: --set gmp.sparsity=0.6)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_recover)
 
@@ -65,15 +68,7 @@ def config_from_args(args: argparse.Namespace):
         "checkpoint_dir": args.checkpoint_dir or f"{out}.checkpoints", "checkpoint_every": args.checkpoint_every,
         "resume": not args.no_resume,
     }
-    extra = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: use FIELD=VALUE, e.g. --set temperature=2")
-        k, v = item.split("=", 1)
-        extra[k.strip()] = v.strip()
-    if isinstance(extra.get("hidden_map"), str):
-        extra["hidden_map"] = [int(x) for x in extra["hidden_map"].split(",")]
-    return RecoverConfig(**coerce_fields(RecoverConfig, {**settings, **extra}))
+    return RecoverConfig(**coerce_fields(RecoverConfig, {**settings, **parse_pairs(args.set)}))
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -96,8 +91,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     else:
         ids = D.tokenize(tok, D.read_text(args.data, args.data_field))
     windows = D.windows(ids, max(ids.numel() // args.seq_len, 1), args.seq_len, what=f"training data {args.data!r}")
-    print(f"recover: {windows.shape[0]} windows x {args.seq_len} tokens, {cfg.steps} steps of {cfg.batch_size}, "
-          f"loss {cfg.loss}, {'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning of the blocks'}")
+    print(f"recover: {windows.shape[0]} windows x {args.seq_len} tokens, {cfg.schedule.steps} steps of "
+          f"{cfg.schedule.batch_size}, loss {cfg.objective.loss}, "
+          f"{'LoRA r=' + str(cfg.lora.rank) if cfg.lora.rank else 'full fine-tuning of the blocks'}")
     try:
         recover_(student, teacher, windows, cfg, progress=not quiet())
     except NonFiniteLossError as e:
@@ -106,12 +102,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
     entry = student.trimformer_history[-1]
     r = entry["result"]
     if r["resumed_from"]:
-        print(f"resumed from step {r['resumed_from']} ({cfg.checkpoint_dir})")
+        print(f"resumed from step {r['resumed_from']} ({cfg.checkpoint.dir})")
     save_pretrained(student, args.out, tokenizer=tok, overwrite=args.overwrite,
                     extra_files={"trimformer_recover.json": {**entry, "teacher": args.teacher, "data": args.data,
                                                               "seq_len": args.seq_len}})
     if args.checkpoint_dir is None:
-        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+        shutil.rmtree(cfg.checkpoint.dir, ignore_errors=True)
     first, last = (r["losses"][0], r["losses"][-1]) if r["losses"] else (float("nan"),) * 2
     print(f"loss {first:.4f} -> {last:.4f}, {r['tokens_per_s']:.0f} tokens/s; saved {args.out}")
     return 0

@@ -31,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a method setting, e.g. threshold=0.47 (default: keep=0.02 threshold=0.47 features=hidden)")
     d.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a DistillConfig field, e.g. lr=3e-5, loss=cos+sim+rank, train=norms, max_minutes=15")
+                   help="a DistillConfig setting, e.g. lr=3e-5, loss=cos+sim+rank, train=norms, max_minutes=15")
     d.add_argument("--docstrings", action="store_true", help="also train on standard-library docstrings")
     d.add_argument("--out", required=True, help="folder for the fine-tuned model (HF format)")
     d.add_argument("--overwrite", action="store_true")
@@ -40,30 +40,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_tokens(args: argparse.Namespace) -> int:
     from .. import anatomy_of, load
-    from ..tokens import TOKENS
-    from ..tokens.bench import evaluate_encoder, paragraph_batches
+    from ..evaluate.encoder import evaluate_encoder, paragraph_batches
+    from ..tokens import build, prune
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for n in names:
-        TOKENS.get(n)  # unknown names fail before the model loads
     field, values = ("flops", args.flops) if args.flops is not None else ("keep", args.keep)
     try:
         keeps = [float(k) for k in values.split(",")]
     except ValueError:
         raise ValueError(f"--{field} {values!r}: expected comma-separated numbers like 0.8,0.6,0.4") from None
-    extra = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        extra[k.strip()] = v.strip()
+    extra = parse_pairs(args.set)
+    methods = [(n, {field: k, **extra}) for n in names for k in keeps]
+    for n, settings in methods:
+        build(n, settings)  # unknown names and bad values fail before the model loads
     model, tok = load(args.model, with_tokenizer=True)
     if anatomy_of(model).causal:
         raise ValueError(f"{args.model} is a decoder; bench-tokens measures encoders. "
                          "For LLM prefill pruning run benchmarks/lazyllm.py")
     batches = paragraph_batches(tok, args.paragraphs, args.batch)
-    methods = [(n, {field: k, **extra}) for n in names for k in keeps]
-    rows = evaluate_encoder(model, batches, methods, args.timing_batches, args.reps)
+    rows = evaluate_encoder(model, batches, methods, args.timing_batches, args.reps, prune=prune)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -78,14 +73,13 @@ def cmd_bench_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def cmd_distill_tokens(args: argparse.Namespace) -> int:
     from .. import anatomy_of, load
+    from ..data import training_paragraphs
     from ..export.hf import save_pretrained
+    from ..recover import DistillConfig, distill_merge_
     from ..registry import coerce_fields
     from ..tokens import build
-    from ..tokens.distill import DistillConfig, distill_merge_, training_paragraphs
 
     settings = parse_pairs(args.set) or {"keep": "0.02", "threshold": "0.47", "features": "hidden"}
     method = build(args.method, settings)  # bad names / values fail before the model loads

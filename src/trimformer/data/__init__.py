@@ -120,3 +120,9 @@ def calibration_windows(tokenizer, source: str = BUILTIN, n: int = 64, length: i
 
 def evaluation_windows(tokenizer, n: int = 64, length: int = 512) -> torch.Tensor:
     return windows(doc_pools(tokenizer)[1], n, length, what="the doc corpus' evaluation pool")
+
+
+from .paragraphs import doc_paragraphs, stdlib_docstrings, training_paragraphs  # noqa: E402  (they read doc_corpus)
+
+__all__ = ["BUILTIN", "DataError", "calibration_windows", "doc_corpus", "doc_paragraphs", "doc_pools",
+           "evaluation_windows", "read_text", "stdlib_docstrings", "tokenize", "training_paragraphs", "windows"]

@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..progress import bar
+from .loop import Callback, Run
 from .loss import Distiller
 
 
@@ -77,3 +79,28 @@ def build(path: str | os.PathLike, distill: Distiller, teacher: nn.Module, data:
         save_file(tensors, str(tmp), metadata={"fingerprint": key, "windows": str(data.shape[0])})
         os.replace(tmp, p)  # a cache is complete or absent
     return TeacherCache(p, key)
+
+
+class TeacherTargets(Callback):
+    """The cache as a part of training: opened (computed first, by process 0 alone) when training starts;
+    `get(rows)` then gives the objective the teacher's targets of those windows."""
+
+    def __init__(self, path: str | os.PathLike, distill: Distiller, teacher: nn.Module, data: torch.Tensor, *,
+                 batch_size: int, rank: int = 0, barrier: Callable[[], None] | None = None, progress: bool = True):
+        self.path, self.distill, self.teacher, self.data = path, distill, teacher, data
+        self.batch_size, self.rank, self.barrier, self.progress = batch_size, rank, barrier, progress
+        self.cache: TeacherCache | None = None
+
+    def start(self, run: Run) -> None:
+        if self.rank == 0:
+            self.cache = build(self.path, self.distill, self.teacher, self.data, batch_size=self.batch_size,
+                               progress=self.progress)
+        if self.barrier is not None:
+            self.barrier()
+        if self.rank != 0:  # (the file exists now: opened, not computed)
+            self.cache = build(self.path, self.distill, self.teacher, self.data, progress=False)
+
+    def get(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            raise RuntimeError("the teacher cache is opened when training starts")
+        return self.cache.get(rows)

@@ -13,14 +13,22 @@ import math
 import torch
 from torch import nn
 
+from .loop import Callback, Run
 
-class Freezer:
+
+class Freezer(Callback):
     """`groups`: block index -> its trained parameters by name. Freezes `fraction` of them at `at_step`."""
+
+    name = "freezer"
 
     def __init__(self, groups: dict[int, dict[str, nn.Parameter]], fraction: float, at_step: int):
         self.groups, self.fraction, self.at_step = groups, fraction, at_step
         self.moved = dict.fromkeys(groups, 0.0)
         self.frozen: list[int] = []
+
+    def after_step(self, run: Run) -> None:
+        self.track(run.opt, run.step)
+        self.maybe_freeze(run.step)
 
     @torch.no_grad()
     def track(self, opt: torch.optim.Optimizer, step: int) -> None:

@@ -62,8 +62,10 @@ class LoRA:
                 delattr(self.model, attr)
 
 
-def attach(model: nn.Module, anatomy: Anatomy, masked: set[str], rank: int, alpha: float) -> LoRA:
-    """Inject rank-`rank` adapters into every block projection; everything else is frozen meanwhile.
+def attach(model: nn.Module, anatomy: Anatomy, masked: set[str], rank: int, alpha: float,
+           only: set[str] | None = None) -> LoRA:
+    """Inject rank-`rank` adapters into every block projection (or those named in `only`); everything else
+    is frozen meanwhile.
 
     `masked`: parameter names ('...up_proj.weight') whose zeros must stay zeros (the masks already applied).
     """
@@ -73,7 +75,7 @@ def attach(model: nn.Module, anatomy: Anatomy, masked: set[str], rank: int, alph
         raise ImportError("LoRA needs the 'peft' package: pip install peft") from e
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    projs = dict(anatomy.projections())
+    projs = {name: proj for name, proj in anatomy.projections() if only is None or name in only}
     transposed = {p.transposed for p in projs.values()}
     if len(transposed) > 1:
         raise ValueError("LoRA over a mix of Linear and Conv1D projections is not supported; use lora_rank=None")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .loop import Callback, Run
+
 
 def cubic_sparsity(step: int, s_init: float, s_final: float, start: int, end: int) -> float:
     """Zhu & Gupta (2017, arXiv:1710.01878): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t_end - t0))^3."""
@@ -110,13 +112,51 @@ class MaskKeeper:
         self.apply_()
 
 
-def gmp_targets(keeper: MaskKeeper, names: list[str], step: int, s_final: float, start: int, end: int,
-                every: int) -> dict[str, float] | None:
-    """Per-layer sparsity for this step, or None when this is not a pruning step."""
-    if step < start or step > end or (step != end and (step - start) % max(every, 1)):
-        return None
-    return {n: max(keeper.initial_sparsity.get(n, 0.0),
-                   cubic_sparsity(step, keeper.initial_sparsity.get(n, 0.0), s_final, start, end)) for n in names}
+class KeepMasks(Callback):
+    """The cuts stay cut: pruned weights get no gradient, and are re-masked after every optimizer step."""
+
+    name = "masks"
+
+    def __init__(self, keeper: MaskKeeper):
+        self.keeper = keeper
+
+    def start(self, run: Run) -> None:
+        self.keeper.attach()
+
+    def after_step(self, run: Run) -> None:
+        self.keeper.apply_()
+
+    def end(self, run: Run) -> None:
+        self.keeper.detach()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.keeper.state()
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.keeper.load(state)
 
 
-__all__ = ["MaskKeeper", "cubic_sparsity", "gmp_targets"]
+class GradualMagnitude(Callback):
+    """Gradual magnitude pruning of the `names` parameters to `sparsity`, cubic schedule from step `start`
+    to step `end`, every `every` steps (a pruning step comes before that step's loss)."""
+
+    def __init__(self, keeper: MaskKeeper, names: list[str], sparsity: float, start: int, end: int, every: int):
+        self.keeper, self.names, self.sparsity = keeper, names, sparsity
+        self.start_step, self.end_step, self.every = start, end, every
+
+    def before_step(self, run: Run) -> None:
+        target = self.targets(run.step)
+        if target is not None:
+            self.keeper.magnitude_step_(self.names, target)
+
+    def targets(self, step: int) -> dict[str, float] | None:
+        """Per-layer sparsity for this step, or None when this is not a pruning step."""
+        start, end = self.start_step, self.end_step
+        if step < start or step > end or (step != end and (step - start) % max(self.every, 1)):
+            return None
+        initial = self.keeper.initial_sparsity
+        return {n: max(initial.get(n, 0.0), cubic_sparsity(step, initial.get(n, 0.0), self.sparsity, start, end))
+                for n in self.names}
+
+
+__all__ = ["GradualMagnitude", "KeepMasks", "MaskKeeper", "cubic_sparsity"]

@@ -12,24 +12,19 @@ so weak groups reach exactly zero and a later width cut (importance 'magnitude')
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..models import Anatomy
-
-PARTS = ("ffn", "heads")
-
-
-def parse_parts(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not parts or not set(parts) <= set(PARTS):
-        raise ValueError(f"group_lasso_parts {text!r}: use 'ffn', 'heads' or 'ffn,heads'")
-    return parts
+from .loop import Callback, Run
 
 
-class GroupLasso:
-    """Views of every group's tensors, per block and part; `norms()` and the proximal step `shrink_(lr)`."""
+class GroupLasso(Callback):
+    """Views of every group's tensors, per block and part ('ffn', 'heads'); `norms()` and the proximal step
+    `shrink_(lr)`, taken after every optimizer step at the learning rate of the next."""
 
-    def __init__(self, anatomy: Anatomy, parts: tuple[str, ...], strength: float):
+    def __init__(self, anatomy: Anatomy, parts: Sequence[str], strength: float):
         """Groups whose tensors are not all trained (frozen on entry) are left alone."""
         self.strength = strength
         # (key, [(tensor view whose dim 0 indexes the groups, (G, ...))])
@@ -51,6 +46,9 @@ class GroupLasso:
                     views.append(q.bias[: nh * d].reshape(nh, d))
                 self.groups.append((f"{b.index}.heads", views))
         self.groups = [(k, views) for k, views in self.groups if all(_root(v).requires_grad for v in views)]
+
+    def after_step(self, run: Run) -> None:
+        self.shrink_(run.opt.param_groups[0]["lr"])
 
     @torch.no_grad()
     def norms(self) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@
 
 The step trains on the recipe's calibration windows. teacher: 'dense' is the model as it was before the
 recipe's first step (`prune_` keeps a copy when a step asks for it); anything else is loaded with
-`trimformer.load` (a bundled name, a folder, a .gguf file).
+`trimformer.load` (a bundled name, a folder, a .gguf file). Settings take their flat names (above) or
+the nested form (`{method: recover, lora: {rank: 8}}`); `filter_fn` limits what trains (see `recover_`).
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..models import Anatomy
+from ..models.load import load
 from ..registry import Registry
 from ..steps import StepContext
-from .train import RecoverConfig, recover_
+from .config import RecoverConfig
+from .train import recover_
 
 RECOVER: Registry = Registry("recover")
 
 
 @RECOVER.register("recover")
-@dataclass
+@dataclass(init=False)
 class RecoverStep(RecoverConfig):
     """Every RecoverConfig field, plus `teacher`: 'dense' (the model before the recipe) or a model to load."""
 
@@ -40,8 +43,7 @@ class RecoverStep(RecoverConfig):
         return self.teacher == "dense"
 
     def config(self) -> RecoverConfig:
-        names = {f.name for f in fields(RecoverConfig) if f.init}
-        return RecoverConfig(**{k: v for k, v in vars(self).items() if k in names})
+        return RecoverConfig(**{f.name: getattr(self, f.name) for f in fields(RecoverConfig) if f.init})
 
     needs_calibration = True
 
@@ -55,9 +57,7 @@ class RecoverStep(RecoverConfig):
                                  "trimformer.prune_, or name a teacher model (teacher: smollm2-135m)")
             teacher = run.dense
         else:
-            from ..models.load import load
-
             teacher = load(self.teacher)
         model = anatomy.model
-        recover_(model, teacher, calibration, self.config(), progress=progress)
+        recover_(model, teacher, calibration, self.config(), filter_fn=run.filter_fn, progress=progress)
         return model.trimformer_history.pop()["result"]  # prune_ records the step itself

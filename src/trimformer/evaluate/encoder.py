@@ -1,49 +1,52 @@
-"""BENCHMARK.md P4 for token pruning in an encoder: embedding fidelity and cost, dense side by side.
+"""BENCHMARK.md P4 for inference-time pruning of an encoder: embedding fidelity and cost, dense side by side.
 
-Shared by `trimformer bench-tokens` and benchmarks/p4_tokens.py.
+Shared by `trimformer bench-tokens` and benchmarks/p4_*.py. The method under test comes in as `prune`,
+a context manager factory (`trimformer.tokens.prune`): measurement does not depend on the methods.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import doc_corpus
-from ..evaluate.quality import mean_pooled
+from ..data import doc_paragraphs
+from ..models import anatomy_of
 from ..progress import bar
-from . import build, prune
+from .quality import mean_pooled
+
+# prune(model, name, **settings) or prune(model, method) -> a session with `.method` and `.flops()`
+Prune = Callable[..., AbstractContextManager[Any]]
 
 
 def paragraph_batches(tokenizer, n: int = 512, batch: int = 32, lo: int = 32, hi: int = 256) -> list[dict]:
     """The doc corpus split into paragraphs; the first n of lo..hi tokens (with specials), in corpus order."""
-    chosen = []
-    for p in doc_corpus().split("\n\n"):
-        if p.strip() and lo <= len(tokenizer(p)["input_ids"]) <= hi:
-            chosen.append(p)
-            if len(chosen) == n:
-                break
+    chosen = doc_paragraphs(tokenizer, n, lo, hi)
     if len(chosen) < n:
         raise ValueError(f"the doc corpus has only {len(chosen)} paragraphs of {lo}-{hi} tokens; ask for fewer")
     return [dict(tokenizer(chosen[i:i + batch], padding=True, return_tensors="pt")) for i in range(0, n, batch)]
 
 
 @torch.no_grad()
-def _embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
+def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
+    """Mean-pooled embeddings of every paragraph: (n, H)."""
     return torch.cat([mean_pooled(model, b["input_ids"], b["attention_mask"]) for b in batches])  # (n, H)
 
 
-def _neighbours(e: torch.Tensor) -> torch.Tensor:
+def neighbours(e: torch.Tensor) -> torch.Tensor:
+    """Index of each row's nearest other row by cosine: (n,)."""
     e = F.normalize(e, dim=-1)
-    return (e @ e.T).fill_diagonal_(-2.0).argmax(1)  # (n,) nearest other paragraph
+    return (e @ e.T).fill_diagonal_(-2.0).argmax(1)  # (n,)
 
 
 @torch.no_grad()
-def _latency_ratio(model: nn.Module, batches: list[dict], method, reps: int) -> float:
+def _latency_ratio(model: nn.Module, batches: list[dict], prune: Prune, method: Any, reps: int) -> float:
     """Median over alternating dense / pruned runs of one batch each: the load here changes fast."""
     ratios = []
     for _ in range(reps):
@@ -61,25 +64,28 @@ def _latency_ratio(model: nn.Module, batches: list[dict], method, reps: int) -> 
 def evaluate_encoder(
     model: nn.Module,
     batches: list[dict],
-    methods: list[tuple[str, dict[str, Any]]],
+    methods: Sequence[tuple[str, dict[str, Any]]],
     timing_batches: int = 2,
     reps: int = 3,
     progress: bool = True,
     reference: torch.Tensor | None = None,
+    *,
+    prune: Prune,
 ) -> list[dict]:
     """One row per (method, settings): cosine mean / p5, nearest-neighbour kept, FLOPs and latency ratios.
-    `reference` (n, H): the dense embeddings to compare with (default: this model's own, unpruned); a
-    model fine-tuned for pruning is compared with the original's."""
-    num_blocks = len(model.get_submodule(_blocks_path(model)))
-    dense = _embed(model, batches) if reference is None else reference
-    nn_dense = _neighbours(dense)
+    `prune`: `trimformer.tokens.prune`. `reference` (n, H): the dense embeddings to compare with (default:
+    this model's own, unpruned); a model fine-tuned for pruning is compared with the original's. A setting
+    the method cannot reach on this model (a ValueError when it attaches) is reported as its row's error."""
+    num_blocks = len(anatomy_of(model).blocks)
+    dense = embed(model, batches) if reference is None else reference
+    nn_dense = neighbours(dense)
     rows = []
     for name, settings in bar(methods, desc="token methods", unit="setting", disable=not progress):
         settings = {"recover": num_blocks, **settings}  # full length out, so mean pooling is unchanged
-        method = build(name, settings)
         pruned, dense_flops, pruned_flops = [], 0.0, 0.0
         try:
-            with prune(model, method) as session:
+            with prune(model, name, **settings) as session:
+                method = session.method
                 for b in batches:
                     pruned.append(mean_pooled(model, b["input_ids"], b["attention_mask"]))
                     f = session.flops()
@@ -90,22 +96,16 @@ def evaluate_encoder(
             continue
         e = torch.cat(pruned)
         cos = F.cosine_similarity(e, dense)
-        lat = _latency_ratio(model, batches[:timing_batches], method, reps)
+        lat = _latency_ratio(model, batches[:timing_batches], prune, method, reps)
         rows.append({
             "method": name,
-            "settings": {k: v for k, v in settings.items()},
+            "settings": dict(settings),
             "solved_schedule": getattr(method, "solved", None),
             "keep": method.keep,
             "cos_mean": cos.mean().item(),
             "cos_p5": cos.quantile(0.05).item(),
-            "nn_unchanged": (_neighbours(e) == nn_dense).float().mean().item(),
+            "nn_unchanged": (neighbours(e) == nn_dense).float().mean().item(),
             "flops_ratio": pruned_flops / dense_flops,
             "latency_ratio": lat,
         })
     return rows
-
-
-def _blocks_path(model: nn.Module) -> str:
-    from ..models import anatomy_of
-
-    return anatomy_of(model).blocks_path
