@@ -7,6 +7,8 @@ import torch
 import transformers as T
 
 T.logging.set_verbosity_error()
+# Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow tests 20x.
+torch.set_num_threads(1)
 
 VOCAB = 259  # = tiny_tokenizer()'s vocabulary
 

@@ -37,11 +37,14 @@ class EvalOptions:
 
     windows: int = 64
     kl_windows: int = 16
+    code_windows: int = 8
     length: int = 512
     measure_speed: bool = True
     speed_runs: int = 5
 
     def __post_init__(self) -> None:
+        if self.code_windows < 0:
+            raise ValueError(f"--code-windows must be >= 0 (0: no out-of-domain check), got {self.code_windows}")
         for name in ("windows", "kl_windows", "speed_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -50,7 +53,7 @@ class EvalOptions:
 
     def __call__(self, model: nn.Module, tokenizer: Any, reference: nn.Module | None) -> dict:
         return evaluate(model, tokenizer, reference=reference, windows=self.windows, kl_windows=self.kl_windows,
-                        length=self.length, measure_speed=self.measure_speed, speed_runs=self.speed_runs,
+                        code_windows=self.code_windows, length=self.length, measure_speed=self.measure_speed, speed_runs=self.speed_runs,
                         progress=not quiet())
 
 

@@ -41,6 +41,8 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
     g = p.add_argument_group("evaluation (BENCHMARK.md P1/P2 on the doc corpus' evaluation pool)")
     g.add_argument("--eval-windows", type=int, default=64, help="evaluation windows for perplexity (default 64)")
     g.add_argument("--kl-windows", type=int, default=16, help="windows for KL / top-1 agreement (default 16)")
+    g.add_argument("--code-windows", type=int, default=8,
+                   help="windows of Python source for an out-of-domain KL / top-1 (default 8; 0: skip)")
     g.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window (default 512)")
     g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
     g.add_argument("--speed-runs", type=int, default=5, help="timed runs per model, median reported (default 5)")
@@ -102,7 +104,8 @@ def _recipe(args: argparse.Namespace):
 def _eval_options(args: argparse.Namespace):
     from ..pipeline import EvalOptions
 
-    return EvalOptions(windows=args.eval_windows, kl_windows=args.kl_windows, length=args.eval_length,
+    return EvalOptions(windows=args.eval_windows, kl_windows=args.kl_windows, code_windows=args.code_windows,
+                       length=args.eval_length,
                        measure_speed=not args.no_speed, speed_runs=args.speed_runs)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from pathlib import Path
 
-from . import parse_pairs
+from . import check_out, parse_pairs
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -75,12 +74,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from .. import data as D
     from .. import load
     from ..export.hf import save_pretrained
-    from ..io import OutputExistsError
     from ..progress import quiet
     from ..recover import NonFiniteLossError, recover_
 
-    if Path(args.out).exists() and not args.overwrite:  # fail now, not after the training
-        raise OutputExistsError(f"output folder {args.out!r} exists; choose another or pass --overwrite")
+    check_out(args.out, args.overwrite, args.model, args.teacher)  # fail now, not after the training
     cfg = config_from_args(args)
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
@@ -89,7 +86,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if args.data == D.BUILTIN:
         ids = D.doc_pools(tok)[0]  # the calibration half only: the evaluation half stays unseen
     else:
-        ids = D.tokenize(tok, D.read_text(args.data, args.data_field))
+        ids = D.tokenize(tok, D.read_text(args.data, args.data_field, "--data-field"))
     windows = D.windows(ids, max(ids.numel() // args.seq_len, 1), args.seq_len, what=f"training data {args.data!r}")
     print(f"recover: {windows.shape[0]} windows x {args.seq_len} tokens, {cfg.schedule.steps} steps of "
           f"{cfg.schedule.batch_size}, loss {cfg.objective.loss}, "
@@ -98,7 +95,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         recover_(student, teacher, windows, cfg, progress=not quiet())
     except NonFiniteLossError as e:
         print(f"trimformer: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     entry = student.trimformer_history[-1]
     r = entry["result"]
     if r["resumed_from"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import parse_pairs
+from . import check_out, parse_pairs
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +84,7 @@ def cmd_distill_tokens(args: argparse.Namespace) -> int:
     settings = parse_pairs(args.set) or {"keep": "0.02", "threshold": "0.47", "features": "hidden"}
     method = build(args.method, settings)  # bad names / values fail before the model loads
     cfg = DistillConfig(**coerce_fields(DistillConfig, parse_pairs(args.train_set, "--train-set")))
+    check_out(args.out, args.overwrite, args.model)
     model, tok = load(args.model, with_tokenizer=True)
     if anatomy_of(model).causal:
         raise ValueError(f"{args.model} is a decoder; distill-tokens fine-tunes encoders for token merging")

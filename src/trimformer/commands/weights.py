@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import check_out
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="re-save a (pruned) model: dense safetensors or compressed-tensors sparse formats")
@@ -31,6 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export.hf import save_pretrained
 
     out = Path(args.out or f"{str(args.model).rstrip('/')}-{args.format}")
+    check_out(out, args.overwrite, args.model)
     model, tok = load(args.model, with_tokenizer=True)
     if args.format == "dense":
         save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)

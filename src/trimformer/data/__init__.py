@@ -16,6 +16,23 @@ class DataError(ValueError):
     pass
 
 
+# The out-of-domain check beside every doc-corpus figure: Python source code (no one calibrates on it).
+CODE_MODULES = ("argparse", "dataclasses", "typing", "collections", "email.message", "http.client")
+
+
+def code_corpus() -> str:
+    """The source of six standard-library modules, read from their files (nothing is imported or run)."""
+    import importlib.util
+
+    texts = []
+    for name in CODE_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            raise DataError(f"this Python has no source file for the standard-library module {name!r}")
+        texts.append(Path(spec.origin).read_text())
+    return "\n\n".join(texts)
+
+
 def doc_corpus() -> str:
     from pydoc_data.topics import topics
 
@@ -118,8 +135,20 @@ def calibration_windows(tokenizer, source: str = BUILTIN, n: int = 64, length: i
     return windows(ids, n, length, what=f"calibration data {source!r}")
 
 
-def evaluation_windows(tokenizer, n: int = 64, length: int = 512) -> torch.Tensor:
+def evaluation_windows(tokenizer, n: int = 64, length: int = 512, corpus: str = "docs") -> torch.Tensor:
+    """P1's evaluation windows: the doc corpus' evaluation half ('docs'), or the out-of-domain stdlib source
+    ('code': the first windows of `code_corpus()`)."""
+    if corpus == "code":
+        hit = _CODE.get(id(tokenizer))
+        if hit is None or hit[0] is not tokenizer:
+            hit = _CODE[id(tokenizer)] = (tokenizer, tokenize(tokenizer, code_corpus()))
+        return windows(hit[1], n, length, what="the stdlib code windows")
+    if corpus != "docs":
+        raise DataError(f"evaluation corpus {corpus!r}: choose 'docs' or 'code'")
     return windows(doc_pools(tokenizer)[1], n, length, what="the doc corpus' evaluation pool")
+
+
+_CODE: dict[int, tuple[object, torch.Tensor]] = {}
 
 
 from .paragraphs import doc_paragraphs, stdlib_docstrings, training_paragraphs  # noqa: E402  (they read doc_corpus)

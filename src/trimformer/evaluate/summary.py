@@ -23,6 +23,7 @@ def evaluate(
     reference: nn.Module | None = None,
     windows: int = 64,
     kl_windows: int = 16,
+    code_windows: int = 8,
     length: int = 512,
     measure_speed: bool = True,
     speed_runs: int = 5,
@@ -31,7 +32,8 @@ def evaluate(
 ) -> dict:
     """Quality against `reference` (the dense model) and cost, on the doc corpus' evaluation pool (P1).
 
-    Decoders: perplexity, KL(dense || model) and top-1 agreement. Encoders: cosine of mean-pooled
+    Decoders: perplexity, KL(dense || model) and top-1 agreement; the same KL and agreement on `code_windows`
+    windows of Python source (out of domain: nobody calibrates on it; 0 skips it). Encoders: cosine of mean-pooled
     embeddings against the reference. Cost: parameters, non-zeros, FLOPs/token, bytes; speed and peak memory.
     """
     a = anatomy_of(model)
@@ -51,10 +53,15 @@ def evaluate(
         if reference is not None:
             quality["ppl_reference"] = perplexity(reference, ev, progress)
             quality.update(kl_top1(model, reference, ev[:kl_windows], progress))
+            if code_windows:
+                code = data.evaluation_windows(tokenizer, n=code_windows, length=length, corpus="code")
+                quality.update({f"{k}_code": v for k, v in kl_top1(model, reference, code, progress).items()})
     elif reference is not None:
         quality.update(embedding_fidelity(model, reference, ev, progress))
     report["protocol"] = {"corpus": "python-docs (pydoc_data.topics), evaluation pool", "windows": windows,
-                          "window_tokens": length, "kl_windows": min(kl_windows, windows) if a.causal else windows}
+                          "window_tokens": length, "kl_windows": min(kl_windows, windows) if a.causal else windows,
+                          "code_windows": code_windows if a.causal and reference is not None else 0,
+                          "code": f"stdlib source ({', '.join(data.CODE_MODULES)}), out of domain"}
     report["quality"] = quality
     c = cost(model, context=length)
     if reference is not None:
@@ -119,6 +126,9 @@ def to_markdown(report: dict) -> str:
     if "kl" in q:
         row(f"KL(dense ‖ model), {p.get('kl_windows')} windows", q["kl"], 0.0)
         row("top-1 agreement with dense", q["top1_agree"], 1.0, "pct")
+    if "kl_code" in q:
+        row(f"KL(dense ‖ model), out of domain: Python source, {p.get('code_windows')} windows", q["kl_code"], 0.0)
+        row("top-1 agreement with dense, Python source", q["top1_agree_code"], 1.0, "pct")
     if "cos_mean" in q:
         row("embedding cosine vs dense, mean", q["cos_mean"], 1.0)
         row("embedding cosine vs dense, 5th percentile", q["cos_p5"], 1.0)

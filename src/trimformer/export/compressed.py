@@ -27,6 +27,7 @@ from torch import nn
 
 from ..io import atomic_dir
 from ..models import anatomy_of
+from ..models.load import model_class
 from .hf import add_legacy_fields
 
 FORMATS = (CompressionFormat.sparse_bitmask.value, CompressionFormat.sparse_24_bitmask.value)
@@ -106,8 +107,6 @@ def save_compressed(model: nn.Module, out: str | os.PathLike, *, fmt: str = "aut
 def load_compressed(path: str | os.PathLike) -> nn.Module:
     """A compressed-tensors sparse checkpoint (sparse-bitmask / sparse-24-bitmask) back as a dense model, eval mode."""
     from transformers import AutoConfig
-
-    from ..models.load import model_class
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())

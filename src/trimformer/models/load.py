@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from ..io import atomic_dir
 from .modeling_file import MODELING_FILE, is_ours
 
 
@@ -263,8 +264,6 @@ def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32)
         model = _without_quantization_config(model)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
-        from ..io import atomic_dir
-
         with atomic_dir(cache, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)

@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from ..io import atomic_dir
+
 COST_AXES = {  # name -> (label, getter)
     "nonzeros": ("non-zero parameters (share of dense)", lambda r: r["cost"]["nonzeros"] / r["cost"].get("nonzeros_reference", r["cost"]["nonzeros"])),
     "params": ("parameters (share of dense)", lambda r: r["cost"]["params"] / r["cost"].get("params_reference", r["cost"]["params"])),
@@ -90,8 +92,6 @@ def layer_sparsity(report: dict, path: str | os.PathLike = "sparsity.png") -> Pa
 
 def write_report(inputs: list[str], out: str | os.PathLike, x: str = "nonzeros", overwrite: bool = False) -> Path:
     """A folder with frontier.png, per-run sparsity plots and index.md (a table of every run)."""
-    from ..io import atomic_dir
-
     reports = [load_report(p) for p in inputs]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         frontier(reports, x, tmp / "frontier.png")
