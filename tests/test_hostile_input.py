@@ -177,11 +177,19 @@ def test_output_under_a_file_is_refused_before_loading(folder, tmp_path, capsys)
                "--out", str(tmp_path / "afile" / "out"), *FAST, match="is a file, not a folder")
 
 
-def test_not_enough_disk_is_refused_before_work(tmp_path):
+def test_not_enough_disk_is_refused_before_work(folder, tmp_path, monkeypatch, capsys):
+    import shutil
+
     from trimformer.io import check_output
+    from trimformer.models.load import estimate_bytes
 
     with pytest.raises(OutputError, match="not enough disk space"):
         check_output(tmp_path / "out", need_bytes=1 << 62)
+    assert estimate_bytes(folder) == (folder / "model.safetensors").stat().st_size
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))  # a full disk
+    user_error(capsys, "prune", "--model", str(folder), "--method", "magnitude", "--out", str(tmp_path / "o"),
+               *FAST, match="not enough disk space")
 
 
 def test_stale_temporary_folder_of_a_killed_run_is_cleaned(tmp_path, capsys):

@@ -25,7 +25,7 @@ from .evaluate import evaluate, to_markdown
 from .export import save
 from .io import check_output
 from .methods import Recipe
-from .models.load import load, resolve_local
+from .models.load import estimate_bytes, load, resolve_local
 from .progress import quiet
 
 __all__ = ["EvalOptions", "Job", "Result", "run"]
@@ -100,7 +100,9 @@ def run(job: Job, say: Callable[..., None] = _stderr) -> Result:
     """Run `job`; the output folder appears only when everything succeeded."""
     steps = job.recipe.build()
     if job.out is not None:
-        check_output(job.out, overwrite=job.overwrite, inputs=[p for p in [resolve_local(job.model)] if p])
+        # the pruned checkpoint is at most the dense one's size (fp32); a little room for the reports
+        check_output(job.out, overwrite=job.overwrite, inputs=[p for p in [resolve_local(job.model)] if p],
+                     need_bytes=int(1.05 * estimate_bytes(job.model)) + (1 << 20))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model, tok = load(job.model, with_tokenizer=True)

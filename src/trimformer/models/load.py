@@ -151,6 +151,30 @@ def resolve_local(name_or_path: str | os.PathLike) -> Path | None:
     return p if p.exists() else None
 
 
+def estimate_bytes(name_or_path: str | os.PathLike) -> int:
+    """About how many bytes the model's weights take in fp32 on disk (0 when unknown: a hub id), read from the
+    files without loading them: a checkpoint's weight files, or a GGUF's tensor shapes."""
+    text = str(name_or_path)
+    if text in BUNDLED and BUNDLED[text].gguf and (_cache_dir(text) / "config.json").is_file():
+        return estimate_bytes(_cache_dir(text))
+    try:
+        where, gguf_name = resolve(text)
+    except ModelNotFoundError:
+        return 0
+    if gguf_name:
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(str(Path(where) / gguf_name))
+        except (ValueError, OSError):
+            return 0  # a damaged file is reported by `load`
+        return 4 * sum(int(t.n_elements) for t in reader.tensors)
+    folder = Path(where)
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+
+
 def load(
     name_or_path: str | os.PathLike,
     *,
