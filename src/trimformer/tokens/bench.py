@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data import doc_corpus
 from ..evaluate.quality import mean_pooled
+from ..evaluate.retrieval import neighbour_in_topk
 from ..progress import bar
 from . import build, prune
 
@@ -67,7 +68,8 @@ def evaluate_encoder(
     progress: bool = True,
     reference: torch.Tensor | None = None,
 ) -> list[dict]:
-    """One row per (method, settings): cosine mean / p5, nearest-neighbour kept, FLOPs and latency ratios.
+    """One row per (method, settings): cosine mean / p5, nearest neighbour unchanged and dense neighbour in
+    the pruned top 3, FLOPs and latency ratios.
     `reference` (n, H): the dense embeddings to compare with (default: this model's own, unpruned); a
     model fine-tuned for pruning is compared with the original's."""
     num_blocks = len(model.get_submodule(_blocks_path(model)))
@@ -99,6 +101,7 @@ def evaluate_encoder(
             "cos_mean": cos.mean().item(),
             "cos_p5": cos.quantile(0.05).item(),
             "nn_unchanged": (_neighbours(e) == nn_dense).float().mean().item(),
+            "nn_top3": neighbour_in_topk(dense, e, 3),
             "flops_ratio": pruned_flops / dense_flops,
             "latency_ratio": lat,
         })
