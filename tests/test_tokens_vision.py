@@ -99,6 +99,7 @@ def test_acc_speedup_on_dinov2(dinov2, monkeypatch):
     t = acc.measure_block(anatomy_of(dinov2), 32, 2)  # real timings of a DINOv2 block (layer scale, no mask)
     assert len(t) == len(acc.GRID) and all(x > 0 for x in t)
     monkeypatch.setattr(acc, "measure_block", lambda anatomy, tokens, batch: list(acc.GRID))  # noise-free
+    monkeypatch.setattr(acc, "measure_decision", lambda anatomy, tokens, batch: [0.0] * len(acc.GRID))
     m = tokens.build("acc", {"speedup": 1.3, "recover": L})
     with tokens.prune(dinov2, m) as s:
         last_hidden(dinov2, pixels(1, seed=5))
