@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -105,9 +106,9 @@ def run(args: argparse.Namespace) -> dict:
         r["latency_b1"], r["dense_s_b1"] = latency_ratio(model, method, one, args.reps)
         r["latency_b32"], r["dense_s_b32"] = latency_ratio(model, method, b32, args.reps)
         print(json.dumps({k: r[k] for k in ("method", "settings", "flops_ratio", "latency_b1", "latency_b32")}), flush=True)
-    result.update({"threads": args.threads, "reps": args.reps, "b1_images": len(one), "b32_batches": len(b32),
+    result.update({"where": args.where, "threads": args.threads, "reps": args.reps, "b1_images": len(one), "b32_batches": len(b32),
                    "targets": check_targets(result["rows"]),
-                   "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + " ".join(sys.argv[1:])})
+                   "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])})
     return result
 
 
@@ -183,7 +184,8 @@ def write(result: dict, out: Path) -> None:
     lines = [
         f"# P4-vision: {result['model']}, {result['sources']} images x {result['views']} views = {result['images']}",
         "",
-        f"`{result['command'].strip()}` under the shared lock; {result['threads']} thread(s). Recall@1 / mAP: "
+        f"`{result['command'].strip()}` {result.get('where', 'under the shared lock')}; {result['threads']} thread(s). "
+        "Recall@1 / mAP: "
         "same-source retrieval among all views; cos: cosine to the dense feature; FLOPs: blocks (scoring included); "
         f"latency: median pruned / dense ratio over alternating runs ({result['b1_images']} single images and "
         f"{result['b32_batches']} batch(es) of 32, x {result['reps']}). Dense: {d['cls']['recall@1']:.4f} / "
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="1: with the CPU shared, 2 threads stall at barriers")
     p.add_argument("--out", default=str(OUT / "p4_vision"))
+    p.add_argument("--where", default="under the shared lock", help="how the timings were taken, for the report")
     p.add_argument("--part", choices=("all", "quality", "timing"), default="all",
                    help="quality: no timings, no lock needed; timing: add timings to a saved quality pass")
     args = p.parse_args(argv)
