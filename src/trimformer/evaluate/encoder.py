@@ -20,6 +20,7 @@ from ..data import doc_paragraphs
 from ..models import anatomy_of
 from ..progress import bar
 from .quality import mean_pooled
+from .retrieval import neighbour_in_topk
 
 # prune(model, name, **settings) or prune(model, method) -> a session with `.method` and `.flops()`
 Prune = Callable[..., AbstractContextManager[Any]]
@@ -72,7 +73,8 @@ def evaluate_encoder(
     *,
     prune: Prune,
 ) -> list[dict]:
-    """One row per (method, settings): cosine mean / p5, nearest-neighbour kept, FLOPs and latency ratios.
+    """One row per (method, settings): cosine mean / p5, nearest neighbour unchanged and dense neighbour in the
+    pruned top 3, FLOPs and latency ratios.
     `prune`: `trimformer.tokens.prune`. `reference` (n, H): the dense embeddings to compare with (default:
     this model's own, unpruned); a model fine-tuned for pruning is compared with the original's. A setting
     the method cannot reach on this model (a ValueError when it attaches) is reported as its row's error."""
@@ -105,6 +107,7 @@ def evaluate_encoder(
             "cos_mean": cos.mean().item(),
             "cos_p5": cos.quantile(0.05).item(),
             "nn_unchanged": (neighbours(e) == nn_dense).float().mean().item(),
+            "nn_top3": neighbour_in_topk(dense, e, 3),
             "flops_ratio": pruned_flops / dense_flops,
             "latency_ratio": lat,
         })

