@@ -13,17 +13,10 @@ from test_structure_surgery import _deeper
 
 import trimformer
 from trimformer.models import anatomy_of, count_parameters
-from trimformer.structure.depth import silenced
-from trimformer.structure.probe import Probe, swapped
-from trimformer.structure.search import (
-    BudgetTooSmallError,
-    down_stats,
-    ffn_cut,
-    head_cut,
-    latency_table,
-    options,
-    score_library,
-)
+from trimformer.structure.budget import BudgetError
+from trimformer.structure.importance import probe_stats
+from trimformer.structure.options import ffn_cut, head_cut, latency_table, options, score_library
+from trimformer.structure.probe import Probe, silenced, swapped
 
 
 def _full_kl(model, dense, ids):
@@ -59,7 +52,7 @@ def test_padded_ffn_cut_scores_what_the_surgery_gives(calib):
     an = anatomy_of(model)
     probe = Probe(an, calib, precision="fp32")
     b = an.blocks[1]
-    cut = ffn_cut(b, 48, down_stats(probe, b))
+    cut = ffn_cut(b, 48, probe_stats(probe, b))
     with swapped(b.mlp.down, cut.padded(b.mlp.intermediate_size)):
         kl = probe.kl_from(1)
     assert torch.equal(b.mlp.down.weight, dense.model.layers[1].mlp.down_proj.weight)  # restored
@@ -81,7 +74,7 @@ def test_padded_head_cut_scores_what_the_surgery_gives(calib, key, kept):
     probe = Probe(an, calib, precision="fp32")
     b = an.blocks[1]
     a = b.attention
-    cut = head_cut(b, key, down_stats(probe, b, a.o))
+    cut = head_cut(b, key, probe_stats(probe, b, a.o))
     heads, shape = kept
     if heads is not None:
         assert cut.heads.tolist() in heads  # a whole group: both of its query heads
@@ -218,7 +211,7 @@ def test_search_clear_errors(calib):
         trimformer.build("search", {"widths": "0.5,1.5"})
     with pytest.raises(ValueError, match="pre-norm decoders"):
         trimformer.prune_(tiny("bert"), trimformer.build("search", {}), calibration=calib, progress=False)
-    with pytest.raises(BudgetTooSmallError):  # the tiny model's embeddings alone exceed 10 % of its params
+    with pytest.raises(BudgetError):  # the tiny model's embeddings alone exceed 10 % of its params
         trimformer.prune_(tiny("llama"), trimformer.build("search", {"target": "params=0.1"}), calibration=calib,
                           progress=False)
 

@@ -2,6 +2,9 @@
 
     trimformer.prune_(model, trimformer.build("width", {"target": "params=0.8"}), calibration=calib)
     trimformer.structure.save(model, "out/")   # plain HF, or per-layer shapes + trimformer_modeling.py
+
+Every method subclasses base.StructurePruner and takes a budget of budget.py (params=, flops=, latency=,
+compute=, remove=).
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from ..registry import Registry
 
 STRUCTURE: Registry = Registry("structure")
 
-from . import depth, search, width  # noqa: E402  (fill STRUCTURE)
+from . import depth, finercut, search, width  # noqa: E402  (fill STRUCTURE)
+from .budget import Budget, BudgetError  # noqa: E402
 from .export import save  # noqa: E402
 from .sensitivity import sensitivity  # noqa: E402
 
-__all__ = ["STRUCTURE", "depth", "save", "search", "sensitivity", "width"]
+__all__ = ["STRUCTURE", "Budget", "BudgetError", "depth", "finercut", "save", "search", "sensitivity", "width"]
