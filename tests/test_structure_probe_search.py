@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -152,6 +153,17 @@ def test_library_finds_planted_dead_sublayers(calib):
     assert set(cuts[1]) == {0.5}
 
 
+def _option_error(choice: str, errors: dict[str, float]) -> float:
+    """The measured error of a choice such as 'attn-kv1+ffn0.5' or 'removed' (attention and FFN errors add,
+    each clipped at 0 as a KL is)."""
+    attn, ffn = ("no-attn", "ffn0") if choice == "removed" else choice.split("+")
+    a = {"attn": 0.0, "no-attn": errors.get("attn", 0.0)}.get(attn)
+    if a is None:  # attn-kvK or attn-qH: a head cut, keyed ('kv', K) / ('q', H)
+        kind, n = re.fullmatch(r"attn-(kv|q)(\d+)", attn).groups()
+        a = errors[str((kind, int(n)))]
+    return max(0.0, a) + max(0.0, errors[str(float(ffn[3:]))])
+
+
 def test_search_params_budget_respected_and_dead_parts_chosen(calib):
     model = _deeper(tiny("llama"), 4)
     an = anatomy_of(model)
@@ -166,8 +178,11 @@ def test_search_params_budget_respected_and_dead_parts_chosen(calib):
     assert count_parameters(model) / n0 <= 0.8 + 1e-9
     assert res["choices"][1] == "removed"
     assert model.config.num_hidden_layers == len(anatomy_of(model).blocks)
-    # the cheapest fit: block 1 gone costs nothing, so the predicted error equals the measured one alone
-    assert res["predicted_error"] >= 0
+    # the predicted error is the sum of the chosen options' measured errors; block 1 gone adds nothing to it
+    errs = res["errors"]
+    assert errs[1]["attn"] == pytest.approx(0.0, abs=1e-7) and errs[1]["0.0"] == pytest.approx(0.0, abs=1e-7)
+    assert res["predicted_error"] == pytest.approx(sum(_option_error(c, e) for c, e in zip(res["choices"], errs)),
+                                                   rel=1e-12, abs=1e-15)
     out = model.generate(calib[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
     if all(c == "removed" or c == "attn+ffn1" for c in res["choices"]):
