@@ -16,7 +16,7 @@ from p1p2_structure import Reference, _ppl
 import trimformer
 from trimformer import data
 from trimformer.models import anatomy_of
-from trimformer.structure.depth import silenced
+from trimformer.structure.probe import silenced
 
 
 def main() -> None:

@@ -28,7 +28,8 @@ import trimformer
 from trimformer import data
 from trimformer.models import anatomy_of
 from trimformer.steps import StepContext
-from trimformer.structure.depth import FinerCut, silenced
+from trimformer.structure.finercut import FinerCut
+from trimformer.structure.probe import silenced
 
 OUT = Path(__file__).parent / "results" / "finercut_selection.jsonl"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import inspect
 import json
 import os
@@ -175,8 +174,9 @@ def depth_part(dense, ctx) -> list[dict]:
     """Block influence removes 20 % of the blocks; FinerCut removes the same share of the blocks' matmul
     compute (parameters) in sublayers, never more. Both are also scored by FinerCut's own calibration-side
     criterion (KL on its calibration windows), so a search failure and a criterion failure can be told apart."""
-    from trimformer.structure.depth import FinerCut, silenced
-    from trimformer.structure.probe import Probe
+    from trimformer.config import settings
+    from trimformer.structure.finercut import FinerCut
+    from trimformer.structure.probe import Probe, silenced
 
     a = ctx["args"]
     rows = []
@@ -215,7 +215,7 @@ def depth_part(dense, ctx) -> list[dict]:
         rows.append(measure(f"finercut {fc}{tag}", m, dense, ctx, time.perf_counter() - t0,
                             {"removed": res["final"], "greedy": res["removed"], "swaps": res["swaps"],
                              "calib_kl": res["kl"], "greedy_calib_kl": res["greedy_kl"], "fused": res.get("fused"),
-                             "compute_removed": res["compute_removed"], "config": dataclasses.asdict(cfg)}))
+                             "compute_removed": res["compute_removed"], "config": settings(cfg)}))
     return rows
 
 

@@ -10,7 +10,7 @@ from conftest import tiny
 
 import trimformer
 from trimformer.models import anatomy_of, count_parameters
-from trimformer.structure.width import BudgetError
+from trimformer.structure.budget import BudgetError
 
 
 def _prune(model, name, calib, **settings):
@@ -152,20 +152,20 @@ def test_finercut_whole_block_moves_ranked_per_compute(calib):
 def test_finercut_refine_never_worsens_and_reports_the_kl_of_the_cut_model(calib):
     import torch.nn.functional as F
 
-    from trimformer.structure.depth import _sublayer_params
+    from trimformer.structure.costs import sublayer_params
 
     model = _deep_llama(6)
     dense = copy.deepcopy(model)
     an = anatomy_of(model)
-    per_block = _sublayer_params(an.blocks[0], "attn") + _sublayer_params(an.blocks[0], "mlp")
+    per_block = sublayer_params(an.blocks[0], "attn") + sublayer_params(an.blocks[0], "mlp")
     res = _prune(model, "finercut", calib, compute=0.3, windows=4, length=32, refine=3, shortlist=4,
                  precision="fp32", rank="per-compute", blocks=True).trimformer_history[-1]["result"]
     assert res["kl"] <= res["greedy_kl"] + 1e-9  # a swap is kept only if it lowers the calibration KL
     assert len(res["swaps"]) <= 3
-    gone = sum(_sublayer_params(anatomy_of(dense).blocks[i], k) for i, k in res["final"])
+    gone = sum(sublayer_params(anatomy_of(dense).blocks[i], k) for i, k in res["final"])
     assert gone == pytest.approx(res["compute_removed"] * 6 * per_block)
     assert res["compute_removed"] <= 0.3 + 1e-9  # never more than the budget; attention is the smallest step
-    assert res["compute_removed"] > 0.3 - _sublayer_params(an.blocks[0], "attn") / (6 * per_block)
+    assert res["compute_removed"] > 0.3 - sublayer_params(an.blocks[0], "attn") / (6 * per_block)
     # the KL the search reports is the cut model's KL to the dense one on the same windows
     p = F.log_softmax(dense(input_ids=calib).logits.float(), -1)
     q = F.log_softmax(model(input_ids=calib).logits.float(), -1)

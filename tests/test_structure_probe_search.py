@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -13,17 +14,10 @@ from test_structure_surgery import _deeper
 
 import trimformer
 from trimformer.models import anatomy_of, count_parameters
-from trimformer.structure.depth import silenced
-from trimformer.structure.probe import Probe, swapped
-from trimformer.structure.search import (
-    BudgetTooSmallError,
-    down_stats,
-    ffn_cut,
-    head_cut,
-    latency_table,
-    options,
-    score_library,
-)
+from trimformer.structure.budget import BudgetError
+from trimformer.structure.importance import probe_stats
+from trimformer.structure.options import ffn_cut, head_cut, latency_table, options, score_library
+from trimformer.structure.probe import Probe, silenced, swapped
 
 
 def _full_kl(model, dense, ids):
@@ -59,7 +53,7 @@ def test_padded_ffn_cut_scores_what_the_surgery_gives(calib):
     an = anatomy_of(model)
     probe = Probe(an, calib, precision="fp32")
     b = an.blocks[1]
-    cut = ffn_cut(b, 48, down_stats(probe, b))
+    cut = ffn_cut(b, 48, probe_stats(probe, b))
     with swapped(b.mlp.down, cut.padded(b.mlp.intermediate_size)):
         kl = probe.kl_from(1)
     assert torch.equal(b.mlp.down.weight, dense.model.layers[1].mlp.down_proj.weight)  # restored
@@ -81,7 +75,7 @@ def test_padded_head_cut_scores_what_the_surgery_gives(calib, key, kept):
     probe = Probe(an, calib, precision="fp32")
     b = an.blocks[1]
     a = b.attention
-    cut = head_cut(b, key, down_stats(probe, b, a.o))
+    cut = head_cut(b, key, probe_stats(probe, b, a.o))
     heads, shape = kept
     if heads is not None:
         assert cut.heads.tolist() in heads  # a whole group: both of its query heads
@@ -159,6 +153,17 @@ def test_library_finds_planted_dead_sublayers(calib):
     assert set(cuts[1]) == {0.5}
 
 
+def _option_error(choice: str, errors: dict[str, float]) -> float:
+    """The measured error of a choice such as 'attn-kv1+ffn0.5' or 'removed' (attention and FFN errors add,
+    each clipped at 0 as a KL is)."""
+    attn, ffn = ("no-attn", "ffn0") if choice == "removed" else choice.split("+")
+    a = {"attn": 0.0, "no-attn": errors.get("attn", 0.0)}.get(attn)
+    if a is None:  # attn-kvK or attn-qH: a head cut, keyed ('kv', K) / ('q', H)
+        kind, n = re.fullmatch(r"attn-(kv|q)(\d+)", attn).groups()
+        a = errors[str((kind, int(n)))]
+    return max(0.0, a) + max(0.0, errors[str(float(ffn[3:]))])
+
+
 def test_search_params_budget_respected_and_dead_parts_chosen(calib):
     model = _deeper(tiny("llama"), 4)
     an = anatomy_of(model)
@@ -173,8 +178,11 @@ def test_search_params_budget_respected_and_dead_parts_chosen(calib):
     assert count_parameters(model) / n0 <= 0.8 + 1e-9
     assert res["choices"][1] == "removed"
     assert model.config.num_hidden_layers == len(anatomy_of(model).blocks)
-    # the cheapest fit: block 1 gone costs nothing, so the predicted error equals the measured one alone
-    assert res["predicted_error"] >= 0
+    # the predicted error is the sum of the chosen options' measured errors; block 1 gone adds nothing to it
+    errs = res["errors"]
+    assert errs[1]["attn"] == pytest.approx(0.0, abs=1e-7) and errs[1]["0.0"] == pytest.approx(0.0, abs=1e-7)
+    assert res["predicted_error"] == pytest.approx(sum(_option_error(c, e) for c, e in zip(res["choices"], errs)),
+                                                   rel=1e-12, abs=1e-15)
     out = model.generate(calib[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
     if all(c == "removed" or c == "attn+ffn1" for c in res["choices"]):
@@ -218,7 +226,7 @@ def test_search_clear_errors(calib):
         trimformer.build("search", {"widths": "0.5,1.5"})
     with pytest.raises(ValueError, match="pre-norm decoders"):
         trimformer.prune_(tiny("bert"), trimformer.build("search", {}), calibration=calib, progress=False)
-    with pytest.raises(BudgetTooSmallError):  # the tiny model's embeddings alone exceed 10 % of its params
+    with pytest.raises(BudgetError):  # the tiny model's embeddings alone exceed 10 % of its params
         trimformer.prune_(tiny("llama"), trimformer.build("search", {"target": "params=0.1"}), calibration=calib,
                           progress=False)
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from trimformer.structure.search import BudgetTooSmallError, Candidate, choose
+from trimformer.structure.budget import BudgetError, Candidate, choose
 
 
 def test_mip_finds_the_known_optimum_of_a_hand_made_case():
@@ -38,5 +38,5 @@ def test_mip_matches_brute_force_and_respects_budget():
 
 def test_budget_below_minimum_is_a_clear_error():
     lib = [[Candidate("keep", 0, 3), Candidate("drop", 1, 1)]] * 2
-    with pytest.raises(BudgetTooSmallError, match="below the cheapest possible architecture"):
+    with pytest.raises(BudgetError, match="below the cheapest possible architecture"):
         choose(lib, 1)

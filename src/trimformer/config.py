@@ -296,10 +296,10 @@ def plain(value: Any) -> Any:
         return {k: plain(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if callable(getattr(type(value), "parse", None)):  # before the dataclass test: a budget is a dataclass too
+        return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return settings(value)
-    if callable(getattr(type(value), "parse", None)):
-        return str(value)
     return value
 
 

@@ -138,7 +138,10 @@ class Recipe:
         steps = []
         for s in self.steps:
             # a field another setting of the step determines (an N:M pattern fixes the sparsity) is not overridden
-            fixed = getattr(s.build(), "fixed_fields", set)()
+            try:
+                fixed = getattr(s.build(), "fixed_fields", set)()
+            except ValueError:  # incomplete until the overrides land (a budget given by --set); build() reports it
+                fixed = set()
             names = setting_names(find(s.method)) - fixed  # (fields, their flat aliases, 'group.field')
             mine = {k: v for k, v in settings.items() if k in names}
             used |= set(mine)

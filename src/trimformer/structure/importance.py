@@ -2,17 +2,23 @@
 
 A group is a set of input columns of an output projection (`mlp.down` for a neuron, `attn.o` for
 a head). Every criterion is one function `score(W, st, groups) -> (G,)`, higher = keep, in units of
-squared output error per token so that groups of different blocks and kinds compare.
+squared output error per token so that groups of different blocks and kinds compare. The statistics they
+read (`InputStats`) are collected on calibration blocks (`output_error_stats`) or on a probe (`probe_stats`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from ..models import Proj
+from ..calibrate import BlockCalib
+from ..models import Block, Proj
+from .probe import Probe
+
+Criterion = Literal["hessian", "activation", "flap", "magnitude", "taylor", "fisher", "spectral"]  # = IMPORTANCE
 
 
 @dataclass
@@ -192,3 +198,38 @@ def least_squares(p: Proj, keep: torch.Tensor, st: InputStats, bias: bool) -> tu
     if bias:
         return Wn[:, :-1].float(), Wn[:, -1].float()
     return Wn.float(), None
+
+
+# -- collecting the statistics ------------------------------------------------------------------
+@torch.no_grad()
+def output_error_stats(bc: BlockCalib, p: Proj) -> InputStats:
+    """Input statistics of `p` over every calibration batch; with a dense stream, also the block's output error
+    (dense block on dense inputs minus this block on its inputs) at the same tokens."""
+    st = InputStats()
+    seen: list[torch.Tensor] = []
+    h = p.module.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    try:
+        with bc.compute(), torch.no_grad():
+            for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
+                y = bc.block.module(x, **kw)
+                error = None
+                if bc.dense is not None:
+                    yd = bc.dense(bc.dense_inputs[i], **kw)
+                    error = (yd[0] if isinstance(yd, tuple) else yd).float() - (y[0] if isinstance(y, tuple) else y).float()
+                st.add(seen.pop(), error)
+    finally:
+        h.remove()
+    return st
+
+
+@torch.no_grad()
+def probe_stats(probe: Probe, block: Block, proj: Proj | None = None) -> InputStats:
+    """Input statistics of the block's down_proj (or `proj`) on the probe's cached inputs of that block."""
+    st = InputStats()
+    p = proj if proj is not None else block.mlp.down
+    h = p.module.register_forward_hook(lambda _m, a, _o: st.add(a[0]))
+    try:
+        probe.run_block(block, probe.block_inputs(block.index))
+    finally:
+        h.remove()
+    return st

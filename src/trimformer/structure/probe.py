@@ -1,4 +1,5 @@
-"""KL of a decoder to its dense self on calibration windows, re-running only the blocks a change touches.
+"""KL of a decoder to its dense self on calibration windows, re-running only the blocks a change touches;
+and the trial changes it scores (`silenced`: a sublayer adds 0; `swapped`: a projection with other weights).
 
 The hidden state entering every block is cached once; scoring a change to block i (a silenced sublayer,
 a narrower FFN) re-runs blocks i..L-1, the final norm and the head from that cache, and compares the
@@ -66,7 +67,7 @@ class Probe:
         return torch.autocast(self.states[0][0].device.type, dtype=self.dtype)
 
     @torch.no_grad()
-    def _run(self, block: Block, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run_block(self, block: Block, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = []
         with self.compute():
             for x, kw in zip(xs, self.kwargs):
@@ -91,7 +92,7 @@ class Probe:
         del self.states[start + 1:]
         xs = self.states[start]
         for block in self.anatomy.blocks[start:]:
-            xs = self._run(block, xs)
+            xs = self.run_block(block, xs)
             self.states.append(xs)
 
     @torch.no_grad()
@@ -99,7 +100,7 @@ class Probe:
         """KL(dense || model) per token, the model re-run from block `start` on the cached inputs."""
         xs = self.states[start]
         for block in self.anatomy.blocks[start:]:
-            xs = self._run(block, xs)
+            xs = self.run_block(block, xs)
         kl = 0.0
         for h, (h0, lse0, pw) in zip(self._normed(xs), self.ref):
             lse = torch.cat([self._lse(c) for c in h.split(self.CHUNK, 1)], 1)  # (B, P)
@@ -115,6 +116,24 @@ class Probe:
     @torch.no_grad()
     def block_inputs(self, i: int) -> list[torch.Tensor]:
         return self.states[i]
+
+
+def silence(block: Block, kind: str) -> torch.utils.hooks.RemovableHandle:
+    """Make one sublayer ('attn' or 'mlp') add 0 to the residual stream: a forward hook, `.remove()` it to undo.
+    On a pre-norm block this is exactly what removing the sublayer does (surgery.remove_attention / remove_mlp)."""
+    if kind == "attn":
+        return block.attention.module.register_forward_hook(lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]))
+    return block.mlp.down.module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+
+
+@contextlib.contextmanager
+def silenced(block: Block, kind: str) -> Iterator[None]:
+    """Make one sublayer add 0 to the residual stream while inside."""
+    h = silence(block, kind)
+    try:
+        yield
+    finally:
+        h.remove()
 
 
 @contextlib.contextmanager

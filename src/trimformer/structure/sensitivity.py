@@ -16,7 +16,8 @@ from torch import nn
 
 from ..models import anatomy_of
 from ..progress import bar
-from .depth import block_influence, silenced
+from .depth import block_influence
+from .probe import silenced
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 Every function takes an Anatomy (or one of its blocks) and the indices to KEEP, replaces the
 parameters by smaller ones in place, fixes the module attributes the forward pass reads, and
 `sync_config` makes `model.config` describe the new tensors (per-layer shapes when they differ).
+`assign` writes a re-fitted output projection (importance.least_squares) over the columns that stayed.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def keep_inputs(p: Proj, idx: torch.Tensor) -> None:
         m.nx = idx.numel()
     else:
         m.in_features = idx.numel()
+
+
+@torch.no_grad()
+def assign(p: Proj, new: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+    """Give projection `p` the (out, in) weight W and bias b of `new` = (W, b) (b None: bias unchanged);
+    None leaves it as it is."""
+    if new is None:
+        return
+    W, b = new
+    p.weight.copy_(W.to(p.weight.dtype))
+    if b is not None:
+        p.bias.copy_(b.to(p.bias.dtype))
 
 
 # -- FFN neurons --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Width pruning: remove FFN neurons and attention heads under a parameter or FLOPs target.
+"""Width pruning: remove FFN neurons and attention heads under a parameter or FLOPs budget.
 
 Block by block on calibration data: score each group (importance.py), remove the least important,
 then re-fit the output projection (`attn.o`, `mlp.down`) by least squares on the calibration inputs
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -21,23 +21,20 @@ from ..models import Anatomy, Block, Proj, count_parameters
 from ..progress import bar
 from ..steps import StepContext
 from . import STRUCTURE, surgery
-from .importance import IMPORTANCE, NEEDS_DATA, NEEDS_GRAD, InputStats, least_squares, scores
-
-
-class BudgetError(ValueError):
-    pass
-
-
-def parse_target(text: str) -> tuple[str, float]:
-    """'params=0.8' -> ('params', 0.8): the share of the model's parameters (or FLOPs/token) to KEEP."""
-    kind, _, value = str(text).partition("=")
-    kind = kind.strip()
-    if kind not in ("params", "flops") or not value:
-        raise ValueError(f"target {text!r}: write params=R or flops=R, R the share to keep (e.g. params=0.8)")
-    r = float(value)
-    if not 0.0 < r <= 1.0:
-        raise ValueError(f"target {text!r}: the share to keep must be in (0, 1], got {r}")
-    return kind, r
+from .base import Precision, Scope, StructurePruner
+from .budget import Budget, BudgetError, Candidate, choose
+from .costs import head_slot_params, head_unit, matmul_params, neuron_params
+from .importance import (
+    NEEDS_DATA,
+    NEEDS_GRAD,
+    Criterion,
+    InputStats,
+    least_squares,
+    output_error_stats,
+    scores,
+)
+from .options import keep_n, score_library
+from .probe import Probe
 
 
 @dataclass
@@ -51,9 +48,9 @@ class Plan:
 
 @STRUCTURE.register("width")
 @dataclass
-class Width:
+class Width(StructurePruner):
     """target: 'params=R' or 'flops=R' (share kept; FLOPs/token of the matmuls, attention scores not counted).
-    parts: 'ffn', 'heads' or 'ffn,heads'. importance: hessian | activation | flap | magnitude.
+    parts: ffn, heads or both. importance: a criterion of importance.py (hessian, activation, flap, ...).
     allocation: uniform | global (raw error per parameter across blocks; on smollm2-135m it over-cuts
     some blocks, KL 5.4 vs 0.52 uniform at params=0.8: keep uniform until scores are normalised) |
     measured (FFN only: every block's FFN cut alone to each share of `shares`, with the re-fit, scored by
@@ -63,77 +60,76 @@ class Width:
     sequential: re-measure each block's inputs after cutting the blocks before it (one more pass; slower).
     asymmetric: with sequential, re-fit so that each block's output matches the *dense* model's block output (carried
       in a dense stream beside the pruned one): the refit also corrects the error of the blocks cut before.
+    filter_fn is asked about each block's mlp.down (its FFN is cut only if accepted) and attn.o (its heads).
     """
 
-    target: str = "params=0.8"
-    parts: str = "ffn"
-    importance: str = "hessian"
-    allocation: str = "uniform"
+    target: Budget = Budget("params", 0.8)
+    parts: list[Literal["ffn", "heads"]] = field(default_factory=lambda: ["ffn"])
+    importance: Criterion = "hessian"
+    allocation: Literal["uniform", "global", "measured"] = "uniform"
     multiple_of: int = 1
     compensate: bool = True
     sequential: bool = False
     asymmetric: bool = False
     min_ffn: int = 0
-    shares: str = "0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2"
+    shares: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
     probe_windows: int = 8
     probe_length: int = 256
     probe_positions: int = 64
-    precision: str = "fp32"
-    _kind: str = field(default="params", init=False, repr=False)
-    _keep: float = field(default=0.8, init=False, repr=False)
+    precision: Precision = "fp32"
+
+    budgets = ("params", "flops")
+    filter_on = ("attn.o", "mlp.down")
 
     def __post_init__(self) -> None:
-        self._kind, self._keep = parse_target(self.target)
-        self._parts = {p.strip() for p in self.parts.split(",") if p.strip()}
-        if not self._parts or not self._parts <= {"ffn", "heads"}:
-            raise ValueError(f"parts {self.parts!r}: use 'ffn', 'heads' or 'ffn,heads'")
-        if self.importance not in IMPORTANCE:
-            raise ValueError(f"importance {self.importance!r}: choose one of {', '.join(sorted(IMPORTANCE))}")
-        if self.allocation not in ("uniform", "global", "measured"):
-            raise ValueError(f"allocation {self.allocation!r}: choose 'uniform', 'global' or 'measured'")
-        if self.allocation == "measured" and self._parts != {"ffn"}:
+        super().__post_init__()
+        if not self.parts:
+            raise ValueError("parts: use 'ffn', 'heads' or 'ffn,heads'")
+        if self.allocation == "measured" and set(self.parts) != {"ffn"}:
             raise ValueError("allocation='measured' chooses FFN widths only: set parts=ffn")
-        self._shares = sorted({float(x) for x in str(self.shares).split(",") if x.strip()})
-        if self.allocation == "measured" and (not self._shares or not all(0 < x < 1 for x in self._shares)):
-            raise ValueError(f"shares {self.shares!r}: comma-separated FFN shares in (0, 1)")
-        calibrate.resolve_precision(self.precision)
+        if self.allocation == "measured" and (not self.shares or not all(0 < x < 1 for x in self.shares)):
+            raise ValueError(f"shares {self.shares}: FFN shares in (0, 1), e.g. 0.75,0.5")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
         if self.asymmetric and not (self.sequential and self.compensate):
             raise ValueError("asymmetric re-fits to the dense outputs block by block: set sequential=True and compensate=True")
+        if self.importance in NEEDS_GRAD and self.sequential:
+            raise ValueError(f"importance {self.importance!r} is collected in one dense pass: set sequential=False")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance in NEEDS_DATA or self.compensate
 
     # -- budget --------------------------------------------------------------------------------
     def _costs(self, anatomy: Anatomy) -> tuple[float, list[float], list[float]]:
         """(amount to remove, cost per FFN neuron per block, cost per head slot per block)."""
-        neuron, slot = [], []
-        for b in anatomy.blocks:
-            m, a = b.mlp, b.attention
-            neuron.append(_neuron_params(m) if m else 0.0)
-            if a is None:
-                slot.append(0.0)
-                continue
-            d = a.o.out_features
-            per_q = 2 * d * a.head_dim  # q rows + o columns
-            kv = 2 * d * a.head_dim if a.num_heads == a.num_kv_heads else 0  # MHA: k, v go with q
-            slot.append(float((per_q + kv) * _unit(a)))
-        total = count_parameters(anatomy.model) if self._kind == "params" else _matmul_params(anatomy)
-        return total * (1.0 - self._keep), neuron, slot
+        neuron = [neuron_params(b.mlp) if b.mlp else 0.0 for b in anatomy.blocks]
+        slot = [head_slot_params(b.attention) if b.attention else 0.0 for b in anatomy.blocks]
+        total = count_parameters(anatomy.model) if self.budget.kind == "params" else matmul_params(anatomy)
+        return total * (1.0 - self.budget.keep), neuron, slot
 
-    def plan(self, anatomy: Anatomy, block_scores: list[dict[str, torch.Tensor]] | None = None) -> Plan:
+    def plan(self, anatomy: Anatomy, block_scores: list[dict[str, torch.Tensor]] | None = None,
+             scope: Scope | None = None) -> Plan:
+        """FFN neurons and head units to keep per block; blocks `scope` rejects keep their full width."""
         need, neuron, slot = self._costs(anatomy)
         ffn0 = [b.mlp.intermediate_size if b.mlp else 0 for b in anatomy.blocks]
-        slots0 = [b.attention.num_heads // _unit(b.attention) if b.attention else 0 for b in anatomy.blocks]
-        use_ffn, use_heads = "ffn" in self._parts, "heads" in self._parts
-        floor_ffn = [min(f, max(self.min_ffn, self.multiple_of)) if use_ffn else f for f in ffn0]
-        floor_slots = [min(s, 1) if use_heads else s for s in slots0]
+        slots0 = [b.attention.num_heads // head_unit(b.attention) if b.attention else 0 for b in anatomy.blocks]
+        may = scope or (lambda _i, _part: True)
+        use_ffn = [("ffn" in self.parts) and may(i, "mlp.down") for i in range(len(ffn0))]
+        use_heads = [("heads" in self.parts) and may(i, "attn.o") for i in range(len(slots0))]
+        floor_ffn = [min(f, max(self.min_ffn, self.multiple_of)) if u else f for f, u in zip(ffn0, use_ffn)]
+        floor_slots = [min(s, 1) if u else s for s, u in zip(slots0, use_heads)]
         most = sum((f - lo) * c for f, lo, c in zip(ffn0, floor_ffn, neuron)) + sum(
             (s - lo) * c for s, lo, c in zip(slots0, floor_slots, slot))
         if need > most + 1e-6:
-            what = "FFN neurons" if self._parts == {"ffn"} else "heads" if self._parts == {"heads"} else "FFN neurons and heads"
+            parts = set(self.parts)
+            what = "FFN neurons" if parts == {"ffn"} else "heads" if parts == {"heads"} else "FFN neurons and heads"
+            keep = self.budget.keep
             raise BudgetError(
                 f"target {self.target} is below what removing {what} can reach: at most "
-                f"{most / (need / (1 - self._keep)):.1%} of the {self._kind} can go (keep >= "
-                f"{1 - most / (need / (1 - self._keep)):.3f}); add parts=ffn,heads or use depth pruning"
+                f"{most / (need / (1 - keep)):.1%} of the {self.budget.kind} can go (keep >= "
+                f"{1 - most / (need / (1 - keep)):.3f}); add parts=ffn,heads or use depth pruning"
+                + ("" if all(use_ffn + use_heads) else " (filter_fn leaves some blocks whole)")
             )
         if need <= 0:
             return Plan(ffn0, slots0)
@@ -146,8 +142,8 @@ class Width:
 
     def _uniform(self, need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot) -> Plan:
         def at(f: float) -> tuple[Plan, float]:
-            ffn = [self._round(round(n * (1 - f)), n, lo) if "ffn" in self._parts else n for n, lo in zip(ffn0, floor_ffn)]
-            heads = [max(lo, round(s * (1 - f))) if "heads" in self._parts else s for s, lo in zip(slots0, floor_slots)]
+            ffn = [self._round(round(n * (1 - f)), n, lo) if "ffn" in self.parts else n for n, lo in zip(ffn0, floor_ffn)]
+            heads = [max(lo, round(s * (1 - f))) if "heads" in self.parts else s for s, lo in zip(slots0, floor_slots)]
             gone = sum((a - b) * c for a, b, c in zip(ffn0, ffn, neuron)) + sum((a - b) * c for a, b, c in zip(slots0, heads, slot))
             return Plan(ffn, heads), gone
 
@@ -160,10 +156,10 @@ class Width:
     def _global(self, need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot, block_scores) -> Plan:
         units = []  # (error per removed unit of cost, block, kind)
         for i, sc in enumerate(block_scores):
-            if "ffn" in self._parts and "ffn" in sc:
+            if "ffn" in self.parts and "ffn" in sc:
                 s = sc["ffn"].sort().values[: ffn0[i] - floor_ffn[i]]
                 units += [(v / neuron[i], i, "ffn") for v in s.tolist()]
-            if "heads" in self._parts and "heads" in sc:
+            if "heads" in self.parts and "heads" in sc:
                 per_slot = sc["heads"].sort(dim=1).values.sum(0)[: slots0[i] - floor_slots[i]]  # (slots,)
                 units += [(v / slot[i], i, "heads") for v in per_slot.tolist()]
         units.sort(key=lambda u: u[0])
@@ -186,35 +182,35 @@ class Width:
         ffn = [self._round(k, n, lo) for k, n, lo in zip(ffn, ffn0, floor_ffn)]
         return Plan(ffn, heads)
 
-    def _measured(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool) -> Plan:
+    def _measured(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool,
+                  scope: Scope) -> Plan:
         """FFN widths per block from each block's measured KL at every share, chosen by the MIP under the target."""
-        from .probe import Probe
-        from .search import Candidate, _keep_n, choose, score_library
-
         need, neuron, _ = self._costs(anatomy)
+        shares = sorted(set(self.shares))
         probe = Probe(anatomy, calibration[: self.probe_windows, : self.probe_length], batch_size=batch_size,
                       precision=self.precision, positions=self.probe_positions)
-        errors, _ = score_library(anatomy, probe, self._shares, attention=False, importance=self.importance,
+        errors, _ = score_library(anatomy, probe, shares, attention=False, importance=self.importance,
                                   multiple_of=self.multiple_of, progress=progress)
         del probe
-        widths = [[b.mlp.intermediate_size, *(_keep_n(b, f, self.multiple_of) for f in self._shares)] for b in anatomy.blocks]
-        lib = [[Candidate(str(w), e.get(f, 0.0), (ws[0] - w) * -c) for w, f in zip(ws, [1.0, *self._shares])]
+        widths = [[b.mlp.intermediate_size, *(keep_n(b, f, self.multiple_of) for f in shares)] for b in anatomy.blocks]
+        lib = [[Candidate(str(w), e.get(f, 0.0), (ws[0] - w) * -c) for w, f in zip(ws, [1.0, *shares])]
                for ws, e, c in zip(widths, errors, neuron)]  # cost: minus the parameters removed
+        lib = [cands if scope(i, "mlp.down") else cands[:1] for i, cands in enumerate(lib)]  # rejected: full width
         try:
             pick = choose(lib, -need)
         except ValueError as err:
             raise BudgetError(f"target {self.target}: the offered shares {self.shares} cannot remove enough; "
                               f"add smaller shares ({err})") from None
         return Plan([ws[j] for ws, j in zip(widths, pick)],
-                    [b.attention.num_heads // _unit(b.attention) if b.attention else 0 for b in anatomy.blocks])
+                    [b.attention.num_heads // head_unit(b.attention) if b.attention else 0 for b in anatomy.blocks])
 
     # -- scoring and removal, one block at a time -----------------------------------------------
     def _outputs(self, block: Block) -> dict[str, Proj]:
         """The output projections whose input columns are the groups: attn.o (heads), mlp.down (neurons)."""
         out = {}
-        if "heads" in self._parts and block.attention is not None:
+        if "heads" in self.parts and block.attention is not None:
             out["heads"] = block.attention.o
-        if "ffn" in self._parts and block.mlp is not None and block.mlp.intermediate_size > 0:
+        if "ffn" in self.parts and block.mlp is not None and block.mlp.intermediate_size > 0:
             out["ffn"] = block.mlp.down
         return out
 
@@ -223,16 +219,16 @@ class Width:
         for kind, p in self._outputs(block).items():
             if kind == "heads":
                 a = block.attention
-                out[kind] = scores(self.importance, p, stats.get(kind), _head_groups(a.num_heads, a.head_dim)).view(_unit(a), -1)
+                out[kind] = scores(self.importance, p, stats.get(kind), _head_groups(a.num_heads, a.head_dim)).view(head_unit(a), -1)
             else:
                 out[kind] = scores(self.importance, p, stats.get(kind), _neuron_groups(block.mlp.intermediate_size))
         return out
 
     def _cut_heads(self, block: Block, units: int, st: InputStats | None) -> None:
         a = block.attention
-        if a is None or units >= a.num_heads // _unit(a):
+        if a is None or units >= a.num_heads // head_unit(a):
             return
-        u = _unit(a)
+        u = head_unit(a)
         slots = a.num_heads // u
         sc = scores(self.importance, a.o, st, _head_groups(a.num_heads, a.head_dim)).view(u, slots)  # (unit, slots)
         top = sc.topk(units, dim=1).indices.sort(dim=1).values  # (unit, units) heads kept in each KV group
@@ -240,16 +236,16 @@ class Width:
         cols = torch.cat([torch.arange(h * a.head_dim, (h + 1) * a.head_dim) for h in keep.tolist()])
         new = least_squares(a.o, cols, st, bias=a.o.bias is not None) if (self.compensate and st is not None) else None
         surgery.prune_heads(block, keep)
-        assign(a.o, new)
+        surgery.assign(a.o, new)
 
-    def _cut_ffn(self, block: Block, keep_n: int, st: InputStats | None) -> None:
+    def _cut_ffn(self, block: Block, n: int, st: InputStats | None) -> None:
         m = block.mlp
-        if m is None or keep_n >= m.intermediate_size:
+        if m is None or n >= m.intermediate_size:
             return
-        keep = scores(self.importance, m.down, st, _neuron_groups(m.intermediate_size)).topk(keep_n).indices.sort().values
+        keep = scores(self.importance, m.down, st, _neuron_groups(m.intermediate_size)).topk(n).indices.sort().values
         new = least_squares(m.down, keep, st, bias=m.down.bias is not None) if (self.compensate and st is not None) else None
         surgery.prune_neurons(block, keep)
-        assign(m.down, new)
+        surgery.assign(m.down, new)
 
     @torch.no_grad()
     def _statistics(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool) -> list[dict]:
@@ -322,32 +318,20 @@ class Width:
                 p.requires_grad_(True)
         return out
 
-    needs_dense = False
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.importance in NEEDS_DATA or self.compensate
-
-    def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, Any]:
+    def prune(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
         calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
-        data = self.importance in NEEDS_DATA or self.compensate
-        if data and calibration is None:
-            raise ValueError(f"width with importance={self.importance!r}"
-                             f"{' and compensate' if self.compensate else ''} needs calibration windows")
-        before = count_parameters(anatomy.model)
-        if self.importance in NEEDS_GRAD and self.sequential:
-            raise ValueError(f"importance {self.importance!r} is collected in one dense pass: set sequential=False")
+        data = self.needs_calibration
         collect = self._gradient_statistics if self.importance in NEEDS_GRAD else self._statistics
         stats = collect(anatomy, calibration, batch_size, progress) if data else [{} for _ in anatomy.blocks]
         block_scores = [self._block_scores(b, st) for b, st in zip(anatomy.blocks, stats)] if self.allocation == "global" else None
-        plan = self._measured(anatomy, calibration, batch_size, progress) if self.allocation == "measured" \
-            else self.plan(anatomy, block_scores)
+        plan = self._measured(anatomy, calibration, batch_size, progress, scope) if self.allocation == "measured" \
+            else self.plan(anatomy, block_scores, scope)
         if self.sequential and data:  # re-measure each block's inputs after the blocks before it were cut
             del stats
             for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="width: pruning",
                                        dense_targets=self.asymmetric):
                 b = bc.block
-                if plan.head_units[b.index] < (b.attention.num_heads // _unit(b.attention) if b.attention else 0):
+                if plan.head_units[b.index] < (b.attention.num_heads // head_unit(b.attention) if b.attention else 0):
                     self._cut_heads(b, plan.head_units[b.index], output_error_stats(bc, b.attention.o))
                 if b.mlp is not None and plan.ffn[b.index] < b.mlp.intermediate_size:
                     self._cut_ffn(b, plan.ffn[b.index], output_error_stats(bc, b.mlp.down))
@@ -355,28 +339,7 @@ class Width:
             for b, st in bar(list(zip(anatomy.blocks, stats)), desc="width: pruning", unit="block", disable=not progress):
                 self._cut_heads(b, plan.head_units[b.index], st.get("heads"))
                 self._cut_ffn(b, plan.ffn[b.index], st.get("ffn"))
-        uniform = surgery.sync_config(anatomy)
-        after = count_parameters(anatomy.model)
-        return {"params_before": before, "params_after": after, "kept": after / before, "ffn": plan.ffn,
-                "head_units": plan.head_units, "uniform": uniform}
-
-
-def _neuron_params(m) -> float:
-    """Parameters one FFN neuron holds: a row of up (and gate) with its bias, a column of down."""
-    rows = [p for p in (m.up, m.gate) if p is not None]
-    return float(sum(p.in_features + (p.bias is not None) for p in rows) + m.down.out_features)
-
-
-def _matmul_params(anatomy: Anatomy) -> float:
-    """Weights multiplied per token: every block projection and the output head (FLOPs/token = 2x this)."""
-    total = sum(p.weight.numel() for _, p in anatomy.projections())
-    head = anatomy.head if anatomy.head is not None else None
-    return float(total + (head.weight.numel() if head is not None else 0))
-
-
-def _unit(a) -> int:
-    """Heads removed together: one per KV group under GQA (groups stay even), else a single head."""
-    return a.num_kv_heads if a.num_heads != a.num_kv_heads else 1
+        return {"ffn": plan.ffn, "head_units": plan.head_units}
 
 
 def _neuron_groups(n: int) -> list[torch.Tensor]:
@@ -385,35 +348,3 @@ def _neuron_groups(n: int) -> list[torch.Tensor]:
 
 def _head_groups(H: int, D: int) -> list[torch.Tensor]:
     return [torch.arange(h * D, (h + 1) * D) for h in range(H)]
-
-
-@torch.no_grad()
-def output_error_stats(bc: BlockCalib, p: Proj) -> InputStats:
-    """Input statistics of `p` over every calibration batch; with a dense stream, also the block's output error
-    (dense block on dense inputs minus this block on its inputs) at the same tokens."""
-    st = InputStats()
-    seen: list[torch.Tensor] = []
-    h = p.module.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
-    try:
-        with bc.compute(), torch.no_grad():
-            for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
-                y = bc.block.module(x, **kw)
-                error = None
-                if bc.dense is not None:
-                    yd = bc.dense(bc.dense_inputs[i], **kw)
-                    error = (yd[0] if isinstance(yd, tuple) else yd).float() - (y[0] if isinstance(y, tuple) else y).float()
-                st.add(seen.pop(), error)
-    finally:
-        h.remove()
-    return st
-
-
-@torch.no_grad()
-def assign(p: Proj, new: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
-    if new is None:
-        return
-    W, b = new
-    p.weight.copy_(W.to(p.weight.dtype))
-    if b is not None:
-        p.bias.copy_(b.to(p.bias.dtype))
-
