@@ -31,6 +31,16 @@ def tiny(family: str, seed: int = 0, **over):
         cfg = T.Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, **over)
         m = T.Qwen2ForCausalLM(cfg)
+    elif family == "gemma3":  # head_dim 32 != hidden / heads; one KV head; a sliding layer (window 8), a global one
+        cfg = T.Gemma3TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                 head_dim=32, query_pre_attn_scalar=32, intermediate_size=128, vocab_size=VOCAB,
+                                 max_position_embeddings=256, sliding_window=8,
+                                 layer_types=["sliding_attention", "full_attention"], **over)
+        m = T.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma initialises norm gains at exactly 1 (stored as 0): make them unequal
+            for name, p in m.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.2)
     elif family == "gpt2":
         cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=256,
                            bos_token_id=0, eos_token_id=0, **over)
@@ -56,7 +66,7 @@ def tiny(family: str, seed: int = 0, **over):
     return m.eval()
 
 
-DECODERS = ["llama", "qwen3", "mistral", "qwen2", "gpt2", "opt"]
+DECODERS = ["llama", "qwen3", "mistral", "qwen2", "gemma3", "gpt2", "opt"]
 TEXT_FAMILIES = DECODERS + ["bert", "roberta"]
 ALL_FAMILIES = TEXT_FAMILIES + ["vit"]
 

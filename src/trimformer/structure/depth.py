@@ -158,7 +158,7 @@ def fuse_into_neighbours(anatomy: Anatomy, calibration: torch.Tensor, removed: l
     the KL to the dense model on the calibration windows; the weights change in place, the sublayers are not
     removed here. Returns one record per block tried: {'block', 'proj', 'kl_before', 'kl_after', 'kept'}."""
     from .importance import InputStats, least_squares
-    from .width import assign
+    from .width import assign, sublayer_post_norm
 
     gone = set(removed)
     L = len(anatomy.blocks)
@@ -186,13 +186,15 @@ def fuse_into_neighbours(anatomy: Anatomy, calibration: torch.Tensor, removed: l
             plan.append((p, q, proj))
         for p, q, proj in bar(plan, desc="fusing removed sublayers", unit="block", disable=not progress):
             st, seen = InputStats(), []
-            h = proj.module.register_forward_hook(lambda _m, a, _o, seen=seen: seen.append(a[0]))
+            h = proj.module.register_forward_hook(lambda _m, a, o, seen=seen: seen.append((a[0], o)))
+            post = sublayer_post_norm(anatomy.blocks[p], proj)
             try:
                 ys = probe._run(anatomy.blocks[p], probe.block_inputs(p))
             finally:
                 h.remove()
-            for x, y, t in zip(seen, ys, dense[q]):
-                st.add(x, t.float() - y.float())
+            for (x, yp), y, t in zip(seen, ys, dense[q]):
+                error = t.float() - y.float()  # residual stream; behind a post-norm, as a change of proj's output
+                st.add(x, error if post is None else post.pull_back(yp, error))
             old = (proj.weight.detach().clone(), proj.bias.detach().clone() if proj.bias is not None else None)
             assign(proj, least_squares(proj, torch.arange(proj.in_features), st, bias=proj.bias is not None))
             kl = probe.kl_from(p)
