@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import core, recover, structure, weights
+from .commands import core, fetch, recover, structure, weights
 from .commands import kv as kv_commands
 from .commands import tokens as tokens_commands
 
 # One line per area (explicit, no discovery). Each module has `add_commands(subparsers)`.
-AREAS = [core, weights, structure, kv_commands, tokens_commands, recover]
+AREAS = [core, weights, structure, kv_commands, tokens_commands, recover, fetch]
 
 
 def parser() -> argparse.ArgumentParser:
