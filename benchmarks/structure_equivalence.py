@@ -18,6 +18,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import sys
 import time
 
@@ -62,19 +63,19 @@ def quality(model, dense_logits: torch.Tensor, windows: torch.Tensor) -> dict[st
     return {"kl": kl, "top1": top1, "ppl": float(torch.exp(nll))}
 
 
-def run(out: str) -> None:
+def run(out: str, only: list[int] | None = None) -> None:
     import trimformer
     from trimformer import data
     from trimformer.models import count_parameters
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("TRIMFORMER_THREADS", "2")))
     dense, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
     calib = data.calibration_windows(tok, n=8, length=256)
     evals = data.evaluation_windows(tok, n=4, length=256)
     with torch.no_grad():
         ref = dense(input_ids=evals).logits.float()
     rows = []
-    for name, settings in CASES:
+    for name, settings in [c for i, c in enumerate(CASES) if only is None or i in only]:
         m = copy.deepcopy(dense)
         t0 = time.perf_counter()
         trimformer.prune_(m, trimformer.build(name, settings), calibration=calib, progress=False)
@@ -109,8 +110,10 @@ def compare(a_path: str, b_path: str) -> int:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the records to this JSON file")
+    p.add_argument("--only", type=lambda t: [int(i) for i in t.split(",")],
+                   help="run only these cases (0-based indices into CASES, comma-separated)")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two record files")
     args = p.parse_args()
     if args.compare:
         sys.exit(compare(*args.compare))
-    run(args.out or "structure_equivalence.json")
+    run(args.out or "structure_equivalence.json", args.only)

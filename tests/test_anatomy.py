@@ -13,6 +13,7 @@ EXPECTED = {  # family: (adapter family, heads, kv heads, ffn, tied, causal)
     "qwen3": ("llama-like", 4, 2, 128, False, True),
     "mistral": ("llama-like", 4, 1, 128, False, True),
     "qwen2": ("llama-like", 4, 2, 128, False, True),
+    "gemma3": ("gemma3", 4, 1, 128, True, True),
     "gpt2": ("gpt2", 4, 4, 256, True, True),
     "opt": ("opt", 4, 4, 128, True, True),
     "bert": ("bert-like", 4, 4, 128, False, False),
@@ -61,5 +62,5 @@ def test_unsupported_architecture_names_the_supported_families():
     import transformers as T
 
     model = T.T5Model(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=32, d_kv=8))
-    with pytest.raises(UnsupportedModelError, match=r"t5.*bert-like.*gpt2.*llama-like.*opt.*vit"):
+    with pytest.raises(UnsupportedModelError, match=r"t5.*bert-like.*gemma3.*gpt2.*llama-like.*opt.*vit"):
         anatomy_of(model)

@@ -10,17 +10,22 @@ from trimformer import calibrate
 from trimformer.models import anatomy_of
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2", "opt", "bert"])
 def test_runner_reproduces_the_models_hidden_states(family, calib):
+    """Also across block kinds: gemma3's block 1 is global (own mask and RoPE base), block 0 a sliding window of 8."""
     model = tiny(family)
     a = anatomy_of(model)
     with torch.no_grad():
-        ref = model(input_ids=calib[:2], output_hidden_states=True).hidden_states  # (blocks+1) x (B, T, H)
+        out = model(input_ids=calib[:2], output_hidden_states=True)
+    ref = out.hidden_states  # (blocks+1) x (B, T, H); the last one after the final norm where there is one
     outs = []
     for bc in calibrate.blocks(a, calib[:2], batch_size=2, progress=False):
         torch.testing.assert_close(bc.inputs[0], ref[bc.block.index], rtol=1e-5, atol=1e-5)
-        outs.append(bc)
+        outs.append(bc.run()[0])
     assert len(outs) == 2
+    with torch.no_grad():
+        last = a.final_norm(outs[-1]) if a.final_norm is not None else outs[-1]
+    torch.testing.assert_close(last, ref[-1], rtol=1e-5, atol=1e-5)
 
 
 def test_next_block_sees_the_pruned_block(calib):

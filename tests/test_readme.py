@@ -2,8 +2,8 @@
 
 The blocks run in order in one namespace, as a reader would paste them. What a block uses without defining
 (`model`, `inputs`, `encoder`, `batch`, `llm`, `student`, `teacher`, `windows`) is provided here; the bundled
-model names load tiny random models of the same families, and the protocol sizes (64 windows of 512 tokens)
-are cut to a few short windows so the test stays fast. Only sizes change: every call, name and keyword
+model names load tiny random models of the same families, task data is a tiny copy of the data packages' layout
+(conftest), and the protocol sizes (64 windows of 512 tokens) are cut to a few short windows so the test stays fast. Only sizes change: every call, name and keyword
 is the README's own.
 """
 
@@ -43,7 +43,7 @@ def six_blocks(family: str) -> torch.nn.Module:
 
 
 @pytest.fixture
-def namespace(monkeypatch, tmp_path):
+def namespace(monkeypatch, tmp_path, task_data):
     tok = tiny_tokenizer()
     models = {"smollm2-135m": lambda: tiny("llama"), "minilm-l6": lambda: tiny("bert")}
 

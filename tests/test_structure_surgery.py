@@ -34,7 +34,7 @@ def _deeper(model, n):
     cfg = model.config
     cfg.num_hidden_layers = n
     if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = [cfg.layer_types[0]] * n
+        cfg.layer_types = [cfg.layer_types[i % 2] for i in range(n)]  # block i copies block i % 2
     return model
 
 

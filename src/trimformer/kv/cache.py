@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 
 def pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -248,12 +248,34 @@ class PressLayer(CacheLayerMixin):
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
-class PressCache(Cache):
-    """One `PressLayer` per attention block. Built by `trimformer.kv.press`; pass a compressed one to
-    `generate(cache=...)` to ask questions about a context compressed once (copy it per question)."""
+class WindowLayer(DynamicSlidingWindowLayer):
+    """A sliding-window attention layer (Gemma3's local layers): it holds its last `sliding_window` tokens, a bound
+    already, and no press touches it; counted here like the pressed layers."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[PressLayer() for _ in range(num_layers)])
+    @property
+    def lengths(self) -> torch.Tensor | None:  # (B, H)
+        if not self.is_initialized or self.keys.dim() != 4:
+            return None
+        B, H, L, _ = self.keys.shape
+        return torch.full((B, H), L, dtype=torch.long, device=self.keys.device)
+
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    reserved_bytes = nbytes
+
+
+class PressCache(Cache):
+    """One `PressLayer` per attention block (a `WindowLayer` where the block's attention has a sliding window).
+    Built by `trimformer.kv.press`; pass a compressed one to `generate(cache=...)` to ask questions about a context
+    compressed once (copy it per question)."""
+
+    def __init__(self, num_layers: int, windows: list[int | None] | None = None) -> None:
+        windows = windows or [None] * num_layers
+        super().__init__(layers=[WindowLayer(w) if w else PressLayer() for w in windows])
         self.new_valid: torch.Tensor | None = None  # (B, q) which tokens of the current forward are real
         self.all_new = True  # every token of the current forward is real (no padding)
         self.forwards = 0
@@ -273,6 +295,8 @@ class PressCache(Cache):
     def overhead_bytes(self) -> int:
         total = 0
         for layer in self.layers:
+            if not isinstance(layer, PressLayer):
+                continue
             for t in (layer.lengths, layer.capacity, layer.start, layer.channels, layer._bias, *layer.state.values()):
                 if t is not None:
                     total += t.numel() * t.element_size()

@@ -24,7 +24,7 @@ class Session:
         self.inputs: dict[int, tuple] = {}
 
     def new_cache(self) -> PressCache:
-        return PressCache(len(self.anatomy.blocks))
+        return PressCache(len(self.anatomy.blocks), [b.attention.window for b in self.anatomy.blocks])
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PressCache:
@@ -142,7 +142,8 @@ def press(model: nn.Module, press: str | Press, ratio: float | None = None, *,
 
     `press`: a registered name (see `trimformer.kv.PRESSES.names()`), 'token+channel' (e.g. 'snapkv+think'),
     or a press object. `ratio`: share of the prompt's cache removed. `decode_budget`: most tokens each head
-    holds while decoding (the press evicts beyond it)."""
+    holds while decoding (the press evicts beyond it). Sliding-window layers (Gemma3's local ones) keep their window
+    and are not pressed: the press compresses the global layers."""
     p = build_press(press, ratio, **settings)
     if decode_budget is not None and (not isinstance(decode_budget, int) or decode_budget < 1):
         raise ValueError(f"decode_budget must be a positive number of tokens, got {decode_budget!r}")
@@ -154,6 +155,8 @@ def press(model: nn.Module, press: str | Press, ratio: float | None = None, *,
     handles = [model.register_forward_pre_hook(session.before_model, with_kwargs=True)]
     try:
         for i, block in enumerate(anatomy.blocks):
+            if block.attention.window is not None:  # a sliding window bounds this cache already: not pressed
+                continue
             m = block.attention.module
             handles.append(m.register_forward_pre_hook(partial(session.before_attention, i), with_kwargs=True))
             handles.append(m.register_forward_hook(partial(session.after_attention, i), with_kwargs=True))

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .anatomy import MLP, Anatomy, Attention, Block, Proj, count_parameters
+from .anatomy import MLP, Anatomy, Attention, Block, PostNorm, Proj, count_parameters
 
 Adapter = Callable[[nn.Module], Anatomy]
 ADAPTERS: dict[str, Adapter] = {}  # model_type -> adapter
@@ -32,7 +32,7 @@ def anatomy_of(model: nn.Module) -> Anatomy:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
-        supported = "; ".join(f"{fam} ({', '.join(ts)})" for fam, ts in FAMILIES.items())
+        supported = "; ".join(f"{fam} ({', '.join(FAMILIES[fam])})" for fam in sorted(FAMILIES))
         raise UnsupportedModelError(
             f"no trimformer adapter for model_type {model_type!r} ({type(model).__name__}). "
             f"Supported families: {supported}. Adding one is a small file in trimformer/models/."
@@ -83,7 +83,7 @@ def tied(model: nn.Module, embed: nn.Module, head: nn.Module | None) -> bool:
 
 
 # Explicit imports fill ADAPTERS (no auto-discovery).
-from . import bert, dinov2, gpt2, llama, opt, vit  # noqa: E402,F401
+from . import bert, dinov2, gemma3, gpt2, llama, opt, vit  # noqa: E402,F401
 
 __all__ = [
     "ADAPTERS",
@@ -92,6 +92,7 @@ __all__ = [
     "Anatomy",
     "Attention",
     "Block",
+    "PostNorm",
     "Proj",
     "UnsupportedModelError",
     "anatomy_of",

@@ -55,6 +55,7 @@ class Attention:
     v: Proj | None = None
     qkv: Proj | None = None  # fused (GPT-2): output rows are [q | k | v]
     qk_norm: bool = False  # Qwen3-style per-head RMSNorm on q and k
+    window: int | None = None  # sliding-window attention: a query sees its last `window` tokens (Gemma3 local layers)
 
     @property
     def projections(self) -> dict[str, Proj]:
@@ -81,6 +82,25 @@ class MLP:
 
 
 @dataclass
+class PostNorm:
+    """An RMSNorm on a sublayer's output before it joins the residual (Gemma's sandwich norms):
+    y -> (offset + weight) * y / rms(y). Removing the sublayer stays exact (0 maps to 0); a re-fit that aims at
+    the residual stream maps its target back through this norm (`pull_back`)."""
+
+    module: nn.Module
+    offset: float = 0.0  # Gemma stores gain - 1
+
+    def pull_back(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """A change `delta` of the norm's output, as a change of its input `y` (first order, y's scale kept)."""
+        eps = getattr(self.module, "eps", getattr(self.module, "variance_epsilon", 1e-6))
+        y = y.float()
+        rms = (y.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # (..., 1)
+        g = self.offset + self.module.weight.float()  # (d,)
+        g = torch.where(g.abs() < 1e-3, torch.full_like(g, 1e-3).copysign(g), g)
+        return delta.float() * rms / g
+
+
+@dataclass
 class Block:
     index: int
     module: nn.Module
@@ -89,6 +109,8 @@ class Block:
     norms: dict[str, nn.Module] = field(default_factory=dict)
     pre_norm: bool = True
     scales: dict[str, nn.Module] = field(default_factory=dict)  # layer scale after "attn" / "mlp" (DINOv2, CaiT)
+    post_norms: dict[str, PostNorm] = field(default_factory=dict)  # 'attn' / 'mlp': norm on the sublayer's output
+    kind: str | None = None  # blocks of another kind get other forward arguments (Gemma3: sliding vs global)
 
     def projections(self) -> dict[str, Proj]:
         """Prunable projections by short name: 'attn.q', 'mlp.down', ..."""

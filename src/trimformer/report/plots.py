@@ -36,8 +36,14 @@ def _pyplot():
     return plt
 
 
-def frontier(reports: list[dict], x: str = "nonzeros", path: str | os.PathLike = "frontier.png") -> Path:
-    """KL(dense ‖ model) against a cost axis, one point per report."""
+def mean_accuracy(r: dict) -> float | None:
+    """A report's mean zero-shot task accuracy (its `tasks` section), or None."""
+    return (r.get("tasks") or {}).get("mean")
+
+
+def frontier(reports: list[dict], x: str = "nonzeros", path: str | os.PathLike = "frontier.png",
+             y: str = "kl") -> Path:
+    """KL(dense ‖ model) (y='kl') or mean zero-shot task accuracy (y='tasks') against a cost axis, one point per report."""
     if x not in COST_AXES:
         raise ValueError(f"unknown cost axis {x!r}; choose one of {', '.join(COST_AXES)}")
     label, get = COST_AXES[x]
@@ -45,17 +51,20 @@ def frontier(reports: list[dict], x: str = "nonzeros", path: str | os.PathLike =
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in reports:
         q = r.get("quality", {})
-        y = q.get("kl", None if "cos_mean" not in q else 1 - q["cos_mean"])
-        if y is None:
+        yv = mean_accuracy(r) if y == "tasks" else q.get("kl", None if "cos_mean" not in q else 1 - q["cos_mean"])
+        if yv is None:
             continue
         try:
             xv = get(r)
         except KeyError:
             continue
-        ax.scatter([xv], [y])
-        ax.annotate(r["label"], (xv, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter([xv], [yv])
+        ax.annotate(r["label"], (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(label)
-    ax.set_ylabel("KL(dense ‖ model)" if any("kl" in r.get("quality", {}) for r in reports) else "1 − embedding cosine")
+    if y == "tasks":
+        ax.set_ylabel("mean zero-shot accuracy (lm-eval)")
+    else:
+        ax.set_ylabel("KL(dense ‖ model)" if any("kl" in r.get("quality", {}) for r in reports) else "1 − embedding cosine")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -95,9 +104,12 @@ def write_report(inputs: list[str], out: str | os.PathLike, x: str = "nonzeros",
     reports = [load_report(p) for p in inputs]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         frontier(reports, x, tmp / "frontier.png")
-        lines = ["# trimformer comparison", "", "![frontier](frontier.png)", "",
-                 "| run | ppl | KL | top-1 | params | non-zeros | FLOPs ratio | prefill ratio |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines = ["# trimformer comparison", "", "![frontier](frontier.png)", ""]
+        if any(mean_accuracy(r) is not None for r in reports):
+            frontier(reports, x, tmp / "frontier-tasks.png", y="tasks")
+            lines += ["![mean task accuracy against cost](frontier-tasks.png)", ""]
+        lines += ["| run | ppl | KL | top-1 | mean task acc | params | non-zeros | FLOPs ratio | prefill ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in reports:
             q, c, s = r.get("quality", {}), r.get("cost", {}), r.get("speed", {})
 
@@ -105,6 +117,7 @@ def write_report(inputs: list[str], out: str | os.PathLike, x: str = "nonzeros",
                 return "–" if v is None else spec.format(v)
 
             lines.append(f"| {r['label']} | {f(q.get('ppl'))} | {f(q.get('kl'))} | {f(q.get('top1_agree'), '{:.1%}')} | "
+                         f"{f(mean_accuracy(r), '{:.1%}')} | "
                          f"{f(c.get('params'), '{:,}')} | {f(c.get('nonzeros'), '{:,}')} | {f(c.get('flops_ratio'))} | "
                          f"{f(s.get('prefill_ratio'))} |")
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", r["label"])

@@ -9,7 +9,7 @@ import torch
 
 from ..models import Anatomy
 from ..progress import bar
-from .importance import InputStats, least_squares
+from .importance import InputStats, least_squares, sublayer_post_norm
 from .probe import Probe, silence
 from .surgery import assign
 
@@ -58,13 +58,15 @@ def fuse_into_neighbours(anatomy: Anatomy, calibration: torch.Tensor, removed: l
             plan.append((p, q, b.mlp.down if kind == "mlp" else b.attention.o))
         for p, q, proj in bar(plan, desc="fusing removed sublayers", unit="block", disable=not progress):
             st, seen = InputStats(), []
-            h = proj.module.register_forward_hook(lambda _m, a, _o, seen=seen: seen.append(a[0]))
+            h = proj.module.register_forward_hook(lambda _m, a, o, seen=seen: seen.append((a[0], o)))
+            post = sublayer_post_norm(anatomy.blocks[p], proj)
             try:
                 ys = probe.run_block(anatomy.blocks[p], probe.block_inputs(p))
             finally:
                 h.remove()
-            for x, y, t in zip(seen, ys, dense[q]):
-                st.add(x, t.float() - y.float())
+            for (x, yp), y, t in zip(seen, ys, dense[q]):
+                error = t.float() - y.float()  # residual stream; behind a post-norm, as a change of proj's output
+                st.add(x, error if post is None else post.pull_back(yp, error))
             old = (proj.weight.detach().clone(), proj.bias.detach().clone() if proj.bias is not None else None)
             assign(proj, least_squares(proj, torch.arange(proj.in_features), st, bias=proj.bias is not None))
             kl = probe.kl_from(p)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from ..calibrate import BlockCalib
-from ..models import Block, Proj
+from ..models import Block, PostNorm, Proj
 from .probe import Probe
 
 Criterion = Literal["hessian", "activation", "flap", "magnitude", "taylor", "fisher", "spectral"]  # = IMPORTANCE
@@ -206,20 +206,32 @@ def output_error_stats(bc: BlockCalib, p: Proj) -> InputStats:
     """Input statistics of `p` over every calibration batch; with a dense stream, also the block's output error
     (dense block on dense inputs minus this block on its inputs) at the same tokens."""
     st = InputStats()
-    seen: list[torch.Tensor] = []
-    h = p.module.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    h = p.module.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
+    post = sublayer_post_norm(bc.block, p)
     try:
         with bc.compute(), torch.no_grad():
             for i, (x, kw) in enumerate(zip(bc.inputs, bc.kwargs)):
                 y = bc.block.module(x, **kw)
                 error = None
+                xp, yp = seen.pop()
                 if bc.dense is not None:
                     yd = bc.dense(bc.dense_inputs[i], **kw)
                     error = (yd[0] if isinstance(yd, tuple) else yd).float() - (y[0] if isinstance(y, tuple) else y).float()
-                st.add(seen.pop(), error)
+                    if post is not None:  # the residual-stream error, as a change of p's output before the norm
+                        error = post.pull_back(yp, error)
+                st.add(xp, error)
     finally:
         h.remove()
     return st
+
+
+def sublayer_post_norm(block: Block, p: Proj) -> PostNorm | None:
+    """The norm between output projection `p` (attn.o or mlp.down) and the residual stream, if the block has one."""
+    for kind, sub in (("attn", block.attention), ("mlp", block.mlp)):
+        if sub is not None and p.module is (sub.o if kind == "attn" else sub.down).module:
+            return block.post_norms.get(kind)
+    return None
 
 
 @torch.no_grad()

@@ -239,12 +239,14 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
     inputs, kwargs = calibrate.capture_inputs(anatomy, ids.to(next(anatomy.model.parameters()).device))
     x, kw = inputs[0], kwargs[0]
     keys, variants = [], {}  # shape key of each block; per distinct key, (option, module) to time
+    kws = {}  # per key, the forward arguments of that kind of block
     for block in anatomy.blocks:
-        key = tuple((n, tuple(p.weight.shape)) for n, p in block.projections().items())
+        key = (block.kind, *((n, tuple(p.weight.shape)) for n, p in block.projections().items()))
         keys.append(key)
         if key in variants:
             continue
         variants[key] = []
+        kws[key] = calibrate.for_block(kw, block)
         for o in opts:
             if not o.attn and o.ffn == 0:
                 continue
@@ -269,7 +271,7 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
     jobs = [(key, o, m) for key, vs in variants.items() for o, m in vs]
     # the parts are timed as short calls alike: a whole-model call is long enough that a busy machine
     # always slows it, which would inflate what the blocks' budget must leave for the rest
-    times = _fastest([lambda m=m: m(x, **kw) for _, _, m in jobs] + [outside], runs)
+    times = _fastest([lambda m=m, k=k: m(x, **kws[k]) for k, _, m in jobs] + [outside], runs)
     rows: dict[tuple, dict[Option, float]] = {key: {o: 0.0 for o in opts} for key in variants}  # removed: 0
     for (key, o, _), t in zip(jobs, times):
         rows[key][o] = t

@@ -71,7 +71,7 @@ class Probe:
         outs = []
         with self.compute():
             for x, kw in zip(xs, self.kwargs):
-                y = block.module(x, **kw)
+                y = block.module(x, **calibrate.for_block(kw, block))
                 y = y[0] if isinstance(y, tuple) else y
                 outs.append(y.to(x.dtype))
         return outs

@@ -353,6 +353,7 @@ def sync_config(anatomy: Anatomy) -> bool:
         and shapes[0]["heads"] > 0 and shapes[0]["ffn"] > 0
     )
     first = shapes[0]
+    before = {k: getattr(cfg, k) for k in _KEYS["heads"] + _KEYS["kv"] if hasattr(cfg, k)}
     if uniform:
         _set(cfg, "heads", first["heads"])
         _set(cfg, "kv", first["kv_heads"])
@@ -364,7 +365,24 @@ def sync_config(anatomy: Anatomy) -> bool:
     derivable = native or (D is not None and first["heads"] * D == hidden)
     if getattr(cfg, "model_type", "") == "gpt2" and first["ffn"] == 4 * hidden:
         cfg.n_inner = None
+    if uniform and not _valid(cfg):  # Gemma3 refuses hidden % heads != 0 although its head_dim is explicit
+        after = {k: getattr(cfg, k) for k in before}
+        for k, v in before.items():
+            setattr(cfg, k, v)
+        if _valid(cfg):
+            return False  # the config keeps the old head counts; per-layer shapes say the new ones
+        for k, v in after.items():
+            setattr(cfg, k, v)
     return uniform and derivable
+
+
+def _valid(cfg) -> bool:
+    """Whether the config passes transformers' own checks (save_pretrained runs them)."""
+    try:
+        getattr(cfg, "validate", lambda: None)()
+    except Exception:  # noqa: BLE001 (huggingface_hub wraps the ValueError in its own error type)
+        return False
+    return True
 
 
 def _set(cfg, what: str, value: int) -> None:

@@ -296,7 +296,7 @@ class Width(StructurePruner):
                     for x, kw, ids in zip(inputs, kwargs, labels):
                         with torch.enable_grad():
                             xg = x.detach().requires_grad_(True)
-                            y = block.module(xg, **kw)
+                            y = block.module(xg, **calibrate.for_block(kw, block))
                             y = y[0] if isinstance(y, tuple) else y  # (B, T, d)
                             h = an.final_norm(y) if an.final_norm is not None else y
                             logits = an.head(h)[:, :-1].float()  # (B, T-1, V)

@@ -58,7 +58,7 @@ class TokenSession:
         self.num_blocks = len(self.anatomy.blocks)
         a0 = self.anatomy.blocks[0].attention
         if getattr(method, "needs_attention", False) and a0 is not None and a0.qk_norm:
-            raise ValueError(f"{method.name}: models with QK-norm (Qwen3) are not supported by attention-based "
+            raise ValueError(f"{method.name}: models with QK-norm (Qwen3, Gemma3) are not supported by attention-based "
                              "token scores yet; use 'merge' on encoders, or a LLaMA / Mistral / Qwen2 model")
         if getattr(method, "encoder_only", False) and self.causal:
             raise ValueError(f"{method.name} is for encoders and ViTs ({self.anatomy.family} is a decoder); "
