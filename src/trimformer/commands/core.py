@@ -60,6 +60,7 @@ def _evaluate(args: argparse.Namespace, model, tok, reference) -> dict:
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
     from ..methods import REGISTRIES
+    from .weights import add_engine_options
 
     names = ", ".join(n for reg in REGISTRIES for n in reg.names())
     p = sub.add_parser(
@@ -89,6 +90,11 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", action="store_true", help="save without evaluating")
+    p.add_argument("--format", choices=["hf", "deci", "gguf"], default="hf",
+                   help="hf: our checkpoint (plain when uniform, else with trimformer_modeling.py; default); deci: "
+                   "DeciLM block_configs for vLLM; gguf: OUT/model-<type>.gguf for llama.cpp. A cut the format "
+                   "cannot hold is saved as hf, with the reason")
+    add_engine_options(p)
     _add_eval_options(p)
     p.set_defaults(func=cmd_prune)
 
@@ -135,10 +141,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .. import data, load, prune_
     from ..evaluate import to_markdown
     from ..export import OutputExistsError
+    from ..export.layout import ExportError
     from ..progress import quiet
     from ..structure.export import save  # plain HF when uniform, else per-layer shapes + modeling file
+    from .weights import check_engine_args, save_engine_format
 
     recipe = _recipe(args)
+    if args.format != "hf":
+        check_engine_args(args)
     if Path(args.out).exists() and not args.overwrite:
         raise OutputExistsError(f"output folder {args.out!r} exists; choose another or pass --overwrite")
     t0 = time.perf_counter()
@@ -165,10 +175,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     extra = {"trimformer.json": meta}
     if report is not None:
         extra.update({"report.json": report, "report.md": to_markdown(report)})
-    save(model, args.out, tokenizer=tok, extra_files=extra, overwrite=args.overwrite)
     if report is not None:
         print(to_markdown(report))
-    print(f"saved {args.out}/ (checkpoint, report.json, report.md, trimformer.json)")
+    if args.format == "hf":
+        save(model, args.out, tokenizer=tok, extra_files=extra, overwrite=args.overwrite)
+    else:
+        try:
+            save_engine_format(args, model, tok, Path(args.out), extra)
+        except ExportError as e:  # the cut is not lost: saved in our own format, and the reason is the error
+            save(model, args.out, tokenizer=tok, extra_files=extra, overwrite=args.overwrite)
+            raise ExportError(f"{e} (saved {args.out}/ as --format hf instead)") from e
+    print(f"saved {args.out}/ ({args.format} checkpoint, report.json, report.md, trimformer.json)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Weight-area subcommands: export a pruned checkpoint in a sparse format; analyze its sparsity."""
+"""Weight-area subcommands: export a pruned checkpoint (sparse formats, or the serving engines' DeciLM / GGUF);
+analyze its sparsity."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="re-save a (pruned) model: dense safetensors or compressed-tensors sparse formats")
+    p = sub.add_parser("export", help="re-save a (pruned) model: compressed-tensors sparse formats, dense "
+                       "safetensors, or for serving engines: deci (vLLM) and gguf (llama.cpp)")
     p.add_argument("model", help="model directory (e.g. the output of `trimformer prune`), or a bundled name")
-    p.add_argument("--format", choices=["compressed-tensors", "sparse-bitmask", "sparse-24-bitmask", "dense"],
-                   default="compressed-tensors",
-                   help="compressed-tensors: 2:4 layout when every projection is 2:4, else bitmask (default)")
-    p.add_argument("--out", help="output folder (default: MODEL-<format>); written atomically")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--format", choices=["compressed-tensors", "sparse-bitmask", "sparse-24-bitmask", "dense", "deci",
+                                        "gguf"], default="compressed-tensors",
+                   help="compressed-tensors: 2:4 layout when every projection is 2:4, else bitmask (default); "
+                   "deci: DeciLM / Nemotron-NAS block_configs that stock vLLM loads (query heads global); "
+                   "gguf: one llama.cpp file (the family's architecture when uniform, else `deci`)")
+    p.add_argument("--out", help="output folder, or .gguf file (default: MODEL-<format>, MODEL-<type>.gguf); "
+                   "written atomically")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_engine_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("analyze", help="per-layer sparsity and PQ Index (Diao et al.) of a model's projections")
@@ -25,13 +31,60 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving formats (deci, gguf)")
+    g.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"],
+                   help="GGUF tensor type (default f16); q4_k_m is made by llama.cpp's quantizer (needs llama-cpp-python)")
+    g.add_argument("--gguf-pre", help="llama.cpp pre-tokenizer name, when trimformer cannot tell it from tokenizer.json")
+    g.add_argument("--allow-zeros", action="store_true",
+                   help="write weight-pruned (sparse) projections as dense matrices anyway (no speed in the engines)")
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Fail before any heavy work on what would only fail at the save."""
+    import importlib.util
+
+    if args.format == "gguf" and args.gguf_type == "q4_k_m" and importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("--gguf-type q4_k_m is made by llama.cpp's quantizer: install llama-cpp-python, or write "
+                         "--gguf-type f32 and run `llama-quantize model.gguf model-q4_k_m.gguf Q4_K_M`")
+
+
+def save_engine_format(args: argparse.Namespace, model, tok, out: Path, extra_files: dict | None = None) -> Path:
+    """--format deci: a DeciLM folder; gguf: a .gguf file, or (with extra files) a folder holding model-<type>.gguf."""
+    from ..export.deci import save_deci
+    from ..export.gguf import save_gguf
+    from ..export.hf import atomic_dir
+
+    if args.format == "deci":
+        return save_deci(model, out, tokenizer=tok, overwrite=args.overwrite, extra_files=extra_files,
+                         allow_zeros=args.allow_zeros)
+    kw = {"tokenizer": tok, "qtype": args.gguf_type, "allow_zeros": args.allow_zeros, "tokenizer_pre": args.gguf_pre}
+    if extra_files is None:
+        return save_gguf(model, out, overwrite=args.overwrite, **kw)
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+        save_gguf(model, tmp / f"model-{args.gguf_type}.gguf", **kw)
+        for name, content in extra_files.items():
+            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=2, default=str))
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .. import load
     from ..export.compressed import save_compressed
     from ..export.hf import save_pretrained
 
-    out = Path(args.out or f"{str(args.model).rstrip('/')}-{args.format}")
+    model_name = str(args.model).rstrip("/")
+    default = f"{model_name}-{args.gguf_type}.gguf" if args.format == "gguf" else f"{model_name}-{args.format}"
+    out = Path(args.out or default)
+    if args.format in ("deci", "gguf"):
+        check_engine_args(args)
     model, tok = load(args.model, with_tokenizer=True)
+    if args.format in ("deci", "gguf"):
+        save_engine_format(args, model, tok, out)
+        size = (out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.glob("*.safetensors")))
+        print(f"wrote {out} ({args.format}{'-' + args.gguf_type if args.format == 'gguf' else ''}, "
+              f"{size / 2**20:.1f} MB)")
+        return 0
     if args.format == "dense":
         save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     else:
