@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from test_export_gguf import hetero, tiny4
+from test_export_gguf import bpe_tokenizer, hetero, tiny4
 
 import trimformer
 from trimformer.cli import main
@@ -144,23 +144,26 @@ def test_per_layer_config_beside_our_keys(ids, tmp_path):
 
 
 @torch.no_grad()
-def test_cli_export_and_prune_formats(saved_llama, ids, tmp_path, capsys):
-    model = trimformer.load(saved_llama)
+def test_cli_export_and_prune_formats(ids, tmp_path, capsys):
+    saved = tmp_path / "dense"
+    tiny4().save_pretrained(saved)
+    bpe_tokenizer().save_pretrained(saved)
+    model = trimformer.load(saved)
     an = anatomy_of(model)
     surgery.prune_neurons(an.blocks[0], range(40))
     surgery.remove_attention(an, an.blocks[1])
-    export.save(model, tmp_path / "cut", tokenizer=trimformer.load(saved_llama, with_tokenizer=True)[1])
+    export.save(model, tmp_path / "cut", tokenizer=bpe_tokenizer())
     assert main(["-q", "export", str(tmp_path / "cut"), "--format", "deci"]) == 0
     torch.testing.assert_close(load_deci(tmp_path / "cut-deci")(input_ids=ids).logits, model(input_ids=ids).logits)
     assert main(["-q", "export", str(tmp_path / "cut"), "--format", "gguf", "--gguf-type", "q8_0"]) == 0
     assert (tmp_path / "cut-q8_0.gguf").is_file()
     fast = ["--calib-windows", "2", "--calib-length", "32", "--no-eval", "-q"]
     out = tmp_path / "p"
-    assert main(["prune", "--model", str(saved_llama), "--method", "width", "--target", "params=0.9",
+    assert main(["prune", "--model", str(saved), "--method", "width", "--target", "params=0.9",
                  "--format", "gguf", "--gguf-type", "f32", "--out", str(out), *fast]) == 0
     assert (out / "model-f32.gguf").is_file() and (out / "trimformer.json").is_file()
     capsys.readouterr()
-    assert main(["prune", "--model", str(saved_llama), "--method", "magnitude", "--sparsity", "0.5",
+    assert main(["prune", "--model", str(saved), "--method", "magnitude", "--sparsity", "0.5",
                  "--format", "deci", "--out", str(tmp_path / "s"), *fast]) == 2
     assert "compressed-tensors" in capsys.readouterr().err  # refused, and the cut kept in our own format
     assert trimformer.load(tmp_path / "s") is not None and not (tmp_path / "s" / CONFIG_FILE).exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -34,6 +36,20 @@ def hetero(model):
     surgery.remove_mlp(an.blocks[2])  # attention only
     surgery.remove_attention(an, an.blocks[3])  # MLP only
     return model
+
+
+def bpe_tokenizer():
+    """The byte-level test tokenizer with one merge ("Ġt" in place of the last byte symbol), since llama.cpp needs
+    merges; 259 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for t, i in tiny_tokenizer().get_vocab().items() if i < 258}
+    vocab["Ġt"] = 258
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
 def read(path):
@@ -122,10 +138,11 @@ def test_types(qtype, kind, tol, tmp_path):
 
 
 def test_tokenizer_metadata(tmp_path):
-    tok = tiny_tokenizer()
+    tok = bpe_tokenizer()
     save_gguf(tiny4(), tmp_path / "m.gguf", tokenizer=tok, qtype="f32")
     f, _ = read(tmp_path / "m.gguf")
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert f["tokenizer.ggml.merges"] == ["Ġ t"]
     vocab = tok.get_vocab()
     assert f["tokenizer.ggml.tokens"][vocab["Ġ"]] == "Ġ" and len(f["tokenizer.ggml.tokens"]) == 259
     assert f["tokenizer.ggml.token_type"][tok.eos_token_id] == gguf.TokenType.CONTROL
@@ -133,6 +150,8 @@ def test_tokenizer_metadata(tmp_path):
     save_gguf(tiny4(vocab_size=300), tmp_path / "pad.gguf", tokenizer=tok, qtype="f32")
     f, _ = read(tmp_path / "pad.gguf")  # embedding rows past the tokenizer become unused tokens
     assert f["tokenizer.ggml.tokens"][299] == "[PAD299]" and f["tokenizer.ggml.token_type"][299] == 5
+    with pytest.raises(ExportError, match="merges"):
+        save_gguf(tiny4(), tmp_path / "x.gguf", tokenizer=tiny_tokenizer())  # no merges: llama.cpp cannot load it
 
 
 def test_pre_tokenizer_names():
@@ -163,6 +182,9 @@ def test_refusals_and_atomic_writes(tmp_path):
     with pytest.raises(OutputExistsError):
         save_gguf(tiny4(), tmp_path / "s.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]  # nothing half-written
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "s.gguf").stat().st_mode & 0o777 == 0o666 & ~umask  # not the temp file's private mode
 
 
 def test_q4_k_m_needs_llamacpp(tmp_path):
@@ -181,8 +203,8 @@ def test_q4_k_m_needs_llamacpp(tmp_path):
 def test_llamacpp_runs_the_file(tmp_path):
     """Optional: stock llama.cpp (llama-cpp-python) gives our logits on a heterogeneous cut."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = hetero(tiny4())
-    save_gguf(model, tmp_path / "m.gguf", tokenizer=tiny_tokenizer(), qtype="f32")
+    model = hetero(tiny4(hidden_size=128))
+    save_gguf(model, tmp_path / "m.gguf", tokenizer=bpe_tokenizer(), qtype="f32")
     ids = torch.randint(3, 259, (24,), generator=torch.Generator().manual_seed(0))
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids.tolist())

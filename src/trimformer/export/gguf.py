@@ -159,9 +159,10 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer: Any, n_vocab: int, pre: str | None
         return
     j = json.loads(tokenizer.backend_tokenizer.to_str())
     m = j["model"]
-    if m.get("type") != "BPE" or m.get("byte_fallback"):
-        raise ExportError(f"tokenizer model {m.get('type')!r}: trimformer writes byte-level BPE tokenizers to GGUF; "
-                          "for others run llama.cpp's convert_hf_to_gguf.py on a uniform --format hf export")
+    if m.get("type") != "BPE" or m.get("byte_fallback") or not m.get("merges"):
+        raise ExportError(f"tokenizer model {m.get('type')!r}: trimformer writes byte-level BPE tokenizers (with "
+                          "merges, which llama.cpp requires) to GGUF; for others run llama.cpp's convert_hf_to_gguf.py "
+                          "on a uniform --format hf export, or pass no tokenizer (token ids only)")
     pre = pre or tokenizer_pre(j.get("pre_tokenizer"))
     if pre is None:
         raise ExportError(f"no llama.cpp pre-tokenizer name matches {json.dumps(j.get('pre_tokenizer'))[:200]}; "
@@ -264,6 +265,9 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None
         else:
             write_gguf(model, tmp, tokenizer=tokenizer, qtype=qtype, allow_zeros=allow_zeros,
                        tokenizer_pre=tokenizer_pre)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the result is an ordinary file
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
