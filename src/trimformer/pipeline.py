@@ -24,6 +24,8 @@ from .api import prune_
 from .evaluate import evaluate, to_markdown
 from .evaluate.tasks import TaskEval, check_data
 from .export import save
+from .export.engines import EngineFormat
+from .export.layout import ExportError
 from .io import check_output
 from .methods import Recipe
 from .models.load import estimate_bytes, load, resolve_local
@@ -68,7 +70,8 @@ class EvalOptions:
 
 @dataclass
 class Job:
-    """What `trimformer prune` does. evaluation=None skips the report; out=None keeps the model in memory."""
+    """What `trimformer prune` does. evaluation=None skips the report; out=None keeps the model in memory;
+    engine: write `out` in a serving engine's format (export.engines) instead of our own."""
 
     model: str
     recipe: Recipe
@@ -81,6 +84,7 @@ class Job:
     batch_size: int = 1
     evaluation: EvalOptions | None = field(default_factory=EvalOptions)
     command: str | None = None
+    engine: EngineFormat | None = None
 
     def __post_init__(self) -> None:
         if self.calib_windows < 1 or self.calib_length < 2:
@@ -110,6 +114,8 @@ def run(job: Job, say: Callable[..., None] = _stderr) -> Result:
     steps = job.recipe.build()
     if job.evaluation is not None and job.evaluation.task_eval is not None:
         check_data(job.evaluation.task_eval)  # a bad task name or missing data fails before the model loads
+    if job.engine is not None:
+        job.engine.check()
     if job.out is not None:
         # the pruned checkpoint is at most the dense one's size (fp32); a little room for the reports
         check_output(job.out, overwrite=job.overwrite, inputs=[p for p in [resolve_local(job.model)] if p],
@@ -144,5 +150,12 @@ def run(job: Job, say: Callable[..., None] = _stderr) -> Result:
         files: dict[str, Any] = {"trimformer.json": meta}
         if report is not None:
             files.update({"report.json": report, "report.md": to_markdown(report)})
-        out = save(model, job.out, tokenizer=tok, extra_files=files, overwrite=job.overwrite)
+        if job.engine is None:
+            out = save(model, job.out, tokenizer=tok, extra_files=files, overwrite=job.overwrite)
+        else:
+            try:
+                out = job.engine.save(model, tok, job.out, overwrite=job.overwrite, extra_files=files)
+            except ExportError as e:  # the cut is not lost: saved in our own format, and the reason is the error
+                save(model, job.out, tokenizer=tok, extra_files=files, overwrite=job.overwrite)
+                raise ExportError(f"{e} (saved {job.out}/ in trimformer's own format instead)") from e
     return Result(model, tok, report, out, seconds)

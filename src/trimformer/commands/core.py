@@ -56,6 +56,7 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
     from ..methods import REGISTRIES
+    from .weights import add_engine_options
 
     names = ", ".join(n for reg in REGISTRIES for n in reg.names())
     p = sub.add_parser(
@@ -85,6 +86,11 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", action="store_true", help="save without evaluating")
+    p.add_argument("--format", choices=["hf", "deci", "gguf"], default="hf",
+                   help="hf: our checkpoint (plain when uniform, else with trimformer_modeling.py; default); deci: "
+                   "DeciLM block_configs for vLLM; gguf: OUT/model-<type>.gguf for llama.cpp. A cut the format "
+                   "cannot hold is saved as hf, with the reason")
+    add_engine_options(p)
     _add_eval_options(p)
     p.set_defaults(func=cmd_prune)
 
@@ -120,17 +126,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from ..evaluate import to_markdown
     from ..pipeline import Job, run
+    from .weights import engine_format
 
     job = Job(model=args.model, recipe=_recipe(args), out=args.out, overwrite=args.overwrite, calib=args.calib,
               calib_field=args.calib_field, calib_windows=args.calib_windows, calib_length=args.calib_length,
               batch_size=args.batch_size, evaluation=None if args.no_eval else _eval_options(args),
-              command="trimformer " + " ".join(sys.argv[1:]))
+              command="trimformer " + " ".join(sys.argv[1:]), engine=engine_format(args))
     result = run(job)
+    what = f"{args.format} checkpoint" if args.format != "hf" else "checkpoint"
     if result.report is not None:
         print(to_markdown(result.report))
-        print(f"saved {args.out}/ (checkpoint, report.json, report.md, trimformer.json)")
+        print(f"saved {args.out}/ ({what}, report.json, report.md, trimformer.json)")
     else:
-        print(f"saved {args.out}/ (checkpoint, trimformer.json; no evaluation: --no-eval)")
+        print(f"saved {args.out}/ ({what}, trimformer.json; no evaluation: --no-eval)")
     return 0
 
 
