@@ -46,6 +46,18 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
     g.add_argument("--speed-runs", type=int, default=5, help="timed runs per model, median reported (default 5)")
 
 
+def add_device_options(p: argparse.ArgumentParser, offload: bool = False) -> None:
+    """--device / --dtype (and --offload) for the commands that load a model to work on it."""
+    g = p.add_argument_group("device and precision")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one; default)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights while working and in the checkpoint written (default float32)")
+    if offload:
+        g.add_argument("--offload", default="auto", choices=["auto", "none", "disk"],
+                       help="disk: stream the model from its safetensors files, one block in memory at a time; auto "
+                       "(default): stream when it would not fit comfortably in memory; none: load it whole")
+
+
 def add_prune(sub: argparse._SubParsersAction) -> None:
     from ..methods import REGISTRIES
 
@@ -77,6 +89,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", action="store_true", help="save without evaluating")
+    add_device_options(p, offload=True)
     _add_eval_options(p)
     p.set_defaults(func=cmd_prune)
 
@@ -115,13 +128,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     job = Job(model=args.model, recipe=_recipe(args), out=args.out, overwrite=args.overwrite, calib=args.calib,
               calib_field=args.calib_field, calib_windows=args.calib_windows, calib_length=args.calib_length,
               batch_size=args.batch_size, evaluation=None if args.no_eval else _eval_options(args),
-              command="trimformer " + " ".join(sys.argv[1:]))
+              command="trimformer " + " ".join(sys.argv[1:]), device=args.device, dtype=args.dtype,
+              offload=args.offload)
     result = run(job)
+    if result.out is None:  # not process 0 of a torchrun launch: process 0 reports and writes
+        return 0
     if result.report is not None:
         print(to_markdown(result.report))
         print(f"saved {args.out}/ (checkpoint, report.json, report.md, trimformer.json)")
     else:
-        print(f"saved {args.out}/ (checkpoint, trimformer.json; no evaluation: --no-eval)")
+        why = "--no-eval" if args.no_eval else "the model was streamed from disk"
+        print(f"saved {args.out}/ (checkpoint, trimformer.json; no evaluation: {why})")
     return 0
 
 
@@ -130,6 +147,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="the model to evaluate (folder, bundled name, .gguf, hub id)")
     p.add_argument("--reference", help="the dense model to compare with (recommended)")
     p.add_argument("--json", help="also write the report to this JSON file")
+    add_device_options(p)
     _add_eval_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -137,15 +155,17 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .. import load
     from ..evaluate import to_markdown
+    from ..models.load import resolve_device
 
+    on = {"dtype": args.dtype, "device": resolve_device(args.device)}
     try:
-        model, tok = load(args.model, with_tokenizer=True)
+        model, tok = load(args.model, with_tokenizer=True, **on)
     except (OSError, ValueError) as e:
         if not args.reference or "tokenizer" not in str(e).lower():
             raise
-        model = load(args.model)
-        _, tok = load(args.reference, with_tokenizer=True)
-    reference = load(args.reference) if args.reference else None
+        model = load(args.model, **on)
+        _, tok = load(args.reference, with_tokenizer=True, **on)
+    reference = load(args.reference, **on) if args.reference else None
     report = _eval_options(args)(model, tok, reference)
     if args.json:
         from ..io import atomic_file

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import parallel
 from ..calibrate import BlockCalib, Shortcut
 from ..models import Block, Proj
 
@@ -87,7 +88,7 @@ def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.M
     seen: list[tuple[str, torch.Tensor]] = []  # this batch's (name, input)
     dense_x = bc.dense_projection_inputs() if bc.dense is not None else None
     batch = 0
-    cached: list[torch.Tensor] = []  # sub's output projection's input, per batch
+    cached = bc.store()  # sub's output projection's input, per batch
     outs: list = []  # sub's output on the first batch, then one None per further batch
 
     def pre_hook(name: str):
@@ -131,6 +132,9 @@ def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.M
         for h in hooks:
             h.remove()
         seen.clear()
+    for head in H:  # with several processes: the sums over every process' windows
+        parallel.all_reduce_(H[head], C.get(head))
+        n[head] = parallel.reduce_sum(n[head])
     if sub is not None:
         shortcut = _shortcut(bc, sub, projs[names[0]].module, cached, outs)
     groups: dict[str, list[str]] = {}
