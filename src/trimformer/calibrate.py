@@ -240,7 +240,7 @@ class BlockCalib:
             def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
                 X = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
                 st = stats[name]
-                sq = (X * X).sum(0)
+                sq = (X * X).sum(0).double()  # summed over batches (and processes) in float64: any order, same bits
                 st.sq = sq if st.sq is None else st.sq + sq
                 if hessian:
                     st.H = self.gram(X) if st.H is None else self.gram(X, out=st.H)  # (in, in)
@@ -257,7 +257,7 @@ class BlockCalib:
                 h.remove()
         for st in stats.values():
             parallel.all_reduce_(st.sq, st.H)
-            st.n = parallel.reduce_sum(st.n)
+            st.sq, st.n = st.sq.float(), parallel.reduce_sum(st.n)
         return stats
 
 

@@ -46,6 +46,12 @@ class InputGroup:
     def __post_init__(self) -> None:
         self.sq = torch.diag(self.H)  # sum of x^2 per input channel (Wanda's ||X_j||^2)
 
+    def take(self) -> list[torch.Tensor | None]:
+        """[H, C], handed over: the group keeps no reference, so whoever solves can free each when done."""
+        out = [self.H, self.C]
+        self.H = self.C = self.sq = None
+        return out
+
 
 def stages(block: Block) -> list[tuple[list[Proj], nn.Module | None]]:
     """The block's projections in forward order, by the input they read: [q, k, v], [o], [gate, up], [down];
