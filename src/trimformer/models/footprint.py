@@ -24,8 +24,10 @@ RUNTIME = 700 * 2**20  # resident size of a process with torch + transformers im
 class Footprint:
     model: int  # bytes of the weights in the run's dtype
     largest_block: int
-    working_set: int  # the method's statistics and temporaries for its largest projection
+    largest_other: int  # the largest part outside the blocks (embeddings, head)
+    working_set: int  # the method's statistics and temporaries for its largest projection group
     activations: int  # calibration activations kept between blocks (all streams, all windows)
+    dense_stream: bool  # a copy of each block runs beside it (asymmetric calibration)
     evaluation: bool  # the in-memory run also loads the dense model to compare with
     available: int  # memory available on the compute device now
     spill_budget: int  # activations kept in memory by a streamed run; the rest spill
@@ -36,7 +38,8 @@ class Footprint:
 
     @property
     def streamed(self) -> int:
-        return RUNTIME + 2 * self.largest_block + self.working_set + min(self.activations, self.spill_budget)
+        blocks = self.largest_block * (2 if self.dense_stream else 1) + self.working_set
+        return RUNTIME + max(blocks, self.largest_other) + min(self.activations, self.spill_budget)
 
     @property
     def disk(self) -> int:
@@ -82,29 +85,39 @@ def footprint(model: nn.Module, *, dtype: torch.dtype, device: torch.device | st
 
     a = anatomy_of(model)
     size = torch.tensor([], dtype=dtype).element_size()
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * (size if p.is_floating_point() else p.element_size())
-    block = max((sum(p.numel() for p in b.module.parameters()) * size for b in a.blocks), default=0)
-    d_in = max((p.in_features for _, p in a.projections()), default=0)
-    biggest = max((p.weight.numel() for _, p in a.projections()), default=0)
-    rows = max((sum(q.out_features for q in b.projections().values() if q.in_features == p.in_features)
-                for b in a.blocks for p in b.projections().values()), default=0)
-    if hessian:  # H (and C) in fp32, two temporaries while inverting; the stacked rows in fp32, three copies
-        work = d_in * d_in * 4 * (4 if dense_stream else 3) + rows * d_in * 4 * 3
-    else:  # a score, its sort (values + int64 indices) and a mask
-        work = biggest * (4 + 4 + 8 + 1)
+
+    def nbytes(params) -> int:
+        seen: dict[int, int] = {}
+        for p in params:
+            seen[id(p)] = p.numel() * (size if p.is_floating_point() else p.element_size())
+        return sum(seen.values())
+
+    blocks = {id(p) for b in a.blocks for p in b.module.parameters()}
+    block = max((nbytes(b.module.parameters()) for b in a.blocks), default=0)
+    others = [m for m in model.modules() if any(id(p) not in blocks for p in m.parameters(recurse=False))]
+    other = max((nbytes(m.parameters(recurse=False)) for m in others), default=0)
+    work = 0
+    for b in a.blocks:
+        projs = b.projections()
+        if not hessian:  # per layer: W in fp32, its score, the sort (values + int64 indices), the mask
+            work = max([work, *(p.weight.numel() * (4 + 4 + 4 + 8 + 1) for p in projs.values())])
+            continue
+        groups: dict[str, tuple[int, int]] = {}  # projections solved together (one input) -> (input width, rows)
+        for short, p in projs.items():
+            key = short if short in ("attn.o", "mlp.down") else short.split(".")[0]
+            d, rows = groups.get(key, (p.in_features, 0))
+            groups[key] = (d, rows + p.out_features)
+        for d, rows in groups.values():  # H and C (or H and a factor) in fp32; W stacked, W (C - H), the solve's copy
+            work = max(work, (2 * d * d + 3 * rows * d) * 4)
     inner = max((b.mlp.intermediate_size for b in a.blocks if b.mlp is not None), default=a.hidden_size)
-    act = max(size, 4)
+    act = max(size, 4) if dtype == torch.float32 else size
     per_token = a.hidden_size * act * 2 + inner * act  # a block's inputs and outputs, the MLP's inner input
     if dense_stream:  # the dense stream, and every projection's dense input
         per_token += a.hidden_size * act * 2 + (4 * a.hidden_size + 2 * inner) * act
     device = torch.device(device)
     budget = spill_budget if spill_budget is not None else default_spill_budget(device)
-    return Footprint(total, block, work, windows * length * per_token, evaluation, available_memory(device), budget)
+    return Footprint(nbytes(model.parameters()), block, other, work, windows * length * per_token, dense_stream,
+                     evaluation, available_memory(device), budget)
 
 
 def default_spill_budget(device: torch.device | str = "cpu") -> int:
