@@ -100,7 +100,8 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<eos>"]
-    vocab = {t: i for i, t in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: alphabet() comes from a hash set, in another order in every process (random calibration data)
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()

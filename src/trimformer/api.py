@@ -8,10 +8,12 @@ import time
 import torch
 from torch import nn
 
+from . import parallel
 from .config import settings
 from .methods import Recipe
 from .models import anatomy_of
-from .steps import FilterFn, OfflineStep, StepContext, check_step
+from .models.offload import streamed
+from .steps import FilterFn, OfflineStep, StepContext, check_step, check_supported
 
 
 def prune_(
@@ -30,6 +32,7 @@ def prune_(
     Each applied step is appended to `model.trimformer_history` (method, settings, seconds, per-layer result).
     """
     steps = method.build() if isinstance(method, Recipe) else [check_step(method)]
+    check_supported(steps, streamed=streamed(model), processes=parallel.size())
     for step in steps:
         if step.needs_calibration and calibration is None:
             raise ValueError(f"method {type(step).name!r} needs calibration windows: pass calibration=, e.g. "

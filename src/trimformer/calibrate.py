@@ -3,6 +3,11 @@
 Capture the inputs of block 0, then for each block: let the method collect what it needs from
 the block's projections, let it prune the block, and run the *pruned* block to make the inputs
 of the next one. Only one block's statistics live at a time.
+
+The same loop streams a model whose weights stay on disk (models/offload.py): each block is read just before
+it is yielded and written to the output and freed once its outputs are computed, and the activations between
+blocks spill to disk past the run's budget. With several processes (parallel.py) each takes its share of the
+windows and the statistics below (`collect`; weights/sequential.py for Hessians) are summed across them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import parallel
 from .models import Anatomy, Block, Proj
+from .models.offload import activations, device_of, dtype_of, held, onload
 from .progress import bar
 
 
@@ -132,6 +139,7 @@ class BlockCalib:
     dense: nn.Module | None = None  # with dense targets: an unpruned copy of the block ...
     dense_inputs: list[torch.Tensor] | None = None  # ... and the inputs the dense model gives it
     shortcuts: list[Shortcut] = field(default_factory=list)  # sublayers whose inside is final (see Shortcut)
+    store: Any = list  # () -> a list-like for one stream of activations (models.offload.activations)
     _dense_x: dict[nn.Module, list[torch.Tensor]] | None = field(default=None, repr=False)
     _dense_out: list[torch.Tensor] | None = field(default=None, repr=False)
 
@@ -181,7 +189,7 @@ class BlockCalib:
             raise ValueError("no dense stream: calibrate.blocks(..., dense_targets=True) carries one")
         if self._dense_x is None:
             twins = [self.twin(p.module) for p in self.block.projections().values()]
-            xs: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in twins}
+            xs: dict[nn.Module, list[torch.Tensor]] = {m: self.store() for m in twins}
 
             def keep(mod: nn.Module, args: tuple) -> None:
                 x = args[0]
@@ -209,7 +217,7 @@ class BlockCalib:
                 yield i, x, kw
 
     def _forward(self, module: nn.Module, inputs: list[torch.Tensor], shortcuts: list[Shortcut]) -> list[torch.Tensor]:
-        outs = []
+        outs = self.store()
         for _, x, kw in self.batches(inputs, shortcuts):
             y = module(x, **kw)
             y = y[0] if isinstance(y, tuple) else y
@@ -227,7 +235,7 @@ class BlockCalib:
 
     @torch.no_grad()
     def collect(self, projs: dict[str, Proj], hessian: bool = False) -> dict[str, LayerStats]:
-        """Run the block with hooks on `projs`; return each one's input statistics."""
+        """Run the block with hooks on `projs`; return each one's input statistics (summed over processes)."""
         stats = {name: LayerStats() for name in projs}
         hooks = []
 
@@ -235,7 +243,7 @@ class BlockCalib:
             def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
                 X = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
                 st = stats[name]
-                sq = (X * X).sum(0)
+                sq = (X * X).sum(0).double()  # summed over batches (and processes) in float64: any order, same bits
                 st.sq = sq if st.sq is None else st.sq + sq
                 if hessian:
                     st.H = self.gram(X) if st.H is None else self.gram(X, out=st.H)  # (in, in)
@@ -250,6 +258,9 @@ class BlockCalib:
         finally:
             for h in hooks:
                 h.remove()
+        for st in stats.values():
+            parallel.all_reduce_(st.sq, st.H)
+            st.sq, st.n = st.sq.float(), parallel.reduce_sum(st.n)
         return stats
 
 
@@ -267,8 +278,9 @@ def for_block(kw: dict[str, Any], block: Block) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1) -> tuple[list, list]:
-    """Inputs (hidden states, keyword arguments) of block 0 for each calibration batch.
+def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1, store: Any = list) -> tuple[list, list]:
+    """Inputs (hidden states, keyword arguments) of block 0 for each calibration batch; `store()` makes the list
+    the hidden states go to (models.offload.activations for one that spills to disk).
 
     When blocks differ in kind, the forward runs on to the first block of each kind to record its arguments too
     (`BlockKwargs.kinds`; `for_block` picks them)."""
@@ -277,7 +289,7 @@ def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1)
     for b in anatomy.blocks:
         first_of.setdefault(b.kind, b.index)
     last = max(first_of.values())
-    inputs: list[torch.Tensor] = []
+    inputs = store()
     kwargs: list[dict[str, Any]] = []
 
     def pre_hook(i: int, kind: str | None, _mod: nn.Module, args: tuple, kw: dict) -> None:
@@ -292,19 +304,22 @@ def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1)
         if i == last:
             raise _Stop
 
-    device = next(model.parameters()).device
-    hs = [anatomy.blocks[i].module.register_forward_pre_hook(functools.partial(pre_hook, i, kind), with_kwargs=True)
+    device = device_of(model)
+    # prepend: stop before anything else runs for the block (a streamed block 0 is not even read)
+    hs = [anatomy.blocks[i].module.register_forward_pre_hook(functools.partial(pre_hook, i, kind), with_kwargs=True,
+                                                             prepend=True)
           for kind, i in first_of.items()]
     try:
-        for i in range(0, windows.shape[0], batch_size):
-            batch = windows[i : i + batch_size].to(device)
-            try:
-                if anatomy.causal:
-                    model(input_ids=batch, use_cache=False)
-                else:
-                    model(input_ids=batch)
-            except _Stop:
-                pass
+        with held(model):  # a streamed model reads its embeddings once for all batches
+            for i in range(0, windows.shape[0], batch_size):
+                batch = windows[i : i + batch_size].to(device)
+                try:
+                    if anatomy.causal:
+                        model(input_ids=batch, use_cache=False)
+                    else:
+                        model(input_ids=batch)
+                except _Stop:
+                    pass
     finally:
         for h in hs:
             h.remove()
@@ -320,6 +335,7 @@ def blocks(
     desc: str = "calibrating",
     precision: str = "fp32",
     dense_targets: bool = False,
+    save: bool = True,
 ) -> Iterator[BlockCalib]:
     """Yield each block with its calibration inputs; after the caller prunes it, its outputs feed the next.
 
@@ -327,16 +343,21 @@ def blocks(
     them under bf16 autocast, several times faster where bf16 is native. X^T X is always fp32 (BlockCalib.gram).
     dense_targets: also carry the dense model's stream: each BlockCalib gets an unpruned copy of its block
     (`dense`) and the inputs the dense model gives it (`dense_inputs`), so a method can fit the dense outputs.
+    save: on a streamed model, write each block once it is done (False for passes that only measure).
+    With several processes, each runs its share of `windows` (parallel.share).
     """
-    inputs, kwargs = capture_inputs(anatomy, windows, batch_size)
-    compute_dtype = resolve_precision(precision, inputs[0].device if inputs else "cpu")
-    if compute_dtype is not None and next(anatomy.model.parameters()).dtype == compute_dtype:
+    windows = windows[parallel.share(windows.shape[0])]
+    store = functools.partial(activations, anatomy.model)
+    inputs, kwargs = capture_inputs(anatomy, windows, batch_size, store)
+    compute_dtype = resolve_precision(precision, device_of(anatomy.model))
+    if compute_dtype is not None and dtype_of(anatomy.model) == compute_dtype:
         compute_dtype = None  # the model already runs in that dtype
-    dense_inputs = list(inputs) if dense_targets else None
+    dense_inputs = inputs if dense_targets else None
     for block in bar(anatomy.blocks, desc=desc, unit="block", disable=not progress):
-        dense = copy.deepcopy(block.module) if dense_targets else None
-        bc = BlockCalib(block, inputs, kwargs, compute_dtype, dense, dense_inputs)
-        yield bc
-        inputs = bc.run()  # outputs of the pruned block
-        if dense_targets:
-            dense_inputs = bc.run(dense=True)
+        with onload(block.module, save=save):  # (streamed: read now, written and freed at the end)
+            dense = copy.deepcopy(block.module) if dense_targets else None
+            bc = BlockCalib(block, inputs, kwargs, compute_dtype, dense, dense_inputs, store=store)
+            yield bc
+            inputs = bc.run()  # outputs of the pruned block
+            if dense_targets:
+                dense_inputs = bc.run(dense=True)

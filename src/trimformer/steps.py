@@ -3,6 +3,8 @@
     class MyMethod(Config):            # a @dataclass registered in a family's registry
         needs_calibration = True       # (a class variable, or a property when it depends on settings)
         needs_dense = False            # True: the run keeps a copy of the model from before the recipe
+        streams = False                # optional; True: runs on a model streamed from disk (models/offload.py)
+        data_parallel = False          # optional; True: sums its statistics across processes (parallel.py)
         def apply_(self, anatomy, run: StepContext) -> dict: ...
 
 `StepContext` carries everything that is not a setting of the method: the calibration windows, which
@@ -66,6 +68,23 @@ class OfflineStep(Protocol):
     def needs_dense(self) -> bool: ...
 
     def apply_(self, anatomy: Anatomy, run: StepContext) -> dict[str, Any]: ...
+
+
+def check_supported(steps: list[Any], *, streamed: bool = False, processes: int = 1) -> None:
+    """A clear error for a step that cannot run on a streamed model, or with several processes, before any work.
+
+    A step streams when it touches weights only inside forwards or `models.offload.onload(block.module, ...)`
+    (calibrate.blocks does this for each block it yields); it runs data-parallel when every statistic it
+    decides from is summed across processes (parallel.all_reduce_ / reduce_sum) and it calibrates through
+    calibrate.blocks (which shares the windows out)."""
+    for step in steps:
+        name = getattr(type(step), "name", type(step).__name__)
+        if streamed and not getattr(step, "streams", False):
+            raise ValueError(f"method {name!r} does not run on a model streamed from disk yet (weight methods do): "
+                             "use --offload none (the estimate above says how much memory that needs)")
+        if processes > 1 and not getattr(step, "data_parallel", False):
+            raise ValueError(f"method {name!r} does not calibrate data-parallel yet (weight methods do): run it in "
+                             "one process, without torchrun")
 
 
 def check_step(step: Any) -> OfflineStep:

@@ -54,6 +54,19 @@ def _add_eval_options(p: argparse.ArgumentParser, prefix_help: str = "") -> None
     g.add_argument("--task-batch-size", type=int, default=8, help="lm-eval requests per forward (default 8)")
 
 
+def add_device_options(p: argparse.ArgumentParser, offload: bool = False) -> None:
+    """--device / --dtype (and --offload) for the commands that load a model to work on it."""
+    g = p.add_argument_group("device and precision")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one; default)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights while working and in the checkpoint written (default float32; a bundled model its "
+                   "own: bfloat16 for qwen2.5-coder-1.5b)")
+    if offload:
+        g.add_argument("--offload", default="auto", choices=["auto", "none", "disk"],
+                       help="disk: stream the model from its safetensors files, one block in memory at a time; auto "
+                       "(default): stream when it would not fit comfortably in memory; none: load it whole")
+
+
 def add_prune(sub: argparse._SubParsersAction) -> None:
     from ..methods import REGISTRIES
     from .weights import add_engine_options
@@ -91,6 +104,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
                    "DeciLM block_configs for vLLM; gguf: OUT/model-<type>.gguf for llama.cpp. A cut the format "
                    "cannot hold is saved as hf, with the reason")
     add_engine_options(p)
+    add_device_options(p, offload=True)
     _add_eval_options(p)
     p.set_defaults(func=cmd_prune)
 
@@ -131,14 +145,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     job = Job(model=args.model, recipe=_recipe(args), out=args.out, overwrite=args.overwrite, calib=args.calib,
               calib_field=args.calib_field, calib_windows=args.calib_windows, calib_length=args.calib_length,
               batch_size=args.batch_size, evaluation=None if args.no_eval else _eval_options(args),
-              command="trimformer " + " ".join(sys.argv[1:]), engine=engine_format(args))
+              command="trimformer " + " ".join(sys.argv[1:]), engine=engine_format(args), device=args.device,
+              dtype=args.dtype, offload=args.offload)
     result = run(job)
+    if result.out is None:  # not process 0 of a torchrun launch: process 0 reports and writes
+        return 0
     what = f"{args.format} checkpoint" if args.format != "hf" else "checkpoint"
     if result.report is not None:
         print(to_markdown(result.report))
         print(f"saved {args.out}/ ({what}, report.json, report.md, trimformer.json)")
     else:
-        print(f"saved {args.out}/ ({what}, trimformer.json; no evaluation: --no-eval)")
+        why = "--no-eval" if args.no_eval else "the model was streamed from disk"
+        print(f"saved {args.out}/ ({what}, trimformer.json; no evaluation: {why})")
     return 0
 
 
@@ -147,31 +165,29 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="the model to evaluate (folder, bundled name, .gguf, hub id)")
     p.add_argument("--reference", help="the dense model to compare with (recommended)")
     p.add_argument("--json", help="also write the report to this JSON file")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="load in this dtype (default: fp32; bundled models "
-                   "their own, bf16 for qwen2.5-coder-1.5b)")
+    add_device_options(p)
     _add_eval_options(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import load
     from ..evaluate import to_markdown
+    from ..models.load import resolve_device
 
     if args.tasks:  # fail on a bad task name or missing data before loading anything
         from ..evaluate.tasks import TaskEval, check_data
 
         check_data(TaskEval(tasks=args.tasks, limit=args.limit, batch_size=args.task_batch_size))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
+    on = {"dtype": args.dtype, "device": resolve_device(args.device)}
     try:
-        model, tok = load(args.model, with_tokenizer=True, dtype=dtype)
+        model, tok = load(args.model, with_tokenizer=True, **on)
     except (OSError, ValueError) as e:
         if not args.reference or "tokenizer" not in str(e).lower():
             raise
-        model = load(args.model, dtype=dtype)
-        _, tok = load(args.reference, with_tokenizer=True)
-    reference = load(args.reference, dtype=dtype) if args.reference else None
+        model = load(args.model, **on)
+        _, tok = load(args.reference, with_tokenizer=True, **on)
+    reference = load(args.reference, **on) if args.reference else None
     report = _eval_options(args)(model, tok, reference)
     if args.json:
         from ..io import atomic_file

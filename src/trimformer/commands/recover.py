@@ -7,6 +7,7 @@ import shutil
 import sys
 
 from . import check_out, parse_pairs
+from .core import add_device_options
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +52,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="any RecoverConfig setting by its flat name, e.g. --set temperature=2 --set gmp_sparsity=0.6 "
                    "(or nested: --set gmp.sparsity=0.6)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_device_options(p)
     p.set_defaults(func=cmd_recover)
 
 
@@ -81,8 +83,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
-    teacher, tok = load(args.teacher, with_tokenizer=True)
-    student = load(args.model)
+    from ..models.load import resolve_device
+
+    on = {"dtype": args.dtype, "device": resolve_device(args.device)}
+    teacher, tok = load(args.teacher, with_tokenizer=True, **on)
+    student = load(args.model, **on)
     if args.data == D.BUILTIN:
         ids = D.doc_pools(tok)[0]  # the calibration half only: the evaluation half stays unseen
     else:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..models import anatomy_of
 from ..models.modeling_file import MODELING_FILE, source
+from ..models.offload import streamed
 from ..structure.surgery import sync_config
 from .hf import save_pretrained
 
@@ -84,7 +85,12 @@ def _auto_key(model: nn.Module) -> str:
 
 def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
          extra_files: dict[str, Any] | None = None) -> Path:
-    """Write `model` to `out`: plain when vanilla transformers rebuilds it, else with trimformer_modeling.py."""
+    """Write `model` to `out`: plain when vanilla transformers rebuilds it, else with trimformer_modeling.py.
+    A model streamed from disk (models/offload.py) is written shard by shard (export/streamed.py)."""
+    if streamed(model):
+        from .streamed import save_streamed
+
+        return save_streamed(model, out, tokenizer=tokenizer, extra_files=extra_files, overwrite=overwrite)
     sync_config(anatomy_of(model))
     cfg = model.config
     for key in ("trimformer_shapes", "trimformer_attrs", "trimformer_removed", "auto_map"):

@@ -229,12 +229,73 @@ def estimate_bytes(name_or_path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+OFFLOAD = ("auto", "none", "disk")
+
+
+def default_dtype(name_or_path: str | os.PathLike) -> torch.dtype:
+    """float32, or a bundled model's own default (bf16 for qwen2.5-coder-1.5b)."""
+    b = BUNDLED.get(str(name_or_path))
+    return b.dtype if b is not None else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or a torch dtype) -> the torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    return DTYPES[str(dtype)]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' (a GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N', checked against this machine."""
+    text = str(device)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text}: choose cpu, cuda, cuda:N or auto") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) here")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: choose cpu, cuda, cuda:N or auto")
+    return d
+
+
+def streamable(name_or_path: str | os.PathLike) -> Path:
+    """The safetensors folder a streamed load reads (bundled GGUF models: their cached HF copy, made now)."""
+    text = str(name_or_path)
+    if text in BUNDLED and BUNDLED[text].gguf:
+        cache = _cache_dir(text)
+        if not (cache / "config.json").is_file():
+            _load_bundled_gguf(text, torch.float32, False)
+        return cache
+    where, gguf = resolve(name_or_path)
+    if gguf:
+        raise ValueError(f"{text!r} is a GGUF file: streaming reads safetensors checkpoints; convert it once with "
+                         f"`trimformer export {text} --format dense --out DIR` and stream DIR, or use --offload none")
+    if not Path(where).is_dir():
+        raise ValueError(f"{text!r} is not a local folder: streaming reads a local safetensors checkpoint")
+    return Path(where)
+
+
 def load(
     name_or_path: str | os.PathLike,
     *,
     with_tokenizer: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    offload: str = "none",
+    offload_dir: str | os.PathLike | None = None,
     trust_remote_code: bool | None = None,
     _source: str | None = None,
 ):
@@ -242,20 +303,29 @@ def load(
 
     `name_or_path`: a bundled name (`smollm2-135m`, `minilm-l6`, `qwen2.5-coder-1.5b`, `gemma-3-270m`, `dinov2-s`),
     a local HF directory (trimformer exports included), a `.gguf` file, or a hub id when a network exists.
-    `dtype`: default fp32, or the bundled model's own default (bf16 for qwen2.5-coder-1.5b).
+    `dtype`: 'float32' | 'bfloat16' | 'float16' (or a torch dtype); default float32, or a bundled model's own
+    (bf16 for qwen2.5-coder-1.5b). `device`: 'cpu' | 'cuda' | 'cuda:N' | 'auto'.
+    `offload`: 'disk' streams the model (models/offload.py: weights stay in their safetensors files, each part is
+    read when it runs; `offload_dir` holds what the run writes, a temporary folder by default); 'auto' streams
+    when the model would not fit comfortably in memory; 'none' loads it whole.
     Code shipped with a checkpoint (config.json `auto_map`) runs only with `trust_remote_code=True`; the one
     exception is a trimformer_modeling.py byte-identical to what this version writes. A checkpoint whose
     tensors do not match its config (missing, unexpected, other shapes, damaged file) is an error.
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    if dtype is None:
-        dtype = BUNDLED[str(name_or_path)].dtype if str(name_or_path) in BUNDLED else torch.float32
+    dtype, device = parse_dtype(default_dtype(name_or_path) if dtype is None else dtype), resolve_device(device)
+    if offload not in OFFLOAD:
+        raise ValueError(f"--offload {offload}: choose {', '.join(OFFLOAD)}")
     if str(name_or_path) in BUNDLED and BUNDLED[str(name_or_path)].onnx:
         if with_tokenizer:
             raise ValueError(f"{name_or_path} is an image model without a tokenizer; its inputs come from "
                              "trimformer.data.images (pixel values)")
         return _load_bundled_onnx(str(name_or_path), dtype).to(device)
+    if offload != "none":
+        model = _load_streamed(name_or_path, dtype, device, offload, offload_dir, trust_remote_code, _source)
+        if model is not None:
+            return (model, load_tokenizer(name_or_path, trust_remote_code)) if with_tokenizer else model
     if str(name_or_path) in BUNDLED and BUNDLED[str(name_or_path)].gguf and not os.environ.get("TRIMFORMER_NO_CACHE"):
         out = _load_bundled_gguf(str(name_or_path), dtype, with_tokenizer)
         model = out[0] if with_tokenizer else out
@@ -295,6 +365,76 @@ def load(
         return model
     tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust, **kw)
     return model, tok
+
+
+def _load_streamed(name_or_path, dtype: torch.dtype, device: torch.device, offload: str, offload_dir,
+                   trust_remote_code: bool | None, source: str | None) -> nn.Module | None:
+    """A streamed model (None when `offload` is 'auto' and the model fits in memory)."""
+    import shutil
+    import tempfile
+    import weakref
+
+    from . import offload as off
+    from .footprint import footprint
+
+    folder = streamable(name_or_path)
+    trust = _TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
+    untrusted = remote_code(folder)
+    if untrusted and not trust:
+        raise RemoteCodeError(
+            f"{str(name_or_path)!r} ships code that loading it would run ({', '.join(untrusted)}); it is not run "
+            "unless you trust it: pass --trust-remote-code (Python: trust_remote_code=True)")
+    trust = trust or bool(json.loads((folder / "config.json").read_text()).get("auto_map"))
+    if offload == "auto" and footprint(off.skeleton(folder, dtype, trust), dtype=dtype, device=device,
+                                       windows=0, evaluation=False).fits():
+        return None
+    scratch = offload_dir
+    if scratch is None:
+        scratch = tempfile.mkdtemp(prefix="trimformer-stream-")
+    try:
+        model = off.stream(folder, dtype=dtype, device=device, scratch=scratch, trust_remote_code=trust)
+    except (off.StreamError, ValueError, OSError, KeyError) as e:
+        if offload_dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(e, (ModelLoadError, off.StreamError)):
+            raise
+        raise ModelLoadError(f"could not stream {str(name_or_path)!r}: {_first_line(e)}") from e
+    if offload_dir is None:
+        weakref.finalize(model, shutil.rmtree, scratch, True)
+    model.trimformer_source = source or str(name_or_path)
+    return model
+
+
+def skeleton_of(name_or_path: str | os.PathLike, dtype: str | torch.dtype = torch.float32,
+                trust_remote_code: bool | None = None) -> nn.Module | None:
+    """The model `load(name_or_path)` would build, every parameter on the meta device, from its config alone
+    (for estimates before loading); None where that needs the network or code the user has not trusted."""
+    from .offload import skeleton
+
+    dtype = parse_dtype(dtype)
+    text = str(name_or_path)
+    if text in BUNDLED and BUNDLED[text].gguf and (_cache_dir(text) / "config.json").is_file():
+        return skeleton(_cache_dir(text), dtype)
+    where, gguf = resolve(name_or_path)
+    if not Path(where).is_dir():
+        return None
+    trust = _TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
+    if not gguf and remote_code(where) and not trust:
+        return None
+    trust = trust or (not gguf and bool(json.loads((Path(where) / "config.json").read_text()).get("auto_map")))
+    return skeleton(where, dtype, trust, gguf)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool | None = None):
+    """The tokenizer of a model `load` accepts (a bundled GGUF model: from its cached HF copy)."""
+    from transformers import AutoTokenizer
+
+    text = str(name_or_path)
+    if text in BUNDLED and BUNDLED[text].gguf:
+        return AutoTokenizer.from_pretrained(streamable(text))
+    where, gguf = resolve(name_or_path)
+    trust = _TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
+    return AutoTokenizer.from_pretrained(where, trust_remote_code=trust, **({"gguf_file": gguf} if gguf else {}))
 
 
 def _first_line(e: BaseException) -> str:

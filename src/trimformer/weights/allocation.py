@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
 
-from .. import calibrate
+from .. import calibrate, parallel
 from ..config import Config
 from ..models import Anatomy, Proj
+from ..models.offload import device_of, onload
 from ..progress import bar
 from ..steps import StepContext
 from . import WEIGHTS
@@ -53,6 +53,8 @@ class Allocation(Config):
     name: ClassVar[str] = "?"
     calibrated: ClassVar[bool] = True  # the allocation itself reads calibration data
     needs_dense: ClassVar[bool] = False
+    streams: ClassVar[bool] = True  # every pass below goes block by block (models/offload.py)
+    data_parallel: ClassVar[bool] = True  # and sums its statistics across processes
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,16 +96,15 @@ class GlobalMagnitude(Allocation):
     calibrated = False
 
     def allocate(self, anatomy, calibration, projs, batch_size, progress):
-        mags = torch.cat([p.weight.detach().abs().flatten().float() for p in projs.values()])
-        k = round(self.sparsity * mags.numel())
+        total = sum(p.weight.numel() for p in projs.values())
+        k = round(self.sparsity * total)
         if k == 0:
             return dict.fromkeys(projs, 0.0)
-        t = mags.kthvalue(k).values  # the k-th smallest |W| of the whole model
-        below = {n: (p.weight.detach().abs() < t).sum().item() for n, p in projs.items()}
+        below, equal = kth_magnitude_counts(anatomy, projs, k, progress)  # t = the k-th smallest |W| of the model
         ties = k - sum(below.values())  # weights equal to t, shared out in layer order
         shares = {}
         for n, p in projs.items():
-            extra = min(ties, (p.weight.detach().abs() == t).sum().item())
+            extra = min(ties, equal[n])
             ties -= extra
             shares[n] = (below[n] + extra) / p.weight.numel()
         return shares
@@ -127,15 +128,17 @@ class OWL(Allocation):
     def allocate(self, anatomy, calibration, projs, batch_size, progress):
         if calibration is None:
             raise ValueError("owl needs calibration windows (it measures activation outliers)")
-        sq = input_sq(anatomy, calibration, projs, batch_size, progress)
-        block_of = {p.name: b.index for b in anatomy.blocks for p in b.projections().values()}
         outliers: dict[int, list[float]] = {}  # block -> [outlier count, weight count]
-        for n, p in projs.items():
-            score = p.weight.detach().abs().float() * sq[n].sqrt()[None, :]  # (out, in) Wanda score
-            acc = outliers.setdefault(block_of[n], [0.0, 0.0])
-            acc[0] += (score > self.M * score.mean()).sum().item()
-            acc[1] += score.numel()
-        ratio = {b: c / t for b, (c, t) in outliers.items()}
+        for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="outliers",
+                                   save=False):
+            mine = {p.name: p for p in bc.block.projections().values() if p.name in projs}
+            acc = outliers.setdefault(bc.block.index, [0.0, 0.0])
+            for n, st in bc.collect(mine).items():
+                score = mine[n].weight.detach().abs().float() * st.norm[None, :]  # (out, in) Wanda score
+                acc[0] += (score > self.M * score.mean()).sum().item()
+                acc[1] += score.numel()
+        block_of = {p.name: b.index for b in anatomy.blocks for p in b.projections().values()}
+        ratio = {b: c / t for b, (c, t) in outliers.items() if t}
         lo, hi = min(ratio.values()), max(ratio.values())
         spread = {b: (r - lo) / (hi - lo) * 2 * self.lam if hi > lo else 0.0 for b, r in ratio.items()}
         raw = {n: self.sparsity - spread[block_of[n]] for n in projs}  # more outliers -> fewer pruned
@@ -191,37 +194,19 @@ class Adaptive(Allocation):
         return rebalance(raw, {n: p.weight.numel() for n, p in projs.items()}, self.sparsity)
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def block_importance(anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool) -> dict[int, float]:
-    """1 - cos(block input, block output) per block, averaged over every calibration token (one dense forward)."""
+    """1 - cos(block input, block output) per block, averaged over every calibration token (the dense model,
+    block by block)."""
     sums: dict[int, float] = {}
-    count = 0
-
-    def make_hook(index: int):
-        def hook(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, tuple) else out
-            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # (batch, T)
-            sums[index] = sums.get(index, 0.0) + (1 - cos).sum().item()
-
-        return hook
-
-    hooks = [b.module.register_forward_hook(make_hook(b.index), with_kwargs=True) for b in anatomy.blocks]
-    device = next(anatomy.model.parameters()).device
-    try:
-        for i in bar(range(0, calibration.shape[0], batch_size), desc="block importance", unit="batch",
-                     disable=not progress):
-            ids = calibration[i : i + batch_size].to(device)
-            anatomy.model(input_ids=ids, **({"use_cache": False} if anatomy.causal else {}))
-            count += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    return {b: v / count for b, v in sums.items()}
+    for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress,
+                               desc="block importance", save=False):
+        total = 0.0
+        for x, y in zip(bc.inputs, bc.run()):
+            total += (1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).sum().item()  # (B, T)
+        sums[bc.block.index] = total
+    sums = parallel.reduce_sum(sums)
+    return {b: v / calibration.numel() for b, v in sums.items()}  # (one hidden state per token)
 
 
 def unit_names(anatomy: Anatomy, unit: str = "block") -> dict[str, int | tuple[int, str]]:
@@ -236,10 +221,12 @@ def block_damage(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, P
     """KL(dense || model with only one unit pruned at `probe`, Wanda scores) per unit, on `windows` windows.
 
     A unit is a block, or with unit 'sublayer' the attention or the MLP of a block (keys (index, part)).
-    The probe forwards run under bf16 autocast where `precision` resolves to it (only the ranking matters)."""
-    device = next(anatomy.model.parameters()).device
-    ids = calibration[:windows].to(device)
+    The probe forwards run under bf16 autocast where `precision` resolves to it (only the ranking matters).
+    Each probe is a whole-model forward (a streamed model reads every block for it)."""
+    device = device_of(anatomy.model)
     sq = input_sq(anatomy, calibration[:windows], projs, 1, progress=False)
+    ids = calibration[:windows][parallel.share(min(windows, calibration.shape[0]))].to(device)
+    tokens = parallel.reduce_sum(ids.numel())
     kw = {"use_cache": False} if anatomy.causal else {}
     dtype = calibrate.resolve_precision(precision, device)
 
@@ -255,47 +242,60 @@ def block_damage(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, P
     for n, u in unit_names(anatomy, unit).items():
         if n in projs:
             members.setdefault(u, {})[n] = projs[n]
+    block_of = {p.name: b for b in anatomy.blocks for p in b.projections().values()}
     for u, mine in bar(members.items(), desc=f"{unit} damage", unit=unit, disable=not progress):
-        saved = {n: p.weight.detach().clone() for n, p in mine.items()}
-        try:
-            for n, p in mine.items():
-                score = p.weight.abs().float() * sq[n].sqrt()[None, :]  # (out, in) Wanda score
-                p.weight.mul_(topk_mask(score, probe, per_row=True).to(p.weight.dtype))
-            q = logp()
-            damage[u] = torch.nn.functional.kl_div(q, ref, log_target=True, reduction="sum").item() / ids.numel()
-        finally:
-            for n, p in mine.items():
-                p.weight.copy_(saved[n])
+        with onload(block_of[next(iter(mine))].module):  # (streamed: this block stays in memory, unsaved)
+            saved = {n: p.weight.detach().clone() for n, p in mine.items()}
+            try:
+                for n, p in mine.items():
+                    score = p.weight.abs().float() * sq[n].sqrt()[None, :]  # (out, in) Wanda score
+                    p.weight.mul_(topk_mask(score, probe, per_row=True).to(p.weight.dtype))
+                q = logp()
+                kl = torch.nn.functional.kl_div(q, ref, log_target=True, reduction="sum").item()
+            finally:
+                for n, p in mine.items():
+                    p.weight.copy_(saved[n])
+        damage[u] = parallel.reduce_sum(kl) / tokens
     return damage
 
 
 @torch.no_grad()
 def input_sq(anatomy: Anatomy, calibration: torch.Tensor, projs: dict[str, Proj], batch_size: int,
              progress: bool) -> dict[str, torch.Tensor]:
-    """Per-input-channel sum of x^2 of each projection, from one forward of the dense model (stops after the last block)."""
+    """Per-input-channel sum of x^2 of each projection on the dense model (block by block; summed over processes)."""
     sq: dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str):
-        def hook(_mod: nn.Module, args: tuple) -> None:
-            X = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            sq[name] = sq[name] + X.square().sum(0) if name in sq else X.square().sum(0)
-
-        return hook
-
-    def stop(*_: Any) -> None:
-        raise _Stop
-
-    hooks = [p.module.register_forward_pre_hook(make_hook(n)) for n, p in projs.items()]
-    hooks.append(anatomy.blocks[-1].module.register_forward_hook(stop))
-    device = next(anatomy.model.parameters()).device
-    try:
-        for i in bar(range(0, calibration.shape[0], batch_size), desc="outliers", unit="batch", disable=not progress):
-            ids = calibration[i : i + batch_size].to(device)
-            try:
-                anatomy.model(input_ids=ids, **({"use_cache": False} if anatomy.causal else {}))
-            except _Stop:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
+    for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="outliers",
+                               save=False):
+        mine = {p.name: p for p in bc.block.projections().values() if p.name in projs}
+        sq.update({n: st.sq for n, st in bc.collect(mine).items()})
     return sq
+
+
+@torch.no_grad()
+def kth_magnitude_counts(anatomy: Anatomy, projs: dict[str, Proj], k: int,
+                         progress: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """With t the k-th smallest |W| over every projection in `projs`: per projection, how many |W| < t and how
+    many == t. Exact, in two passes over the weights and a few MB (a radix select on the float32 bits of |W|,
+    which order like the values), so a model streamed from disk needs one block at a time."""
+    def bits(p: Proj) -> torch.Tensor:
+        return p.weight.detach().abs().float().flatten().view(torch.int32)  # >= 0: int order = float order
+
+    def passes(fn) -> None:
+        for b in bar(anatomy.blocks, desc="global magnitude", unit="block", disable=not progress):
+            mine = [p for p in b.projections().values() if p.name in projs]
+            if mine:
+                with onload(b.module):
+                    for p in mine:
+                        fn(p.name, bits(p))
+
+    hi: dict[str, torch.Tensor] = {}  # per layer: histogram of the high 15 bits
+    passes(lambda n, x: hi.__setitem__(n, torch.bincount(x >> 16, minlength=1 << 15).cpu()))
+    cum = torch.stack(list(hi.values())).sum(0).cumsum(0)
+    top = int(torch.searchsorted(cum, k))  # the high bits of t
+    lo: dict[str, torch.Tensor] = {}  # per layer: histogram of the low 16 bits among |W| with those high bits
+    passes(lambda n, x: lo.__setitem__(n, torch.bincount(x[(x >> 16) == top] & 0xFFFF, minlength=1 << 16).cpu()))
+    rest = k - (int(cum[top - 1]) if top else 0)
+    low = int(torch.searchsorted(torch.stack(list(lo.values())).sum(0).cumsum(0), rest))
+    below = {n: int(hi[n][:top].sum()) + int(lo[n][:low].sum()) for n in projs}
+    equal = {n: int(lo[n][low]) for n in projs}
+    return below, equal

@@ -12,6 +12,7 @@ from .. import calibrate
 from ..calibrate import LayerStats
 from ..config import Config
 from ..models import Anatomy, Proj
+from ..models.offload import onload
 from ..progress import bar
 from ..steps import FilterFn, StepContext
 from .masks import block_mask, check_sparsity, nm_mask, parse_block, parse_pattern, topk_mask
@@ -51,6 +52,8 @@ class WeightPruner(Config):
     needs_hessian: ClassVar[bool] = False
     per_row: ClassVar[bool] = False  # compare scores within each output row (Wanda) or across the layer
     needs_dense: ClassVar[bool] = False  # (OfflineStep: no copy of the model before the recipe needed)
+    streams: ClassVar[bool] = True  # (OfflineStep: runs on a model streamed from disk, block by block)
+    data_parallel: ClassVar[bool] = True  # (OfflineStep: its statistics are summed across processes)
     dense_targets: ClassVar[bool] = False  # calibrate with the dense model's stream beside the pruned one
 
     def __post_init__(self) -> None:
@@ -147,11 +150,13 @@ class WeightPruner(Config):
         done: dict[str, float] = {}
         if not self.needs_calibration:
             for block in bar(anatomy.blocks, desc=f"{self.name}", unit="block", disable=not progress):
-                for name, p in self.selected(block.projections(), filter_fn).items():
-                    if self.layer_sparsity(name) == 0.0:
-                        continue
-                    self.prune_layer(p, None, self.layer_sparsity(name))
-                    done[name] = _sparsity(p)
+                projs = self.selected(block.projections(), filter_fn)
+                if not projs:
+                    continue
+                with onload(block.module, save=True):  # (a streamed block: read, pruned, written, freed)
+                    for name, p in projs.items():
+                        self.prune_layer(p, None, self.layer_sparsity(name))
+                        done[name] = _sparsity(p)
             return done
         if calibration is None:
             raise ValueError(f"method {self.name!r} needs calibration windows (token ids of shape (n, length))")

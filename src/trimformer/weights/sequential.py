@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import parallel
 from ..calibrate import BlockCalib, Shortcut
 from ..models import Block, Proj
 
@@ -44,6 +45,12 @@ class InputGroup:
 
     def __post_init__(self) -> None:
         self.sq = torch.diag(self.H)  # sum of x^2 per input channel (Wanda's ||X_j||^2)
+
+    def take(self) -> list[torch.Tensor | None]:
+        """[H, C], handed over: the group keeps no reference, so whoever solves can free each when done."""
+        out = [self.H, self.C]
+        self.H = self.C = self.sq = None
+        return out
 
 
 def stages(block: Block) -> list[tuple[list[Proj], nn.Module | None]]:
@@ -87,7 +94,7 @@ def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.M
     seen: list[tuple[str, torch.Tensor]] = []  # this batch's (name, input)
     dense_x = bc.dense_projection_inputs() if bc.dense is not None else None
     batch = 0
-    cached: list[torch.Tensor] = []  # sub's output projection's input, per batch
+    cached = bc.store()  # sub's output projection's input, per batch
     outs: list = []  # sub's output on the first batch, then one None per further batch
 
     def pre_hook(name: str):
@@ -131,6 +138,9 @@ def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.M
         for h in hooks:
             h.remove()
         seen.clear()
+    for head in H:  # with several processes: the sums over every process' windows
+        parallel.all_reduce_(H[head], C.get(head))
+        n[head] = parallel.reduce_sum(n[head])
     if sub is not None:
         shortcut = _shortcut(bc, sub, projs[names[0]].module, cached, outs)
     groups: dict[str, list[str]] = {}

@@ -63,18 +63,24 @@ class SparseGPT(WeightPruner):
     @torch.no_grad()
     def prune_block(self, bc: BlockCalib, projs: dict[str, Proj]) -> None:
         for g in input_groups(bc, projs, sequential=self.true_sequential):
-            self.solve([projs[name] for name in g.names], g.H, g.C)
+            self.solve([projs[name] for name in g.names], g.take())
 
     @torch.no_grad()
-    def solve(self, projs: list[Proj], H: torch.Tensor, C: torch.Tensor | None = None) -> None:
-        """Prune projections that share one input (and Hessian H) together; write the updated weights back.
+    def solve(self, projs: list[Proj], stats: list[torch.Tensor | None]) -> None:
+        """Prune projections that share one input together; write the updated weights back.
 
-        C: X_dense^T X; given, the weights are first refitted to the dense outputs (see `asymmetric`).
-        """
+        stats: [H, C] (C = X_dense^T X or None; given, the weights are first refitted to the dense outputs, see
+        `asymmetric`), handed over: each is dropped as soon as it is used, so an 8B model's FFN input needs at most
+        two (in, in) matrices at a time."""
         W, spans = stack_rows(projs)  # (sum of outs, in)
-        if C is not None:
-            W = refit_to_dense(W, H, C, self.percdamp)
+        if stats[1] is not None:
+            C = stats.pop(1)
+            R = W @ C.sub_(stats[0])  # W (C - H): (out, in); C is freed here, before the factorisation
+            del C
+            W = _refit(W, R, stats[0], self.percdamp)
+        H = stats.pop(0)
         U = inverse_cholesky(H, self.percdamp, what=projs[0].name)
+        del H
         segments = [(r0, r1, self.layer_sparsity(p.name)) for p, (r0, r1) in zip(projs, spans)]
         W = obs_prune(W, U, sparsity=segments, nm=self.nm, block=self.block, blocksize=self.blocksize)
         for p, (r0, r1) in zip(projs, spans):
@@ -83,9 +89,15 @@ class SparseGPT(WeightPruner):
 
 def refit_to_dense(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float) -> torch.Tensor:
     """argmin_V ||W X_dense^T - V X^T||^2 + damp ||V - W||^2 = W + W (C - H)(H + damp I)^-1, for W (out, in)."""
-    Hd = H + percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    L, info = torch.linalg.cholesky_ex(Hd)
+    return _refit(W.clone(), W @ (C - H), H, percdamp)
+
+
+def _refit(W: torch.Tensor, R: torch.Tensor, H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W + R (H + damp I)^-1, in place on W, with R = W (C - H); one (in, in) matrix besides H."""
+    L = H.clone()
+    L.diagonal().add_(percdamp * torch.diag(H).mean())
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(L, out=(L, info))
     if info:
         return W  # H is not positive definite even damped: inverse_cholesky will raise the damping and log it
-    R = W @ (C - H)  # (out, in)
-    return W + torch.cholesky_solve(R.t(), L).t()  # (H + damp)^-1 is symmetric: (R Hd^-1)^T = Hd^-1 R^T
+    return W.add_(torch.cholesky_solve(R.t(), L).t())  # (H + damp)^-1 is symmetric: (R Hd^-1)^T = Hd^-1 R^T
