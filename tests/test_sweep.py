@@ -103,6 +103,10 @@ def test_a_grid_runs_in_processes_a_bad_cell_fails_alone_and_a_rerun_skips_what_
     assert (saved_llama / "model.safetensors").read_bytes() == before  # the input is never touched
     assert not [p for p in out.rglob("*") if "trimformer-tmp" in p.name]
 
+    assert main(["sweep", grid, "--out", str(out), "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[:6]] == ["finished"] * 5 + ["run"]
+
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
     assert main(["-q", "sweep", grid, "--out", str(out)]) == 2  # the same grid again: only the failed cell runs
     assert "6 cells, 1 to run, 5 finished earlier (skipped)" in capsys.readouterr().err
@@ -144,7 +148,7 @@ def test_cells_run_as_ray_tasks(saved_llama, tmp_path):
     axes = {"setting": [{"method": "magnitude", "sparsity": 0.5},
                         {"name": "bad", "method": "wanda", "sparsity": 0.5, "calib_length": 4096}]}
     g = Grid.from_file(grid_file(tmp_path, saved_llama, axes, run={"cpus": 1}))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # (a new cluster, always)
     try:
         summary = run(g, tmp_path / "s", ray="auto", say=lambda *a: None)
     finally:

@@ -41,16 +41,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ..sweep import Grid, run
-    from ..sweep.driver import summary_markdown
+    from ..sweep.driver import folder, plan, summary_markdown
 
     grid = Grid.from_file(args.grid).with_run(workers=args.workers, cpus=args.cpus, gpus=args.gpus,
                                               memory_gb=args.memory_gb, save_models=args.save_models, x=args.x)
     if args.ray is not None and not args.ray.strip():
         raise ValueError("--ray needs 'auto' or a cluster address, e.g. --ray auto")
     if args.dry_run:
-        for c in grid.cells():
-            print(f"{c.name}: " + (f"invalid: {c.error}" if c.error else " -> ".join(
-                ", ".join(f"{k}={v}" for k, v in s.items()) for s in c.recipe)))
+        out = folder(grid, args.out)
+        for c, status in plan(grid, out):
+            steps = " -> ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in c.recipe)
+            job = "".join(f", {k}={v}" for k, v in c.job.items())
+            print(f"{status:>8}  {c.name}: " + (c.error if c.error else f"{steps} (model={c.model}{job})"))
+        print(f"(into {out}/; nothing was run)")
         return 0
     try:
         summary = run(grid, args.out, ray=args.ray, trust_remote_code=getattr(args, "trust_remote_code", False))

@@ -43,7 +43,7 @@ def run(grid: Grid, out: str | Path | None = None, *, ray: str | None = None, tr
     `ray`: None runs cells in local processes (`grid.run.workers` at a time); 'auto' or a cluster address runs
     each as a Ray task. `runner(cell, threads, save_to, trust_remote_code) -> result`: what a cell does
     (default `run_cell`: `pipeline.run`); a module-level function, so that other processes can import it."""
-    out = Path(out or grid.out or (Path(grid.source).stem + "-sweep" if grid.source else "sweep"))
+    out = folder(grid, out)
     if ray:
         check_ray(ray)
     cells = grid.cells()
@@ -58,10 +58,10 @@ def run(grid: Grid, out: str | Path | None = None, *, ray: str | None = None, tr
             indent=2, default=str))
         rows = {c.name: _row(c) for c in cells}
         todo = []
-        for c in cells:
-            if c.error:
+        for c, status in plan(grid, out):
+            if status == "invalid":
                 rows[c.name].update(status="failed", error=f"invalid: {c.error}")
-            elif _finished(out, c, opts.save_models):
+            elif status == "finished":
                 rows[c.name].update(status="skipped", **_metrics(out / "cells" / c.name, opts.x))
             else:
                 todo.append(c)
@@ -106,6 +106,17 @@ def run(grid: Grid, out: str | Path | None = None, *, ray: str | None = None, tr
         finally:  # (also when interrupted: what finished is summarised and kept)
             summary = _summarise(out, grid, list(rows.values()), where, time.perf_counter() - t0)
     return summary
+
+
+def folder(grid: Grid, out: str | Path | None = None) -> Path:
+    """The sweep folder: `out`, else the grid's `out`, else GRID-sweep/ (for grid.yaml) in this folder."""
+    return Path(out or grid.out or (Path(grid.source).stem + "-sweep" if grid.source else "sweep"))
+
+
+def plan(grid: Grid, out: str | Path) -> list[tuple[Cell, str]]:
+    """Each cell with what a run into `out` does with it: 'invalid', 'finished' (skipped) or 'run'."""
+    return [(c, "invalid" if c.error else "finished" if _finished(Path(out), c, grid.run.save_models) else "run")
+            for c in grid.cells()]
 
 
 def _row(c: Cell) -> dict[str, Any]:

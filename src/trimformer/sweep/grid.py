@@ -129,8 +129,7 @@ class Grid:
             recipe = Recipe.from_file(rp).to_list()
         elif isinstance(recipe, dict):
             recipe = recipe.get("steps", [recipe])
-        recipe = [dict(s) for s in recipe or []]
-        if not all(isinstance(s, dict) and "method" in s for s in recipe):
+        if not isinstance(recipe or [], list) or not all(isinstance(s, dict) and "method" in s for s in recipe or []):
             raise ValueError("recipe: expected a list of steps {method: NAME, setting: value, ...}")
         axes = obj.get("axes") or {}
         if not isinstance(axes, dict):
@@ -142,17 +141,19 @@ class Grid:
         if not isinstance(job, dict):
             raise ValueError(f"job: expected a mapping of Job fields ({', '.join(JOB_FIELDS)})")
         _known("job field", job, JOB_FIELDS)
+        coerce_fields(Job, job)  # (types; each cell's Job checks its values)
         ev = obj.get("evaluation", {})
         if ev is not False and ev is not None:
             if not isinstance(ev, dict):
                 raise ValueError(f"evaluation: expected a mapping of {', '.join(EVAL_FIELDS)}, or false")
             _known("evaluation field", ev, EVAL_FIELDS)
+            ev = coerce_fields(EvalOptions, ev)
             EvalOptions(**ev)  # its own range checks
         run_opts = obj.get("run") or {}
         if not isinstance(run_opts, dict):
             raise ValueError("run: expected a mapping, e.g. {workers: 2, cpus: 1}")
         model = obj.get("model")
-        grid = cls(model=None if model is None else str(model), recipe=recipe, axes=axes, job=job,
+        grid = cls(model=None if model is None else str(model), recipe=[dict(s) for s in recipe or []], axes=axes, job=job,
                    evaluation=None if ev is False or ev is None else ev,
                    run=RunOptions(**coerce_fields(RunOptions, run_opts)), out=obj.get("out"), source=source)
         grid.check()
