@@ -7,14 +7,14 @@ import difflib
 import sys
 import traceback
 
-from .commands import core, fetch, recover, structure, weights
+from .commands import core, fetch, recover, structure, sweep, weights
 from .commands import kv as kv_commands
 from .commands import tokens as tokens_commands
 from .models.load import set_trust_remote_code
 from .progress import set_quiet
 
 # One line per area (explicit, no discovery). Each module has `add_commands(subparsers)`.
-AREAS = [core, weights, structure, kv_commands, tokens_commands, recover, fetch]
+AREAS = [core, weights, structure, kv_commands, tokens_commands, recover, sweep, fetch]
 
 
 class Parser(argparse.ArgumentParser):

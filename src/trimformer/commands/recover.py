@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 
@@ -101,6 +102,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"trimformer: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes (accelerate launch / torchrun): the first writes
+        return 0
     entry = student.trimformer_history[-1]
     r = entry["result"]
     if r["resumed_from"]:

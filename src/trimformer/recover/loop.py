@@ -128,10 +128,13 @@ class Run:
 
 def train_(objective: Objective, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, schedule: Schedule,
            callbacks: Sequence[Callback] = (), *, backward: Callable[[torch.Tensor], None] | None = None,
-           progress: bool = True, desc: str = "train") -> Run:
+           mean: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = True,
+           desc: str = "train") -> Run:
     """Train `params` with `opt` on `objective(step)` for `schedule.steps` steps; returns the finished Run.
 
-    `backward(loss)`: instead of `loss.backward()` (accelerate's, with several processes)."""
+    With several processes, each computes the loss of its share of the batch: `backward(loss)` replaces
+    `loss.backward()` (accelerate's, which averages the gradients) and `mean(t)` averages over the processes,
+    so the recorded loss (and its terms) is the whole batch's, and every process sees the same value."""
     run = Run(params, opt, schedule, list(callbacks))
     try:
         for cb in run.callbacks:
@@ -149,7 +152,11 @@ def train_(objective: Objective, params: dict[str, nn.Parameter], opt: torch.opt
             if run.stopped:
                 break
             loss, run.parts = objective(run.step)
-            value = loss.item()
+            if mean is not None:  # (before the finiteness check: every process stops, or none)
+                both = mean(torch.tensor([loss.item(), *run.parts.values()], dtype=torch.float64, device=loss.device))
+                value, run.parts = both[0].item(), dict(zip(run.parts, both[1:].tolist()))
+            else:
+                value = loss.item()
             if not math.isfinite(value):
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in run.parts.items())
                 raise NonFiniteLossError(f"loss became {value} at step {run.step + 1} ({terms}); "
@@ -180,10 +187,11 @@ def train_(objective: Objective, params: dict[str, nn.Parameter], opt: torch.opt
 
 class TimeLimit(Callback):
     """Stop after the step that reaches `minutes` of training; until then the LR schedule follows
-    whichever is further along, steps or time."""
+    whichever is further along, steps or time. `agree(t)`: the largest `t` over the processes (with
+    several, each has its own clock: they must stop at the same step and keep the same learning rate)."""
 
-    def __init__(self, minutes: float):
-        self.minutes = minutes
+    def __init__(self, minutes: float, agree: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.minutes, self.agree = minutes, agree
         self.t0: float | None = None  # (the clock starts at the first step: setup is not training time)
         self.first = 0
 
@@ -192,6 +200,8 @@ class TimeLimit(Callback):
         if self.t0 is None:
             self.t0, self.first = now, run.step
         used = (now - self.t0) / (60 * self.minutes)
+        if self.agree is not None:
+            used = self.agree(torch.tensor([used], dtype=torch.float64)).item()
         if used >= 1.0:
             run.stop(f"time limit of {self.minutes:g} min reached after {run.step - self.first} steps")
             return

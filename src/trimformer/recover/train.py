@@ -103,7 +103,7 @@ def recover_(
                                    barrier=barrier, progress=progress)
             callbacks.append(cache)
         if S.max_minutes:
-            callbacks.append(TimeLimit(S.max_minutes))
+            callbacks.append(TimeLimit(S.max_minutes, agree=_over_processes("max", acc.device) if acc else None))
         lasso = GroupLasso(s_anat, cfg.lasso.parts, cfg.lasso.strength) if cfg.lasso.strength else None
         callbacks += [c for c in (lasso, freezer if cfg.freeze.fraction else None) if c is not None]
         B, T = S.batch_size, data.shape[1]
@@ -122,7 +122,8 @@ def recover_(
 
         try:
             run = train_(objective, params, opt, S, callbacks, backward=acc.backward if acc else None,
-                         progress=progress and rank == 0, desc="recover")
+                         mean=_over_processes("mean", acc.device) if acc else None, progress=progress and rank == 0,
+                         desc="recover")
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}: {resume_hint(ckpts.last if ckpts else None)}") from None
         if adapters is not None:
@@ -229,6 +230,19 @@ def window_rows(n: int, step: int, batch_size: int, seed: int, rank: int = 0, wo
             _PERMS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         rows.append(_PERMS[key][pos])
     return torch.stack(rows)  # (B,)
+
+
+def _over_processes(op: str, device: torch.device):
+    """t -> its mean or max over the processes (torch.distributed, which accelerate has started), on `device`
+    (NCCL reduces only CUDA tensors)."""
+    import torch.distributed as dist
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, copy=True)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t if op == "max" else t / dist.get_world_size()
+
+    return reduce
 
 
 def _distributed(model: nn.Module, opt: torch.optim.Optimizer, teacher: nn.Module):
