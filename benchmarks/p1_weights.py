@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import trimformer
 from trimformer import data
-from trimformer.models.load import _cache_dir
+from trimformer.models.load import cache_dir
 from trimformer.weights import WEIGHTS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -125,7 +125,7 @@ def block_sparsity(model) -> dict[str, float]:
 def start_llmc(py: str, calib_file: str, method: str, pattern: str, tmp: str,
                profile: str = "uniform") -> tuple[subprocess.Popen, str]:
     out = os.path.join(tmp, f"llmc-{method}-{pattern.replace(':', '_')}-{profile}.pt")
-    cmd = [py, str(Path(__file__).parent / "peers" / "llmc_prune.py"), "--model", str(_cache_dir(MODEL)),
+    cmd = [py, str(Path(__file__).parent / "peers" / "llmc_prune.py"), "--model", str(cache_dir(MODEL)),
            "--calib", calib_file, "--method", method, "--pattern", pattern, "--profile", profile, "--out", out]
     log = open(out + ".log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MKL_NUM_THREADS": str(torch.get_num_threads())}

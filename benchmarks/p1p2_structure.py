@@ -35,7 +35,7 @@ import trimformer
 from trimformer import data
 from trimformer.commands import parse_pairs
 from trimformer.models import anatomy_of, count_parameters
-from trimformer.models.load import _cache_dir
+from trimformer.models.load import cache_dir
 
 RESULTS = Path(__file__).parent / "results"
 TP_PYTHON = os.environ.get("TP_PYTHON", "/work/peers/tp/bin/python")
@@ -123,7 +123,7 @@ def run_tp(ratio: float, calib: torch.Tensor, workdir: Path) -> tuple[object, fl
     cal = workdir / "tp_calib.pt"
     torch.save(calib, cal)
     out = workdir / f"tp_{ratio:.3f}"
-    cmd = [TP_PYTHON, str(Path(__file__).parent / "tp_runner.py"), str(_cache_dir("smollm2-135m")), str(cal),
+    cmd = [TP_PYTHON, str(Path(__file__).parent / "tp_runner.py"), str(cache_dir("smollm2-135m")), str(cal),
            str(ratio), "ffn", str(out)]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     seconds = json.loads((out / "timing.json").read_text())["seconds"]

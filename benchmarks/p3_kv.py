@@ -32,7 +32,7 @@ from peak_memory import peak_bytes  # benchmarks/ is on sys.path when run as a s
 import trimformer
 from trimformer import kv
 from trimformer.data import doc_pools
-from trimformer.models.load import _cache_dir
+from trimformer.models.load import cache_dir
 
 OURS = ["streaming", "a2sf", "observed-attention", "vatp", "snapkv", "tova", "knorm", "expected-attention", "rolling",
         "random", "think", "perhead-snapkv", "perhead-observed-attention"]
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if not args.no_peer:
         tmp = Path(tempfile.mkdtemp(prefix="p3kv"))
-        torch.save({"model_dir": str(_cache_dir("smollm2-135m")), "contexts": list(contexts), "continuations":
+        torch.save({"model_dir": str(cache_dir("smollm2-135m")), "contexts": list(contexts), "continuations":
                     list(conts), "presses": peer_presses, "ratios": ratios, "needle_ratios": needle_ratios, "threads": max(threads // 2, 1), "deadline": deadline,
                     "needles": [(c["hay"], c["question"]) for c in cases], "answer_tokens": args.answer_tokens,
                     "memory_ratio": None if args.no_memory else 0.5},

@@ -122,15 +122,15 @@ def cut(folder: Path, depth: int) -> Path:
 
 def qwen_source() -> tuple[str | None, str]:
     """Where Qwen2.5-Coder-1.5B comes from here, or None and why not."""
-    from trimformer.models.load import BUNDLED, _cache_dir
+    from trimformer.models.load import BUNDLED, cache_dir
 
     name = "qwen2.5-coder-1.5b"
     if name in BUNDLED:
         return name, "bundled"
-    if (_cache_dir(name) / "config.json").is_file():
-        return str(_cache_dir(name)), "cached HF copy"
+    if (cache_dir(name) / "config.json").is_file():
+        return str(cache_dir(name)), "cached HF copy"
     return None, (f"{name} is not a bundled model of this trimformer and has no cached HF copy in "
-                  f"{_cache_dir(name)}: install its parts (BENCHMARK.md) with a trimformer that bundles it")
+                  f"{cache_dir(name)}: install its parts (BENCHMARK.md) with a trimformer that bundles it")
 
 
 def child_prune(args: argparse.Namespace) -> None:

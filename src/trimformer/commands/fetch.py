@@ -65,7 +65,7 @@ def prepare(name: str) -> str:
         return f"{len(folders)} task folders in {folders[0].parent}"
     from .. import load
     from ..models import count_parameters
-    from ..models.load import _cache_dir
+    from ..models.load import cache_dir
 
     model = load(name)
-    return f"{count_parameters(model):,} parameters ({model.dtype}), cached in {_cache_dir(name)}"
+    return f"{count_parameters(model):,} parameters ({model.dtype}), cached in {cache_dir(name)}"

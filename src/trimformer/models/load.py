@@ -94,7 +94,7 @@ def bundled_path(name: str) -> tuple[Path, str | None]:
     A model split over several packages is joined into the cache (`TRIMFORMER_CACHE`/gguf/) on first use."""
     b = BUNDLED[name]
     if b.split is not None:
-        path = _cache_dir("gguf") / b.gguf
+        path = cache_dir("gguf") / b.gguf
         if not path.is_file():
             try:
                 b.split.join(name, path)
@@ -209,8 +209,8 @@ def estimate_bytes(name_or_path: str | os.PathLike) -> int:
     """About how many bytes the model's weights take in fp32 on disk (0 when unknown: a hub id), read from the
     files without loading them: a checkpoint's weight files, or a GGUF's tensor shapes."""
     text = str(name_or_path)
-    if text in BUNDLED and BUNDLED[text].gguf and (_cache_dir(text) / "config.json").is_file():
-        return estimate_bytes(_cache_dir(text))
+    if text in BUNDLED and BUNDLED[text].gguf and (cache_dir(text) / "config.json").is_file():
+        return estimate_bytes(cache_dir(text))
     try:
         where, gguf_name = resolve(text)
     except ModelNotFoundError:
@@ -275,7 +275,7 @@ def streamable(name_or_path: str | os.PathLike) -> Path:
     """The safetensors folder a streamed load reads (bundled GGUF models: their cached HF copy, made now)."""
     text = str(name_or_path)
     if text in BUNDLED and BUNDLED[text].gguf:
-        cache = _cache_dir(text)
+        cache = cache_dir(text)
         if not (cache / "config.json").is_file():
             _load_bundled_gguf(text, torch.float32, False)
         return cache
@@ -413,8 +413,8 @@ def skeleton_of(name_or_path: str | os.PathLike, dtype: str | torch.dtype = torc
 
     dtype = parse_dtype(dtype)
     text = str(name_or_path)
-    if text in BUNDLED and BUNDLED[text].gguf and (_cache_dir(text) / "config.json").is_file():
-        return skeleton(_cache_dir(text), dtype)
+    if text in BUNDLED and BUNDLED[text].gguf and (cache_dir(text) / "config.json").is_file():
+        return skeleton(cache_dir(text), dtype)
     where, gguf = resolve(name_or_path)
     if not Path(where).is_dir():
         return None
@@ -468,7 +468,8 @@ def _without_quantization_config(model: nn.Module) -> nn.Module:
     return model
 
 
-def _cache_dir(name: str) -> Path:
+def cache_dir(name: str) -> Path:
+    """Where a bundled model (or `gguf`, `task-data`) is cached: TRIMFORMER_CACHE, else ~/.cache/trimformer."""
     root = os.environ.get("TRIMFORMER_CACHE") or Path.home() / ".cache" / "trimformer"
     return Path(root) / name
 
@@ -477,7 +478,7 @@ def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
     """De-quantizing the GGUF takes 25-60 s; the first load writes an HF copy (in the bundle's dtype) to the cache."""
     from transformers import AutoTokenizer
 
-    cache = _cache_dir(name)
+    cache = cache_dir(name)
     if not (cache / "config.json").is_file():
         where, gguf = resolve(name)
         from transformers import AutoModelForCausalLM
@@ -494,7 +495,7 @@ def _load_bundled_gguf(name: str, dtype: torch.dtype, with_tokenizer: bool):
 def _load_bundled_onnx(name: str, dtype: torch.dtype):
     """The first load rebuilds the ONNX backbone in transformers (needs `onnx` and `onnxruntime`: the
     rebuilt model is checked against ONNX Runtime on two bundled images) and caches it as an HF folder."""
-    cache = _cache_dir(name)
+    cache = cache_dir(name)
     if (cache / "config.json").is_file() and not os.environ.get("TRIMFORMER_NO_CACHE"):
         return load(cache, dtype=dtype, _source=name)
     from .onnx_dinov2 import convert  # (needs onnx: imported only for this one-time rebuild)
