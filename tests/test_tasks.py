@@ -7,6 +7,7 @@ definitions read them. Multiple-choice accuracy is checked against a naive re-co
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,20 @@ def test_cli_eval_of_a_heterogeneous_export_then_report(scored, tmp_path, capsys
     assert main(["-q", "eval", "--model", str(tmp_path / "cut"), "--tasks", "arc_easyy"]) == 2
     assert "Did you mean 'arc_easy'" in capsys.readouterr().err
 
+
+
+def test_every_supported_task_gets_a_definition(tmp_path, monkeypatch):
+    """lm-eval's task files carry their own YAML tags (`!function utils.process_docs` in HellaSwag, WinoGrande):
+    every task we name must still get its local definition, including lm-eval's file unchanged."""
+    import yaml
+
+    from trimformer.evaluate import tasks as t
+
+    monkeypatch.setattr(t, "local_dataset", lambda name: tmp_path / "data" / name)
+    t._task_files(list(t.LM_EVAL), tmp_path)
+    for name in t.LM_EVAL:
+        cfg = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+        members = cfg["task"] if isinstance(cfg["task"], list) else [cfg]
+        assert all(m["dataset_path"].endswith(name) for m in members), name
+        if name in ("hellaswag", "winogrande"):
+            assert cfg["include"].endswith(t.LM_EVAL[name][0]) and "!function" in Path(cfg["include"]).read_text()

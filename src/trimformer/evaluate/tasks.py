@@ -105,6 +105,14 @@ def _offline(progress: bool = True) -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
+class _Definition(yaml.SafeLoader):
+    """Reads an lm-eval task file for its keys only: lm-eval's own tags (`!function utils.process_docs`) load as
+    None here; the file itself is `include`d unchanged, so lm-eval resolves them."""
+
+
+_Definition.add_multi_constructor("!", lambda _loader, _suffix, _node: None)
+
+
 def _task_files(names: list[str], folder: Path) -> None:
     """One YAML per task in `folder`, under lm-eval's own name: its definition (`include`; for a group, its member
     groups) pointed at the local data folder and at the split the package has. A TaskManager given `folder` as
@@ -123,7 +131,7 @@ def _task_files(names: list[str], folder: Path) -> None:
         path = root / LM_EVAL[n][0]
         if not path.is_file():
             raise HarnessError(f"this lm-eval ({_version('lm-eval')}) has no {LM_EVAL[n][0]}: {PIP}")
-        cfg = yaml.safe_load(path.read_text())
+        cfg = yaml.load(path.read_text(), Loader=_Definition)
         if "group" in cfg:  # overrides reach the tasks through the member groups
             cfg["task"] = [{"group": m, **over} for m in cfg["task"]]
         else:
