@@ -10,8 +10,9 @@ Cases (`--cases`, default all):
 - llama8b-wanda, llama8b-sparsegpt: a random-weight model of Llama-3-8B's shape (32 blocks, hidden 4096, 32 query /
   8 KV heads, FFN 14336, vocab 128,256, bf16, 16 GB) pruned 50 % on 4 calibration windows of 512 tokens, target peak
   RSS <= 4 GB; the checkpoint is then reloaded streamed and every projection checked for exactly 50 % zeros.
-- depth8, depth16: the same model cut to its first 8 / 16 blocks (the same shard files), SparseGPT: peak RSS must
-  not grow with depth.
+- depth8, depth16 (depthN for any N up to the model's blocks): the same model cut to its first N blocks (the same
+  shard files), SparseGPT; depthN-wanda for Wanda. Peak RSS must not grow with depth. `make --blocks 16` / `run
+  --blocks 16` write and use a 16-block model of the same width (9 GB) when only the depth cases are wanted.
 
 Every run prints the estimate made before it started next to the measured peak RSS of its process, wall time and
 the bytes read. Results: benchmarks/results/streaming.md (and .json).
@@ -36,6 +37,15 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 TARGETS = {"qwen": 2.5, "llama8b-wanda": 4.0, "llama8b-sparsegpt": 4.0, "depth8": 4.0, "depth16": 4.0}
+METHODS = ("wanda", "sparsegpt")
+
+
+def case_name(text: str) -> str:
+    """A case of TARGETS, or depthN / depthN-METHOD."""
+    depth, _, method = text.removeprefix("depth").partition("-")
+    if text in TARGETS or (text.startswith("depth") and depth.isdigit() and int(depth) > 0 and method in ("", *METHODS)):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown case {text!r}: one of {', '.join(TARGETS)}, or depthN[-wanda|-sparsegpt]")
 
 
 def peak_rss() -> int:
@@ -43,24 +53,25 @@ def peak_rss() -> int:
 
 
 def make(root: Path = ROOT, blocks: int = 32) -> Path:
-    """Write the random Llama-3-8B-shaped checkpoint (one shard per block) and its depth cuts (links to it)."""
+    """Write the random Llama-3-8B-shaped checkpoint (one shard per block); `blocks` < 32 writes only the first
+    blocks (a shallower model of the same width, for the depth cases when disk or time is short)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig
 
     from trimformer.models import shards
     from trimformer.models.load import streamable
 
-    folder = root / "llama3-8b-random"
+    folder = root / ("llama3-8b-random" if blocks == 32 else f"llama3-8b-random-{blocks}b")
     if (folder / shards.INDEX).is_file():
         return folder
-    need = 17 * GB
+    need = (2.2 + 0.44 * blocks) * GB  # embeddings and head, and 0.44 GB per block in bf16
     free = shutil.disk_usage(root.parent if not root.exists() else root).free
     if free < need * 2.2:  # the checkpoint, and one pruned copy of it at a time
         sys.exit(f"not enough disk: {free / GB:.0f} GB free, {need * 2.2 / GB:.0f} GB needed (model + one output)")
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = LlamaConfig(**LLAMA3_8B, dtype="bfloat16")
+    cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": blocks}, dtype="bfloat16")
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(streamable("smollm2-135m")).save_pretrained(tmp)  # 49,152 ids < 128,256
@@ -194,9 +205,12 @@ def run(args: argparse.Namespace) -> None:
                 continue
             dtype = args.qwen_dtype
         else:
-            full = make()
-            model = str(full if case.startswith("llama8b") else cut(full, int(case.removeprefix("depth"))))
-            method = "wanda" if case == "llama8b-wanda" else "sparsegpt"
+            depth, _, suffix = case.removeprefix("depth").partition("-")
+            full = make(blocks=32 if case.startswith("llama8b") else args.blocks)
+            if not case.startswith("llama8b") and int(depth) > args.blocks:
+                sys.exit(f"{case}: the model has {args.blocks} blocks; use --blocks {depth} or more")
+            model = str(full if case.startswith("llama8b") else cut(full, int(depth)))
+            method = "wanda" if case == "llama8b-wanda" else suffix or "sparsegpt"
         out = work / case
         print(f"{case}: {method} 50 % of {model} ({dtype}) ...", flush=True)
         r = run_child("child-prune", "--model", model, "--method", method, "--out", str(out), "--dtype", dtype,
@@ -204,12 +218,13 @@ def run(args: argparse.Namespace) -> None:
         if "error" not in r:
             r["verify"] = run_child("child-verify", "--model", str(out), "--dtype", dtype)
         shutil.rmtree(out, ignore_errors=True)
-        r.update(case=case, method=method, model=model, dtype=dtype, target_gb=TARGETS[case])
+        r.update(case=case, method=method, model=model, dtype=dtype, target_gb=TARGETS.get(case, 4.0))
         print(json.dumps({k: v for k, v in r.items() if k != "said"}), flush=True)
         rows.append(r)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "streaming.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / "streaming.md").write_text(table(rows, args))
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    dest.with_suffix(".md").write_text(table(rows, args))
     print(table(rows, args))
 
 
@@ -229,6 +244,12 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                    f"{r['estimate_disk'] / GB:.1f} GB disk (in memory: {r['estimate_in_memory'] / GB:.1f} GB) | "
                    f"**{r['peak_rss'] / GB:.2f} GB** | <= {r['target_gb']} GB | {r['wall_s']:.0f} s | "
                    f"{r['reads'] / GB:.1f} GB | {check} |")
+    for method in METHODS:  # peak RSS against depth: it should stay flat
+        depth = sorted((int(r["case"].removeprefix("depth").split("-")[0]), r["peak_rss"]) for r in rows
+                       if r["case"].startswith("depth") and r.get("method") == method and "peak_rss" in r)
+        if len(depth) > 1:
+            out.append(f"\n{method} peak RSS against depth: " + ", ".join(f"{d} blocks {p / GB:.2f} GB" for d, p in depth)
+                       + f" (x{depth[-1][1] / depth[0][1]:.2f} for x{depth[-1][0] / depth[0][0]:.0f} the blocks).")
     out.append("\nPeak RSS: `getrusage(RUSAGE_SELF).ru_maxrss` of the process that ran the whole job (imports, load, "
                "calibration, pruning, writing); the reload check runs in a process of its own.")
     return "\n".join(out) + "\n"
@@ -237,9 +258,12 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("make")
+    m = sub.add_parser("make")
+    m.add_argument("--blocks", type=int, default=32, help="blocks of the random model (32: Llama-3-8B's depth)")
     r = sub.add_parser("run")
-    r.add_argument("--cases", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    r.add_argument("--cases", nargs="+", default=list(TARGETS), type=case_name)
+    r.add_argument("--blocks", type=int, default=32, help="blocks of the random model the depth cases cut")
+    r.add_argument("--out", default=str(RESULTS / "streaming"), help="results: OUT.json and OUT.md")
     r.add_argument("--windows", type=int, default=4)
     r.add_argument("--length", type=int, default=512)
     r.add_argument("--threads", type=int, default=2)
@@ -256,7 +280,7 @@ def main() -> None:
     v.add_argument("--dtype", required=True)
     args = p.parse_args()
     if args.cmd == "make":
-        print(make())
+        print(make(blocks=args.blocks))
     elif args.cmd == "run":
         run(args)
     elif args.cmd == "clean":

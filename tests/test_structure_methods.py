@@ -87,6 +87,21 @@ def test_hessian_score_is_the_least_squares_residual(calib):
     assert score.item() == pytest.approx(resid.item(), rel=0.05)
 
 
+@torch.no_grad()
+def test_hessian_scores_groups_of_mixed_sizes_in_their_order():
+    """Groups are scored batched by size: every score, in the caller's order, is the OBS formula of its group."""
+    from trimformer.structure.importance import InputStats, damped, hessian
+
+    torch.manual_seed(0)
+    st = InputStats()
+    st.add(torch.randn(300, 10) @ torch.randn(10, 10))
+    W = torch.randn(4, 10)
+    groups = [torch.tensor([7]), torch.tensor([0, 1]), torch.tensor([2]), torch.tensor([3, 4, 5]), torch.tensor([9, 8])]
+    Hinv = torch.linalg.inv(damped(st.second))
+    want = [torch.trace(W.double()[:, g] @ torch.linalg.inv(Hinv[g][:, g]) @ W.double()[:, g].t()) for g in groups]
+    assert torch.allclose(hessian(W, st, groups), torch.stack(want), rtol=1e-10)
+
+
 def _identity_block(model, i):
     b = anatomy_of(model).blocks[i]
     with torch.no_grad():

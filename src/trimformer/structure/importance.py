@@ -113,14 +113,25 @@ def flap(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torch.T
 def hessian(W: torch.Tensor, st: InputStats, groups: list[torch.Tensor]) -> torch.Tensor:
     """Structured OBS (Optimal Brain Surgeon for column groups; ZipLM, SlimGPT): the output error left
     after removing group G and re-fitting the other columns by least squares,
-    tr(W_G [(H^-1)_GG]^-1 W_G^T)."""
+    tr(W_G [(H^-1)_GG]^-1 W_G^T).
+
+    Groups of one size are scored together (one batched solve): one per group in a Python loop cost
+    ~13 s per FFN of smollm2-135m, most of width's and search's time."""
     Hinv = torch.linalg.inv(damped(st.second))
     Wd = W.double()
-    out = []
-    for g in groups:
-        Wg = Wd[:, g]  # (out, |G|)
-        out.append(torch.trace(Wg @ torch.linalg.solve(Hinv[g][:, g], Wg.t())))
-    return torch.stack(out)
+    out = Wd.new_empty(len(groups))
+    by_size: dict[int, list[int]] = {}
+    for j, g in enumerate(groups):
+        by_size.setdefault(g.numel(), []).append(j)
+    for js in by_size.values():
+        idx = torch.stack([groups[j].reshape(-1) for j in js])  # (n, |G|)
+        WgT = Wd[:, idx].permute(1, 2, 0)  # (n, |G|, out): W_G^T of each group
+        Hgg = Hinv[idx[:, :, None], idx[:, None, :]]  # (n, |G|, |G|): (H^-1)_GG
+        if idx.shape[1] == 1:  # single columns: ||W_c||^2 / (H^-1)_cc (a batched solve of 1x1 systems is slow)
+            out[js] = (WgT**2).sum((1, 2)) / Hgg[:, 0, 0]
+        else:
+            out[js] = (WgT * torch.linalg.solve(Hgg, WgT)).sum((1, 2))  # tr(W_G (H^-1)_GG^-1 W_G^T)
+    return out
 
 
 def _need_grad(st: InputStats | None, name: str) -> InputStats:
