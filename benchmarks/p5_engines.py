@@ -182,7 +182,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "p5_engines.json").write_text(json.dumps(res, indent=2))
     (RESULTS / "p5_engines.md").write_text(table(res))
-    plot(res, RESULTS / "p5_engines.png")
+    if not a.no_speed:
+        plot(res, RESULTS / "p5_engines.png")
     print(table(res))
 
 
