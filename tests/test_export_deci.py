@@ -126,22 +126,40 @@ def test_refuses_what_deci_cannot_hold(tmp_path):
 
 @torch.no_grad()
 def test_per_layer_config_beside_our_keys(ids, tmp_path):
-    """transformers >= 5.14 reads per-layer shapes from it; our modeling file still loads the checkpoint."""
-    from transformers import AutoConfig
+    """export.save writes transformers' per_layer_config (>= 5.14 reads per-layer shapes from it); transformers'
+    config class reads it back, and our modeling file still loads the checkpoint with the same logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.configuration_utils import get_head_shapes
 
     model = hetero(tiny4())
     want = model(input_ids=ids).logits
     export.save(model, tmp_path / "m")
-    path = tmp_path / "m" / "config.json"
-    path.write_text(json.dumps(add_per_layer_config(json.loads(path.read_text()), model), indent=2))
+    written = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert written["per_layer_config"] == {"0": {"intermediate_size": 40},
+                                           "1": {"num_attention_heads": 2, "num_key_value_heads": 1},
+                                           "2": {"skip": ["mlp"]}, "3": {"skip": ["attention"]}}
     cfg = AutoConfig.from_pretrained(tmp_path / "m", trust_remote_code=True)
     layers = cfg.per_layer_config
     assert layers[0].intermediate_size == 40 and layers[1].num_attention_heads == 2
     assert layers[2].skip == ["mlp"] and layers[3].skip == ["attention"]
     assert get_head_shapes(cfg)[0][:2] == [2, 1]  # KV heads per layer, as a static cache would be sized
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    torch.testing.assert_close(vanilla(input_ids=ids).logits, want)
     torch.testing.assert_close(trimformer.load(tmp_path / "m")(input_ids=ids).logits, want)
     assert add_per_layer_config({"a": 1}, tiny4()) == {"a": 1}  # uniform: nothing added
+
+
+@torch.no_grad()
+def test_per_layer_config_follows_a_second_cut(ids, tmp_path):
+    """A heterogeneous checkpoint loaded, cut again and saved: the new per_layer_config, none of the old one."""
+    export.save(hetero(tiny4()), tmp_path / "a")
+    model = trimformer.load(tmp_path / "a")
+    surgery.prune_neurons(anatomy_of(model).blocks[3], range(8))  # keeps 8
+    want = model(input_ids=ids).logits
+    export.save(model, tmp_path / "b")
+    layers = json.loads((tmp_path / "b" / "config.json").read_text())["per_layer_config"]
+    assert layers["0"] == {"intermediate_size": 40} and layers["3"] == {"intermediate_size": 8, "skip": ["attention"]}
+    torch.testing.assert_close(trimformer.load(tmp_path / "b")(input_ids=ids).logits, want)
 
 
 @torch.no_grad()

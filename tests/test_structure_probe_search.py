@@ -273,3 +273,41 @@ def test_search_library_file_is_reused_only_for_the_same_model(calib, tmp_path, 
     with pytest.raises(AssertionError, match="scored again"):  # other windows too
         trimformer.prune_(copy.deepcopy(dense), trimformer.build("search", {"target": "params=0.8", **settings}),
                           calibration=calib[:2], progress=False)
+
+
+def test_search_for_vllm_offers_no_head_cuts_and_exports_to_deci(calib, tmp_path):
+    """engine=vllm: the planted dead query heads are left (a per-block head count vLLM cannot build), the cut still
+    meets its budget with FFN / sublayer options, and the result writes as DeciLM; engine=llamacpp takes them."""
+    from trimformer.export.deci import save_deci
+    from trimformer.export.gguf import save_gguf
+
+    dense = _deeper(tiny("llama"), 4)
+    an = anatomy_of(dense)
+    a = an.blocks[2].attention
+    with torch.no_grad():  # block 2: heads 0 and 3 (one per KV group) add nothing, as in the test above
+        for b in an.blocks:
+            b.attention.q.weight.mul_(8)
+            b.attention.o.weight.mul_(8)
+        a.o.weight[:, : a.head_dim] = 0
+        a.o.weight[:, 3 * a.head_dim:] = 0
+    n0 = count_parameters(dense)
+    share = (n0 - (a.q.weight.numel() + a.o.weight.numel()) / 2) / n0 + 1e-7  # the dead heads' parameters
+    cfg = {"target": f"params={share}", "widths": "", "kv_groups": "none", "precision": "fp32"}
+    picks = {}
+    for engine in ("vllm", "llamacpp"):
+        model = copy.deepcopy(dense)
+        res = trimformer.prune_(model, trimformer.build("search", {**cfg, "engine": engine}), calibration=calib,
+                                progress=False).trimformer_history[-1]["result"]
+        picks[engine] = res["choices"]
+        assert count_parameters(model) <= share * n0
+        heads = {b.attention.num_heads for b in anatomy_of(model).blocks if b.attention is not None}
+        if engine == "vllm":
+            assert heads == {4} and not any(re.search(r"-(kv|q)\d", c) for c in res["choices"])
+            save_deci(model, tmp_path / "deci")
+        else:
+            save_gguf(model, tmp_path / "m.gguf", qtype="f32")
+    assert picks["llamacpp"][2] == "attn-q1+ffn1"
+    with pytest.raises(ValueError, match="engine vllm"):
+        trimformer.build("search", {"engine": "vllm", "query_heads": "1"})
+    with pytest.raises(ValueError, match="engine"):
+        trimformer.build("search", {"engine": "sglang"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,20 @@ def save_pretrained(
     tokenizer: Any = None,
     extra_files: dict[str, Any] | None = None,
     overwrite: bool = False,
+    edit_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Path:
     """Save `model` as safetensors + config that vanilla `transformers` reloads.
 
     `extra_files`: name -> dict (written as JSON) or str (written as text), e.g. the report
-    and the recipe that produced the model.
+    and the recipe that produced the model. `edit_config` maps the written config.json dict to the
+    one to keep, inside the same atomic write.
     """
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         add_legacy_fields(tmp / "config.json")
+        if edit_config is not None:
+            path = tmp / "config.json"
+            path.write_text(json.dumps(edit_config(json.loads(path.read_text())), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():

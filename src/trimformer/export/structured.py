@@ -6,6 +6,8 @@ cannot express) -> the same checkpoint plus, in config.json, the per-layer diffe
 (`trimformer_shapes`, `trimformer_attrs`, `trimformer_removed`) and `auto_map` to a small
 `trimformer_modeling.py` that rebuilds them on top of the vanilla class; it imports only torch and
 transformers, so `from_pretrained(..., trust_remote_code=True)` works without trimformer installed.
+The per-layer shapes are also written as transformers' own `per_layer_config` (export/per_layer.py), when the
+installed transformers accepts that config back.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..models.modeling_file import MODELING_FILE, source
 from ..models.offload import streamed
 from ..structure.surgery import sync_config
 from .hf import save_pretrained
+from .per_layer import add_per_layer_config
 
 _AUTO = (  # (auto class, mapping name in transformers.models.auto.modeling_auto)
     ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
@@ -45,11 +48,16 @@ def _attrs(m: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _vanilla(model: nn.Module) -> type:
+    """The transformers class under `model` (a model reloaded through our modeling file is a subclass of it)."""
+    return next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), type(model))
+
+
 def differences(model: nn.Module) -> dict[str, Any]:
     """What `type(model)(model.config)` would build differently: parameter shapes, module attributes,
     removed sublayers. Empty dicts mean a plain checkpoint reloads this model exactly."""
     with torch.device("meta"):
-        ref = type(model)(copy.deepcopy(model.config))
+        ref = _vanilla(model)(copy.deepcopy(model.config))
     ref_mods = dict(ref.named_modules())
     removed, attrs = {}, {}
     for name, m in model.named_modules():
@@ -76,11 +84,26 @@ def differences(model: nn.Module) -> dict[str, Any]:
 def _auto_key(model: nn.Module) -> str:
     from transformers.models.auto import modeling_auto
 
-    cls, mt = type(model).__name__, model.config.model_type
+    cls, mt = _vanilla(model).__name__, model.config.model_type
     for key, mapping in _AUTO:
         if getattr(modeling_auto, mapping).get(mt) == cls:
             return key
     raise ValueError(f"no Auto class maps model_type {mt!r} to {cls}; cannot write auto_map")
+
+
+def _with_per_layer_config(model: nn.Module):
+    """config.json dict -> the same with `per_layer_config`, if transformers' config class reads it back; else as is
+    (transformers < 5.14 has no heterogeneous configs, and one that rejects the overrides must not break the save)."""
+    def edit(config: dict[str, Any]) -> dict[str, Any]:
+        new = add_per_layer_config(config, model)
+        if new is config:
+            return config
+        try:
+            type(model.config).from_dict(new)
+        except Exception:  # noqa: BLE001 - any refusal: keep the checkpoint as our modeling file reads it
+            return config
+        return new
+    return edit
 
 
 def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
@@ -98,14 +121,17 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, ove
             delattr(cfg, key)
     diff = differences(model)
     files = dict(extra_files or {})
+    edit = None
     if any(diff.values()):
-        base = type(model).__name__
+        edit = _with_per_layer_config(model)
+        base = _vanilla(model).__name__
         for k, v in diff.items():
             setattr(cfg, k, v)
         cfg.auto_map = {_auto_key(model): f"trimformer_modeling.Trimmed{base}"}
         files[MODELING_FILE] = source(base)
     try:
-        return save_pretrained(model, out, tokenizer=tokenizer, extra_files=files, overwrite=overwrite)
+        return save_pretrained(model, out, tokenizer=tokenizer, extra_files=files, overwrite=overwrite,
+                               edit_config=edit)
     finally:
         for key in ("trimformer_shapes", "trimformer_attrs", "trimformer_removed", "auto_map"):
             if hasattr(cfg, key):

@@ -57,6 +57,11 @@ class Search(StructurePruner):
     and library settings at another budget loads it instead of scoring again (a stale file is re-scored).
     refit: 'asymmetric' builds the choice block by block, re-fitting o/down to the dense model's block outputs
     on all calibration windows; 'plain' applies the cuts with their one-block least-squares re-fits only.
+    engine: offer only what that serving engine runs from our export. 'vllm' (--format deci): DeciLM's
+    num_attention_heads is global in vLLM, so no option changes a block's query heads (neither query heads per group
+    nor KV groups, which take their query heads with them); FFN widths, attention and MLP removal stay (vLLM builds
+    any width from block_configs' intermediate_size). 'llamacpp' (--format gguf, per-layer head counts) and 'hf'
+    (our checkpoint): every option.
     filter_fn is asked about each attention and MLP sublayer: a rejected one is neither cut, removed nor re-fitted."""
 
     target: Budget = Budget("latency", 0.6)
@@ -74,6 +79,7 @@ class Search(StructurePruner):
     kv_groups: Counts = "auto"
     query_heads: Counts = "auto"
     library: str = ""
+    engine: Literal["hf", "vllm", "llamacpp"] = "hf"
 
     budgets = ("latency", "params")
     filter_on = ("attn", "mlp")
@@ -92,6 +98,12 @@ class Search(StructurePruner):
                 setattr(self, name, spec)
             if isinstance(spec, list) and any(k < 1 for k in spec):
                 raise ValueError(f"{name} {spec}: 'auto', 'none' or counts >= 1, e.g. 2,1")
+            if self.engine == "vllm":
+                if isinstance(spec, list) and spec:
+                    raise ValueError(f"{name} {spec} with engine vllm: vLLM keeps the query heads of every block equal "
+                                     "(DeciLM's num_attention_heads is global), so head cuts per block cannot be served "
+                                     "there; drop the counts, or search with engine llamacpp (GGUF holds them)")
+                setattr(self, name, "none")
 
     def _head_counts(self, anatomy: Anatomy) -> tuple[tuple[int, ...], tuple[int, ...]]:
         att = [b.attention for b in anatomy.blocks if b.attention is not None]
