@@ -23,6 +23,16 @@ def test_mip_finds_the_known_optimum_of_a_hand_made_case():
     assert choose(lib, 9) == [0, 0, 0]
 
 
+def test_mip_respects_a_budget_in_seconds_exactly():
+    """Latency budgets are fractions of a millisecond: the solver's absolute tolerance (1e-6) must not let the
+    summed cost overrun them (keeping both blocks costs 2e-4 s, the budget is 5e-7 s less)."""
+    lib = [[Candidate("keep", 0.0, 1e-4), Candidate("drop", 1.0, 0.0)] for _ in range(2)]
+    for budget in (2e-4 - 5e-7, 1e-4):
+        pick = choose(lib, budget)
+        assert sum(lib[i][j].cost for i, j in enumerate(pick)) <= budget and pick.count(0) == 1
+    assert choose(lib, 2e-4) == [0, 0]
+
+
 def test_mip_matches_brute_force_and_respects_budget():
     rng = random.Random(0)
     for _ in range(20):

@@ -143,16 +143,25 @@ def choose(library: list[list[Candidate]], budget: float) -> list[int]:
     for i, k in enumerate(sizes):
         one[i, start:start + k] = 1
         start += k
-    res = milp(c=err, constraints=[LinearConstraint(one, 1, 1), LinearConstraint(cost[None], -np.inf, budget)],
-               integrality=np.ones(n), bounds=Bounds(0, 1))
-    if not res.success:
-        raise BudgetError(f"no architecture fits budget {budget:g}: {res.message}")
-    x = np.round(res.x).astype(int)
-    out, start = [], 0
-    for k in sizes:
-        out.append(int(np.argmax(x[start:start + k])))
-        start += k
-    return out
+    # HiGHS accepts a constraint violated by up to 1e-6 in absolute terms: a latency budget in seconds would be
+    # overrun by a visible share. Solve in units of the budget, and tighten by the overrun if there still is one.
+    scale = abs(budget) or 1.0
+    bound = budget / scale
+    for _ in range(4):
+        res = milp(c=err, constraints=[LinearConstraint(one, 1, 1), LinearConstraint(cost[None] / scale, -np.inf, bound)],
+                   integrality=np.ones(n), bounds=Bounds(0, 1))
+        if not res.success:
+            raise BudgetError(f"no architecture fits budget {budget:g}: {res.message}")
+        x = np.round(res.x).astype(int)
+        out, start = [], 0
+        for k in sizes:
+            out.append(int(np.argmax(x[start:start + k])))
+            start += k
+        spent = sum(library[i][j].cost for i, j in enumerate(out))
+        if spent <= budget:
+            return out
+        bound -= 2 * (spent - budget) / scale
+    raise BudgetError(f"no architecture found within budget {budget:g} (the solver's tolerance); raise the budget")
 
 
 # -- the scored library, keyed and kept in a file -----------------------------------------------
