@@ -6,6 +6,7 @@ noise hits both alike; report ratios, not absolute times.
 
 from __future__ import annotations
 
+import inspect
 import resource
 import statistics
 import sys
@@ -25,12 +26,16 @@ def _prefill_s(model: nn.Module, ids: torch.Tensor) -> float:
 @torch.no_grad()
 def _decode_s(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     """Seconds for `steps` greedy decode steps after a prefill of `ids` (prefill not counted)."""
+    # transformers 5 names the cache `cache` (argument and output) in the families it has moved; the others keep
+    # `past_key_values`
+    new_name = "cache" in inspect.signature(model.forward).parameters
+    name = "cache" if new_name else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, use_cache=True, **{name: cache})
+        cache, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - t0
 
 
