@@ -153,10 +153,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     what = f"{args.format} checkpoint" if args.format != "hf" else "checkpoint"
     if result.report is not None:
         print(to_markdown(result.report))
-        print(f"saved {args.out}/ ({what}, report.json, report.md, trimformer.json)")
+        print(f"saved {str(args.out).rstrip('/')}/ ({what}, report.json, report.md, trimformer.json)")
     else:
         why = "--no-eval" if args.no_eval else "the model was streamed from disk"
-        print(f"saved {args.out}/ ({what}, trimformer.json; no evaluation: {why})")
+        print(f"saved {str(args.out).rstrip('/')}/ ({what}, trimformer.json; no evaluation: {why})")
     return 0
 
 
