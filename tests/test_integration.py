@@ -22,11 +22,11 @@ def test_smollm2_wanda_end_to_end(tmp_path):
     calib = trimformer.data.calibration_windows(tok, n=2, length=128)  # 2 windows only, to stay fast
     trimformer.prune_(model, trimformer.build("wanda", {"sparsity": 0.5}), calibration=calib, progress=False)
     report = trimformer.evaluate(model, tok, reference=trimformer.load("smollm2-135m"), windows=2, kl_windows=1,
-                                 length=128, measure_speed=False, progress=False)
+                                 code_windows=1, length=128, measure_speed=False, progress=False)
     q = report["quality"]
     assert report["cost"]["sparsity_prunable"] == pytest.approx(0.5, abs=1e-3)
     assert q["ppl_reference"] < q["ppl"] < 10 * q["ppl_reference"]  # hurt, not destroyed
-    assert 0 < q["kl"] < 2 and q["top1_agree"] > 0.4
+    assert 0 < q["kl"] < 2 and q["top1_agree"] > 0.4 and 0 < q["kl_code"] < 3  # out of domain: hurt too
     trimformer.export.save_pretrained(model, tmp_path / "out", tokenizer=tok)
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = calib[:1, :64]
