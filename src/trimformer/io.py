@@ -10,6 +10,7 @@ for any normal file write (tempfile alone would make them private).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -17,8 +18,10 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["OutputError", "OutputExistsError", "atomic_dir", "atomic_file", "check_output", "clean_stale"]
+__all__ = ["OutputError", "OutputExistsError", "atomic_dir", "atomic_file", "check_output", "clean_stale",
+           "write_files"]
 
 
 class OutputError(ValueError):
@@ -106,6 +109,13 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_files(folder: str | os.PathLike, files: dict[str, Any] | None) -> None:
+    """Files beside a checkpoint (inside an atomic_dir): name -> str (text) or anything JSON-able (indented JSON)."""
+    for name, content in (files or {}).items():
+        (Path(folder) / name).write_text(content if isinstance(content, str) else
+                                         json.dumps(content, indent=2, default=str))
 
 
 def atomic_file(path: str | os.PathLike, data: str | bytes) -> Path:

@@ -175,10 +175,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluate import to_markdown
     from ..models.load import resolve_device
 
-    if args.tasks:  # fail on a bad task name or missing data before loading anything
-        from ..evaluate.tasks import TaskEval, check_data
+    evaluation = _eval_options(args)
+    if evaluation.task_eval is not None:  # fail on a bad task name or missing data before loading anything
+        from ..evaluate.tasks import check_data
 
-        check_data(TaskEval(tasks=args.tasks, limit=args.limit, batch_size=args.task_batch_size))
+        check_data(evaluation.task_eval)
     on = {"dtype": args.dtype, "device": resolve_device(args.device)}
     try:
         model, tok = load(args.model, with_tokenizer=True, **on)
@@ -188,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load(args.model, **on)
         _, tok = load(args.reference, with_tokenizer=True, **on)
     reference = load(args.reference, **on) if args.reference else None
-    report = _eval_options(args)(model, tok, reference)
+    report = evaluation(model, tok, reference)
     if args.json:
         from ..io import atomic_file
 

@@ -39,6 +39,22 @@ def _decode_s(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def fastest(fns: list, runs: int) -> list[float]:
+    """The fastest of `runs` timings of each fn, taken in interleaved rounds (every fn once per round) after one
+    warm-up each. Other work on the machine only ever adds time, so the minimum is the least disturbed estimate,
+    and interleaving makes a slow phase hit every option alike (a per-option median on a busy machine ranked a
+    smaller block slower than a bigger one)."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import atomic_dir
+from ..io import atomic_dir, write_files
 from .layout import EngineLayout, ExportError, LayerShape, engine_layout
 
 CONFIG_FILE = "configuration_decilm.py"
@@ -185,8 +185,7 @@ def save_deci(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None
             gen.to_json_file(tmp / "generation_config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=2, default=str))
+        write_files(tmp, extra_files)
     return Path(out)
 
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ..io import atomic_dir
+from ..io import atomic_dir, write_files
 from .deci import save_deci
 from .gguf import save_gguf
 
@@ -61,7 +60,5 @@ class EngineFormat:
             return save_gguf(model, out, overwrite=overwrite, **kw)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             save_gguf(model, tmp / f"model-{self.gguf_type}.gguf", **kw)
-            for name, content in extra_files.items():
-                (tmp / name).write_text(content if isinstance(content, str) else
-                                        json.dumps(content, indent=2, default=str))
+            write_files(tmp, extra_files)
         return out

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ..io import atomic_dir
+from ..io import atomic_dir, write_files
 
 
 def add_legacy_fields(config_path: Path) -> None:
@@ -52,7 +52,5 @@ def save_pretrained(
             path.write_text(json.dumps(edit_config(json.loads(path.read_text())), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
-            (tmp / name).write_text(text)
+        write_files(tmp, extra_files)
     return Path(out)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .. import parallel
-from ..io import atomic_dir
+from ..io import atomic_dir, write_files
 from ..models import offload, shards
 from ..models.offload import Offload, Unit
 from .hf import add_legacy_fields
@@ -109,9 +109,7 @@ def write_streamed(model: torch.nn.Module, folder: str | os.PathLike, *, tokeniz
             gen.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        for name, content in (extra_files or {}).items():
-            text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
-            (folder / name).write_text(text)
+        write_files(folder, extra_files)
     parallel.barrier()
     return folder
 

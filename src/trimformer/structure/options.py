@@ -12,7 +12,6 @@ the prefill latency of every option measured on this machine (`latency_table`).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import calibrate
+from ..evaluate.speed import fastest
 from ..models import Anatomy, Attention, Block
 from ..progress import bar
 from . import surgery
@@ -213,28 +213,12 @@ def option_params(block: Block, o: Option, multiple_of: int) -> float:
     return float((a if o.attn else 0) + f)
 
 
-def _fastest(fns: list, runs: int) -> list[float]:
-    """The fastest of `runs` timings of each fn, taken in interleaved rounds (every fn once per round) after one
-    warm-up each. Other work on the machine only ever adds time, so the minimum is the least disturbed estimate,
-    and interleaving makes a slow phase hit every option alike (a per-option median on a busy machine ranked a
-    smaller block slower than a bigger one)."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
-
-
 @torch.no_grad()
 def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, runs: int = 5,
                   multiple_of: int = 1) -> dict[str, Any]:
     """Prefill seconds (batch 1, `tokens` tokens, this machine, the model's dtype and threads) of every
     option of every block, and of everything outside the blocks (embedding, final norm, head); the dense
-    model's time is their sum. Blocks of equal shape share one measurement; see `_fastest`."""
+    model's time is their sum. Blocks of equal shape share one measurement; see `evaluate.speed.fastest`."""
     ids = torch.randint(0, anatomy.vocab_size or 2, (1, tokens), generator=torch.Generator().manual_seed(0))
     inputs, kwargs = calibrate.capture_inputs(anatomy, ids.to(next(anatomy.model.parameters()).device))
     x, kw = inputs[0], kwargs[0]
@@ -271,7 +255,7 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
     jobs = [(key, o, m) for key, vs in variants.items() for o, m in vs]
     # the parts are timed as short calls alike: a whole-model call is long enough that a busy machine
     # always slows it, which would inflate what the blocks' budget must leave for the rest
-    times = _fastest([lambda m=m, k=k: m(x, **kws[k]) for k, _, m in jobs] + [outside], runs)
+    times = fastest([lambda m=m, k=k: m(x, **kws[k]) for k, _, m in jobs] + [outside], runs)
     rows: dict[tuple, dict[Option, float]] = {key: {o: 0.0 for o in opts} for key in variants}  # removed: 0
     for (key, o, _), t in zip(jobs, times):
         rows[key][o] = t

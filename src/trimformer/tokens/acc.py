@@ -12,12 +12,12 @@ dinov2-s at batch 32 that decision costs ~30 % of a block: leaving it out made `
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from ..evaluate.speed import fastest
 from . import TOKENS
 from .base import Context, TokenPruner, topk_plan
 
@@ -96,15 +96,7 @@ def measure_block(anatomy, tokens: int, batch: int, reps: int = 7) -> list[float
         p = next(anatomy.model.parameters())
         xs = [torch.randn(batch, max(2, round(tokens * f)), anatomy.hidden_size, device=p.device, dtype=p.dtype)
               for f in GRID]
-        best = [float("inf")] * len(GRID)
-        for x in xs:
-            block(x)  # warm-up
-        for _ in range(reps):
-            for j, x in enumerate(xs):
-                t0 = time.perf_counter()
-                block(x)
-                best[j] = min(best[j], time.perf_counter() - t0)
-        _LATENCY[key] = best
+        _LATENCY[key] = fastest([lambda x=x: block(x) for x in xs], reps)
     return _LATENCY[key]
 
 
@@ -130,13 +122,5 @@ def measure_decision(anatomy, tokens: int, batch: int, reps: int = 5) -> list[fl
         def decide(ctx: Context) -> None:
             topk_plan(ctx.received().float(), ctx, recover=True)
 
-        best = [float("inf")] * len(GRID)
-        for c in ctxs:
-            decide(c)  # warm-up
-        for _ in range(reps):
-            for j, c in enumerate(ctxs):
-                t0 = time.perf_counter()
-                decide(c)
-                best[j] = min(best[j], time.perf_counter() - t0)
-        _LATENCY[key] = best
+        _LATENCY[key] = fastest([lambda c=c: decide(c) for c in ctxs], reps)
     return _LATENCY[key]
