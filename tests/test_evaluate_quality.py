@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny
 
-from trimformer.evaluate import Reference, kl_top1, perplexity
+from trimformer.evaluate import Reference, compare, kl_top1, log_probs, perplexity
 
 
 def naive(model, dense, windows):
@@ -36,3 +36,19 @@ def test_reference_and_kl_top1_match_the_definitions(calib):
     assert perplexity(model, calib, progress=False) == pytest.approx(want["ppl"], rel=1e-4)
     same = Reference(dense, calib, dtype=torch.float16).score(dense)
     assert same["top1_agree"] == 1.0 and abs(same["kl"]) < 1e-3  # only the fp16 rounding of the kept log-probs
+
+
+@torch.no_grad()
+def test_log_probs_of_a_window_and_of_a_batch(calib):
+    """log_probs is log_softmax of the float32 logits; a batch gives each window's rows, and compare() on them
+    is KL(dense || model) summed over positions, the sum Reference.score averages."""
+    dense, model = tiny("llama"), tiny("llama", seed=1)
+    one = log_probs(model, calib[0])  # (T, V)
+    assert one.shape == (calib.shape[1], model.config.vocab_size) and one.dtype == torch.float32
+    assert torch.equal(one, F.log_softmax(model(input_ids=calib[:1]).logits[0].float(), -1))
+    assert torch.allclose(one.exp().sum(-1), torch.ones(one.shape[0]), atol=1e-5)
+    both = log_probs(model, calib[:2])  # (2, T, V)
+    assert both.shape == (2, *one.shape) and torch.allclose(both[0], one, atol=1e-6)
+    kl, agree = compare(one, log_probs(dense, calib[0]))
+    want = naive(model, dense, calib[:1])
+    assert kl / calib.shape[1] == pytest.approx(want["kl"], rel=1e-4) and agree / calib.shape[1] == want["top1_agree"]

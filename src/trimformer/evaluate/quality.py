@@ -18,6 +18,14 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities, float32: (T, V) for one window (T,), (n, T, V) for a batch (n, T). What
+    KL and top-1 are computed from; benchmarks also keep them, or hand them to an engine's check."""
+    logp = F.log_softmax(_logits(model, ids if ids.dim() == 2 else ids[None]), -1)  # (n, T, V)
+    return logp if ids.dim() == 2 else logp[0]
+
+
+@torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> float:
     """exp(mean NLL over every predicted token); each window (n, T) scored on its own."""
     nll, count = 0.0, 0
@@ -41,11 +49,10 @@ def kl_top1(model: nn.Module, reference: nn.Module, windows: torch.Tensor, progr
     """Mean KL(reference || model) of next-token distributions over every token, and top-1 agreement."""
     kl, agree, count = 0.0, 0, 0
     for ids in bar(windows, desc="KL vs dense", unit="window", disable=not progress):
-        ids = ids[None]
-        p_log = F.log_softmax(_logits(reference, ids)[0], -1)  # (T, V) dense
-        q_log = F.log_softmax(_logits(model, ids)[0], -1)  # (T, V) pruned
+        p_log = log_probs(reference, ids)  # (T, V) dense
+        q_log = log_probs(model, ids)  # (T, V) pruned
         k, a = compare(q_log, p_log)
-        kl, agree, count = kl + k, agree + a, count + ids.shape[1]
+        kl, agree, count = kl + k, agree + a, count + ids.numel()
     return {"kl": kl / count, "top1_agree": agree / count}
 
 
@@ -58,7 +65,7 @@ class Reference:
                  progress: bool = False):
         self.windows = windows
         with torch.no_grad():
-            self.logp = [F.log_softmax(_logits(reference, w[None])[0], -1).to(dtype)
+            self.logp = [log_probs(reference, w).to(dtype)
                          for w in bar(windows, desc="dense log-probs", unit="window", disable=not progress)]
 
     @torch.no_grad()
@@ -66,7 +73,7 @@ class Reference:
         """KL(dense || model), top-1 agreement and perplexity on the windows, one forward of `model` each."""
         kl, agree, nll, count = 0.0, 0, 0.0, 0
         for w, p in bar(list(zip(self.windows, self.logp)), desc="KL vs dense", unit="window", disable=not progress):
-            q = F.log_softmax(_logits(model, w[None])[0], -1)  # (T, V)
+            q = log_probs(model, w)  # (T, V)
             k, a = compare(q, p.float())
             nll += F.nll_loss(q[:-1], w[1:].to(q.device), reduction="sum").item()
             kl, agree, count = kl + k, agree + a, count + w.numel()
