@@ -11,10 +11,10 @@ import json
 import sys
 
 import torch
-from p1p2_structure import Reference, _ppl
 
 import trimformer
 from trimformer import data
+from trimformer.evaluate import Reference, perplexity
 from trimformer.models import anatomy_of
 from trimformer.structure.probe import silenced
 
@@ -25,11 +25,12 @@ def main() -> None:
     dense, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
     an = anatomy_of(dense)
     ev = data.evaluation_windows(tok, n=64, length=512)
-    ref = Reference(dense, ev[:16])
+    ref = Reference(dense, ev[:16], dtype=torch.float16)  # as p1p2_structure keeps them
     with contextlib.ExitStack() as st:
         for i, k in cut:
             st.enter_context(silenced(an.blocks[i], k))
-        out = {"set": cut, "ppl_doc": _ppl(dense, ev), **ref.kl(dense)}
+        k = ref.score(dense)
+        out = {"set": cut, "ppl_doc": perplexity(dense, ev, progress=False), "kl": k["kl"], "top1_agree": k["top1_agree"]}
     print(json.dumps(out))
 
 

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trimformer import data, load
+from trimformer.evaluate import log_probs
 from trimformer.evaluate.cost import flops_per_token
 from trimformer.export.deci import save_deci
 from trimformer.export.gguf import save_gguf
@@ -59,9 +59,8 @@ def main() -> None:
     np.save(work / "ids.npy", ids.numpy().astype(np.int64))
     ref = np.lib.format.open_memmap(work / "ref.npy", mode="w+", dtype=np.float32,
                                     shape=(ids.shape[0], ids.shape[1], layout.vocab))
-    with torch.no_grad():
-        for i, w in enumerate(ids):
-            ref[i] = torch.log_softmax(model(input_ids=w[None]).logits[0].float(), -1).numpy()  # (T, V)
+    for i, w in enumerate(ids):
+        ref[i] = log_probs(model, w).numpy()  # (T, V)
     ref.flush()
     (work / "prepare.json").write_text(json.dumps(info, indent=2))
     print(json.dumps({k: v for k, v in info.items() if k != "layers"}, indent=2))

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import trimformer
 from trimformer import data
+from trimformer.evaluate import Reference
 from trimformer.models import anatomy_of
 from trimformer.steps import StepContext
 from trimformer.structure.finercut import FinerCut
@@ -34,20 +34,13 @@ from trimformer.structure.probe import silenced
 OUT = Path(__file__).parent / "results" / "finercut_selection.jsonl"
 
 
-@torch.no_grad()
-def heldout(dense, an, windows, ref, removed) -> dict[str, float]:
+def heldout(dense, an, ref: Reference, removed) -> dict[str, float]:
     """KL(dense || cut) and perplexity on the held-out windows, the cut made by silencing sublayers."""
     with contextlib.ExitStack() as st:
         for i, k in removed:
             st.enter_context(silenced(an.blocks[i], k))
-        kl = nll = 0.0
-        n = 0
-        for w, p in zip(windows, ref):
-            q = F.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].float(), -1)
-            kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
-            nll += -q[:-1].gather(-1, w[1:, None]).sum().item()
-            n += w.numel()
-    return {"kl": kl / n, "ppl": float(torch.tensor(nll / (n - len(windows))).exp())}
+        s = ref.score(dense)
+    return {"kl": s["kl"], "ppl": s["ppl"]}
 
 
 def flops_removed(an, removed, context: int = 512) -> float:
@@ -75,8 +68,7 @@ def main() -> None:
     if lo < 64:
         raise SystemExit(f"--held {a.held} overlaps the 64 calibration windows (0:64)")
     held = data.windows(pool, pool.numel() // 512, 512)[lo:hi]  # (n, 512), never calibration windows
-    with torch.no_grad():
-        ref = [F.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in held]
+    ref = Reference(dense, held)
     calib = data.calibration_windows(tok, n=64, length=512)
     if a.block_influence:
         m = copy.deepcopy(dense)
@@ -84,7 +76,7 @@ def main() -> None:
                                 progress=False).trimformer_history[-1]["result"]
         cut = [(i, k) for i in res["removed_blocks"] for k in ("attn", "mlp")]
         out = {"method": "block-influence remove=6", "removed": res["removed_blocks"],
-               "held": heldout(dense, an, held, ref, cut), "flops_removed": flops_removed(an, cut)}
+               "held": heldout(dense, an, ref, cut), "flops_removed": flops_removed(an, cut)}
     else:
         cfg = {"compute": 0.2, **json.loads(a.config)}
         m = copy.deepcopy(dense)
@@ -95,7 +87,7 @@ def main() -> None:
         out = {"method": "finercut", "cfg": cfg, "seconds": time.time() - t, "greedy_kl": res["greedy_kl"],
                "kl": res["kl"], "swaps": res["swaps"], "greedy": greedy, "final": final,
                "compute_removed": res["compute_removed"],
-               "held_greedy": heldout(dense, an, held, ref, greedy), "held_final": heldout(dense, an, held, ref, final),
+               "held_greedy": heldout(dense, an, ref, greedy), "held_final": heldout(dense, an, ref, final),
                "flops_greedy": flops_removed(an, greedy), "flops_final": flops_removed(an, final)}
     out["held_windows"] = a.held
     print(json.dumps(out), flush=True)

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import out_arg, threads_arg, write_results
 
 import trimformer
 from trimformer import tokens
 from trimformer.data import doc_pools, windows
+from trimformer.evaluate import compare
 
-OUT = Path(__file__).parent / "results"
 SETTINGS = [  # (start, keep): the share of the prompt reaching the last block
     (4, 0.3),
     (4, 0.15),
@@ -36,7 +37,8 @@ SETTINGS = [  # (start, keep): the share of the prompt reaching the last block
 
 @torch.no_grad()
 def first_token(model, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Log-probs of the first generated token (V,) and the prefill wall time (time-to-first-token)."""
+    """Log-probs of the first generated token (V,) and the prefill wall time (time-to-first-token): a timed
+    prefill with the cache on and only the last position's logits, which evaluate's scoring forward is not."""
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     logp = F.log_softmax(out.logits[0, -1].float(), -1)
@@ -50,9 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--length", type=int, default=1536)
     p.add_argument("--reps", type=int, default=3, help="alternating timing runs per timed prompt and setting")
     p.add_argument("--timing-prompts", type=int, default=1, help="prompts timed (the CPU here is slow and shared)")
-    p.add_argument("--threads", type=int, default=1, help="1: with the CPU shared, 2 threads stall at barriers")
+    threads_arg(p, default=1)
     p.add_argument("--settings", default=None, help="override, e.g. '4:0.3,8:0.1' (start:keep)")
-    p.add_argument("--out", default=str(OUT / "lazyllm"))
+    out_arg(p, "lazyllm")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = SETTINGS if args.settings is None else [
@@ -71,8 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
             with tokens.prune(model, method) as s:
                 logp, _ = first_token(model, ids[None])
                 flops.append(s.flops())
-            agree.append(int(logp.argmax() == ref.argmax()))
-            kl.append(F.kl_div(logp, ref, log_target=True, reduction="sum").item())
+            k, a = compare(logp[None], ref[None])  # one position: KL(dense || pruned), argmax agreement
+            agree.append(a)
+            kl.append(k)
             for _ in range(args.reps if j < args.timing_prompts else 0):  # alternate: the machine's load changes from second to second
                 t_dense.append(first_token(model, ids[None])[1])
                 with tokens.prune(model, method):
@@ -101,8 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# LazyLLM prefill pruning: {result['model']}, {result['prompts']} prompts x {result['length']} tokens",
         "",
@@ -115,7 +116,7 @@ def write(result: dict, out: Path) -> None:
     for r in result["rows"]:
         lines.append(f"| {r['start']} | {r['keep']} | {r['prefill_flops_ratio']:.3f} | {r['ttft_ratio']:.3f} | "
                      f"{r['ttft_dense_s']:.2f} | {r['first_token_agree']:.3f} | {r['kl_first_token']:.4f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, result, "\n".join(lines) + "\n")
     try:
         import matplotlib
 

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 import trimformer
 from trimformer import data
+from trimformer.evaluate import Reference, compare, log_probs
 from trimformer.models.load import cache_dir
 from trimformer.weights import WEIGHTS
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, out_arg, peer_arg, references, window_args, write_results  # noqa: E402
 from peak_memory import make_resident  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -99,19 +101,17 @@ class PeakRSS:
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, ref_logp: list[torch.Tensor]) -> dict[str, float]:
-    """ppl over every window; KL(dense || pruned) and top-1 agreement over the first len(ref_logp) windows."""
+def evaluate(model, windows: torch.Tensor, ref: Reference) -> dict[str, float]:
+    """ppl over every window; KL(dense || pruned) and top-1 agreement over the reference's windows (the first
+    ones), from the same forward: a Reference.score beside evaluate.perplexity would run those windows twice."""
     nll, count, kl, agree, kcount = 0.0, 0, 0.0, 0, 0
     for i, ids in enumerate(windows):
-        logits = model(input_ids=ids[None], use_cache=False).logits[0].float()  # (T, V)
-        nll += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
+        q = log_probs(model, ids)  # (T, V)
+        nll += F.nll_loss(q[:-1], ids[1:], reduction="sum").item()
         count += ids.numel() - 1
-        if i < len(ref_logp):
-            q = F.log_softmax(logits, -1)
-            p = ref_logp[i]
-            kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
-            agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
-            kcount += ids.numel()
+        if i < len(ref.logp):
+            k, a = compare(q, ref.logp[i])
+            kl, agree, kcount = kl + k, agree + a, kcount + ids.numel()
     return {"ppl_doc": math.exp(nll / count), "kl_doc": kl / max(kcount, 1), "top1_agree": agree / max(kcount, 1)}
 
 
@@ -144,15 +144,12 @@ def finish_llmc(proc: subprocess.Popen, out: str) -> tuple[dict, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calib", type=int, default=64, help="calibration windows (P1: 64)")
-    ap.add_argument("--eval", type=int, default=64, help="evaluation windows for ppl_doc (P1: 64)")
-    ap.add_argument("--kl", type=int, default=16, help="evaluation windows for kl_doc / top1_agree (P1: 16)")
-    ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
-    ap.add_argument("--peer-python", default="/work/peers/llmc/bin/python")
+    window_args(ap, calib="--calib", ppl="--eval", kl="--kl", length=True)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS).replace("%", "%%"))
+    peer_arg(ap, "/work/peers/llmc/bin/python")
     ap.add_argument("--parallel-peers", action="store_true",
                     help="run llm-compressor jobs concurrently with trimformer's (all times then share the CPU)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "p1_weights"))
+    out_arg(ap, "p1_weights")
     a = ap.parse_args()
     names = [n.strip() for n in a.methods.split(",") if n.strip()]
     for n in names:
@@ -163,12 +160,11 @@ def main() -> None:
     calib = data.calibration_windows(tok, n=a.calib, length=a.length)
     evalw = data.evaluation_windows(tok, n=a.eval, length=a.length)
     kl_n = min(a.kl, a.eval)
-    with torch.no_grad():
-        ref_logp = [F.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in evalw[:kl_n]]
+    ref = references(dense, tok, doc=kl_n, length=a.length)["doc"]
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
     # one block's calibration activations: inputs and outputs of the block, (n, T, hidden) each, fp32
     act_bytes = 2 * a.calib * a.length * dense.config.hidden_size * 4
-    rows = [{"method": "dense", "seconds": 0.0, "cpu_seconds": 0.0, **evaluate(dense, evalw, ref_logp), **block_sparsity(dense)}]
+    rows = [{"method": "dense", "seconds": 0.0, "cpu_seconds": 0.0, **evaluate(dense, evalw, ref), **block_sparsity(dense)}]
     print(json.dumps(rows[-1]), flush=True)
     tmp = tempfile.mkdtemp(prefix="p1w-")
     calib_file = os.path.join(tmp, "calib.pt")
@@ -212,7 +208,7 @@ def main() -> None:
             result = model.trimformer_history[-1]["result"]
             per_layer = {k: round(v, 4) for k, v in result.items()}
         row = {"method": name, "seconds": seconds, "cpu_seconds": cpu, "rss_peak_above_model_MB": rss_peak / 2**20,
-               **evaluate(model, evalw, ref_logp), **block_sparsity(model)}
+               **evaluate(model, evalw, ref), **block_sparsity(model)}
         if per_layer and kind in ("owl", "global"):
             row["per_layer_sparsity"] = per_layer
         rows.append(row)
@@ -226,16 +222,13 @@ def write(a: argparse.Namespace, rows: list[dict], kl_n: int, dense_bytes: int, 
     report = {
         "protocol": {"model": MODEL, "calib_windows": a.calib, "eval_windows": a.eval, "kl_windows": kl_n,
                      "length": a.length, "full_P1": (a.calib, a.eval, kl_n, a.length) == (64, 64, 16, 512),
-                     "threads": torch.get_num_threads(), "parallel_peers": a.parallel_peers, "dense_model_MB": dense_bytes / 2**20,
+                     **environment(), "parallel_peers": a.parallel_peers, "dense_model_MB": dense_bytes / 2**20,
                      "one_block_calib_activations_MB": act_bytes / 2**20,
                      "command": "PYTHONPATH=src python benchmarks/p1_weights.py " + " ".join(sys.argv[1:])},
         "complete": done,
         "rows": rows,
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_results(a.out, report, markdown(report))
     if done:
         print(markdown(report))
 

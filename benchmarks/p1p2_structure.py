@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from common import RESULTS, environment, references, threads_arg, window_args, write_results
 
 import trimformer
 from trimformer import data
@@ -37,19 +35,7 @@ from trimformer.commands import parse_pairs
 from trimformer.models import anatomy_of, count_parameters
 from trimformer.models.load import cache_dir
 
-RESULTS = Path(__file__).parent / "results"
 TP_PYTHON = os.environ.get("TP_PYTHON", "/work/peers/tp/bin/python")
-
-
-def code_text() -> str:
-    import argparse as a
-    import collections
-    import dataclasses
-    import email.message
-    import http.client
-    import typing
-
-    return "\n\n".join(inspect.getsource(m) for m in (a, dataclasses, typing, collections, email.message, http.client))
 
 
 def flops_per_token(model, context: int = 512) -> float:
@@ -58,27 +44,6 @@ def flops_per_token(model, context: int = 512) -> float:
     mat = sum(p.weight.numel() for _, p in an.projections()) + (an.head.weight.numel() if an.head is not None else 0)
     attn = sum(4 * b.attention.num_heads * b.attention.head_dim * (context / 2) for b in an.blocks if b.attention)
     return 2 * mat + attn
-
-
-class Reference:
-    """Dense next-token log-probabilities, computed once (fp16 to save memory)."""
-
-    def __init__(self, model, windows: torch.Tensor):
-        self.windows = windows
-        with torch.no_grad():
-            self.logp = [F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1).half()
-                         for w in windows]
-
-    @torch.no_grad()
-    def kl(self, model) -> dict[str, float]:
-        kl, agree, count = 0.0, 0, 0
-        for w, p in zip(self.windows, self.logp):
-            q = F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1)
-            p = p.float()
-            kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
-            agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
-            count += w.numel()
-        return {"kl": kl / count, "top1_agree": agree / count}
 
 
 @torch.no_grad()
@@ -103,9 +68,9 @@ def measure(name: str, model, dense, ctx: dict, seconds: float, extra: dict | No
     row["params_ratio"] = row["params"] / ctx["dense_params"]
     row["flops_ratio"] = row["flops_per_token"] / ctx["dense_flops"]
     row["ppl_doc"] = _ppl(model, ctx["ppl"])
-    k = ctx["ref_doc"].kl(model)
+    k = ctx["ref"]["doc"].score(model)
     row["kl_doc"], row["top1_doc"] = k["kl"], k["top1_agree"]
-    row["kl_code"] = ctx["ref_code"].kl(model)["kl"]
+    row["kl_code"] = ctx["ref"]["code"].score(model)["kl"]
     if a.prefill_runs > 0:
         row.update(prefill_ratio(model, dense, a.prefill_runs))
     row.update(extra or {})
@@ -302,10 +267,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["all", "width", "depth", "search"], default="all")
     p.add_argument("--merge", action="store_true", help="merge the part files into p1p2_structure.json/.md")
-    p.add_argument("--calib", type=int, default=64)
-    p.add_argument("--ppl-windows", type=int, default=64)
-    p.add_argument("--kl-windows", type=int, default=16)
-    p.add_argument("--code-windows", type=int, default=16)
+    window_args(p, calib="--calib", ppl="--ppl-windows", kl="--kl-windows", code="--code-windows")
     p.add_argument("--prefill-runs", type=int, default=5)
     p.add_argument("--tp-windows", type=int, default=4, help="calibration windows for the peer's Taylor gradients")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.5])
@@ -328,7 +290,7 @@ def main() -> None:
     p.add_argument("--finercut-rank", help="kl | per-compute")
     p.add_argument("--finercut-blocks", type=lambda v: v.lower() in ("1", "true", "yes"), help="whole-block moves: true|false")
     p.add_argument("--finercut-refine", type=int, help="swap refinement rounds after the greedy")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended machine)")
+    threads_arg(p, default=1)
     a = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if a.merge:
@@ -340,19 +302,16 @@ def main() -> None:
         res = {"settings": {f.stem: pp["settings"] for f, pp in zip(sorted(RESULTS.glob("p1p2_structure_*.json")), parts)},
                "dense": parts[0]["dense"],
                "rows": [r for pp in parts for r in pp["rows"]]}
-        (RESULTS / "p1p2_structure.json").write_text(json.dumps(res, indent=2))
-        (RESULTS / "p1p2_structure.md").write_text(to_markdown(res))
+        write_results(RESULTS / "p1p2_structure", res, to_markdown(res))
         print(to_markdown(res))
         return
     torch.set_num_threads(a.threads)
     dense, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
-    n_eval = max(a.ppl_windows, a.kl_windows)
-    ev = data.evaluation_windows(tok, n=n_eval, length=512)
-    code = data.windows(data.tokenize(tok, code_text()), a.code_windows, 512, what="stdlib source")
-    ctx = {"args": a, "calib": data.calibration_windows(tok, n=a.calib, length=512), "ppl": ev[: a.ppl_windows],
-           "dense_params": count_parameters(dense), "dense_flops": flops_per_token(dense)}
-    ctx["ref_doc"] = Reference(dense, ev[: a.kl_windows])
-    ctx["ref_code"] = Reference(dense, code)
+    ctx = {"args": a, "calib": data.calibration_windows(tok, n=a.calib, length=512),
+           "ppl": data.evaluation_windows(tok, n=a.ppl_windows, length=512),
+           "dense_params": count_parameters(dense), "dense_flops": flops_per_token(dense),
+           # fp16 log-probs (half the memory), as this benchmark has always kept them
+           "ref": references(dense, tok, doc=a.kl_windows, code=a.code_windows, dtype=torch.float16)}
     dense_row = {"params": ctx["dense_params"], "flops_per_token": ctx["dense_flops"], "ppl_doc": _ppl(dense, ctx["ppl"])}
     print("dense", dense_row, flush=True)
     rows = []
@@ -363,11 +322,10 @@ def main() -> None:
     if a.part in ("all", "search"):
         rows += search_part(dense, ctx)
     settings = {k: v for k, v in vars(a).items() if k not in ("merge", "out_name")}
-    settings.update({"torch": torch.__version__, "python": sys.version.split()[0]})
+    settings.update(environment())
     res = {"part": a.part, "settings": settings, "dense": dense_row, "rows": rows}
     name = a.out_name or ("p1p2_structure" if a.part == "all" else f"p1p2_structure_{a.part}")
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / f"{name}.md").write_text(to_markdown(res))
+    write_results(RESULTS / name, res, to_markdown(res))
     print(to_markdown(res))
 
 

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from peak_memory import peak_bytes  # benchmarks/ is on sys.path when run as a script
+from common import out_arg, peer_arg, write_results  # benchmarks/ is on sys.path when run as a script
+from peak_memory import peak_bytes
 
 import trimformer
 from trimformer import kv
 from trimformer.data import doc_pools
+from trimformer.evaluate import compare
 from trimformer.models.load import cache_dir
 
 OURS = ["streaming", "a2sf", "observed-attention", "vatp", "snapkv", "tova", "knorm", "expected-attention", "rolling",
@@ -104,9 +106,11 @@ def run_ours(model, contexts, continuations, presses, ratios, hay_cases, answer_
                     row["bytes"].append(cache.nbytes / full_bytes)
                     row["overhead"].append(cache.overhead_bytes / full_bytes)
                     logp = F.log_softmax(torch.cat([last, model(cont[None, :-1], cache=cache).logits[0]]), -1)
+                # per continuation position: KL(full cache || compressed), top-1 agreement (summed here, averaged below)
+                kl, agree = compare(logp, ref)
                 row["nll"] += F.nll_loss(logp, cont, reduction="sum").item()
-                row["kl"] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
-                row["agree"] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+                row["kl"] += kl
+                row["agree"] += agree
                 row["n"] += cont.numel()
                 row["prefill_ratio"].append(t_pre / t_full)
         print(f"ours: context {c + 1}/{len(contexts)} done (T={T})", file=sys.stderr, flush=True)
@@ -227,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-presses", default="snapkv,perhead-snapkv,observed-attention")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-presses", default="snapkv,perhead-snapkv,observed-attention,expected-attention,rolling")
-    ap.add_argument("--peer-python", default="/work/peers/kvpress/bin/python")
+    peer_arg(ap, "/work/peers/kvpress/bin/python")
     ap.add_argument("--time-budget-min", type=float, default=None,
                     help="after this, needle cases not yet run are left out (and said so)")
-    ap.add_argument("--out", default="benchmarks/results/p3_kv")
+    out_arg(ap, "p3_kv")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     needle_ratios = [float(r) for r in args.needle_ratios.split(",")] if args.needle_ratios else ratios
@@ -301,10 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_speed": speed, "memory": memory, "kvpress_memory": peer_memory, "ours_wall_s": ours_s,
         "command": "PYTHONPATH=src python benchmarks/p3_kv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    out = write_results(args.out, result, markdown(result), indent=1)
     plot(result, out.with_suffix(".png"))
     print(markdown(result))
     return 0

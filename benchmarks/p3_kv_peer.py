@@ -115,6 +115,7 @@ def main(inp: str, outp: str) -> None:
                                                      "kl": 0.0, "agree": 0, "bytes": [], "prefill_ratio": [],
                                                      "needle_agnostic": [], "needle_aware": []})
                 row["nll"] += F.nll_loss(logp, cont, reduction="sum").item()
+                # trimformer.evaluate.quality.compare's formula (this venv does not import trimformer)
                 row["kl"] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
                 row["agree"] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
                 row["n"] += cont.numel()

@@ -26,8 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import RESULTS, threads_arg, write_results  # benchmarks/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 LLAMACPP = "/work/venvs/engines-llamacpp/bin/python"
 VLLM = "/work/venvs/engines-vllm/bin/python"
 CALIB = ["--calib-windows", "16"]
@@ -144,7 +145,7 @@ def main() -> None:
     p.add_argument("--cuts", default=",".join(CUTS))
     p.add_argument("--q8", default="dense,search", help="cuts whose q8_0 GGUF is also measured")
     p.add_argument("--vllm", default="dense,finercut", help="cuts run in vLLM CPU for agreement (deci export)")
-    p.add_argument("--threads", type=int, default=1)
+    threads_arg(p, default=1)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--decode", type=int, default=32, help="decode steps timed after the 512-token prefill")
     p.add_argument("--no-speed", action="store_true", help="agreement only (speed columns left empty)")
@@ -179,20 +180,23 @@ def main() -> None:
     res = {"loadavg": [sp["loadavg_before"][0], sp["loadavg_after"][0]], "threads": sp["threads"], "prompt_tokens": sp["prompt_tokens"], "decode_tokens": sp["decode_tokens"],
            "runs": sp["runs"], "cuts": {k: v for k, v in CUTS.items() if k in cuts}, "calib": CALIB,
            "kl_doc": kl_doc, "rows": rows, "vllm": {c: vllm(work, engs[c]) for c in vl}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "p5_engines.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / "p5_engines.md").write_text(table(res))
+    write_results(RESULTS / "p5_engines", res, table(res))
     if not a.no_speed:
         plot(res, RESULTS / "p5_engines.png")
     print(table(res))
 
 
 def _kl_to_dense(dense_ref: Path, cut_ref: Path) -> float:
-    """KL(dense || cut) per token of our PyTorch models on the same windows (the cut's cost, for the plot)."""
+    """KL(dense || cut) per token of our PyTorch models on the same windows (the cut's cost, for the plot), from
+    the log-probabilities engines_prepare saved: (W, T, V) each."""
     import numpy as np
+    import torch
+
+    from trimformer.evaluate import compare
 
     d, c = np.load(dense_ref, mmap_mode="r"), np.load(cut_ref, mmap_mode="r")
-    return float(np.mean([(np.exp(d[i]) * (d[i] - c[i])).sum(-1).mean() for i in range(d.shape[0])]))
+    kl = sum(compare(torch.from_numpy(np.array(c[i])), torch.from_numpy(np.array(d[i])))[0] for i in range(d.shape[0]))
+    return kl / (d.shape[0] * d.shape[1])
 
 
 if __name__ == "__main__":

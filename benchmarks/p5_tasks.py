@@ -30,12 +30,12 @@ import torch
 
 import trimformer
 from trimformer import data
-from trimformer.evaluate.quality import Reference
 from trimformer.evaluate.tasks import TaskEval, check_data, task_scores
 from trimformer.io import atomic_file
 from trimformer.models import count_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import out_arg, peer_arg, references, window_args  # noqa: E402
 from p1_weights import finish_llmc, start_llmc  # noqa: E402
 
 TASKS = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,lambada"
@@ -92,14 +92,13 @@ def to_markdown(rows: list[dict], tasks: list[str], limit: int, model: str) -> s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS).replace("%", "%%"))
     ap.add_argument("--tasks", default=TASKS)
     ap.add_argument("--limit", type=int, default=500, help="items per task (the issue's protocol: 500)")
-    ap.add_argument("--calib", type=int, default=64, help="calibration windows (P1: 64 of 512 tokens)")
-    ap.add_argument("--kl-windows", type=int, default=8, help="doc and code windows for KL / top-1 (512 tokens)")
+    window_args(ap, calib="--calib", kl="--kl-windows", kl_default=8)  # --kl-windows: doc and code windows each
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval requests per forward")
-    ap.add_argument("--peer-python", default="/work/venvs/llmc/bin/python")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "p5_tasks"))
+    peer_arg(ap, "/work/venvs/llmc/bin/python")
+    out_arg(ap, "p5_tasks")
     a = ap.parse_args()
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -115,8 +114,8 @@ def main() -> None:
 
     dense, tok = trimformer.load(a.model, with_tokenizer=True)
     calib = data.calibration_windows(tok, n=a.calib, length=512)
-    refs = {"": Reference(dense, data.evaluation_windows(tok, n=a.kl_windows, length=512)),
-            "_code": Reference(dense, data.evaluation_windows(tok, n=a.kl_windows, length=512, corpus="code"))}
+    refs = references(dense, tok, doc=a.kl_windows, code=a.kl_windows)
+    refs = {"": refs["doc"], "_code": refs["code"]}  # the row's key suffixes
     tmp = tempfile.mkdtemp(prefix="p5t-")
     calib_file = os.path.join(tmp, "calib.pt")
     torch.save(calib, calib_file)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -24,24 +23,21 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from common import RESULTS, write_results  # benchmarks/ is on sys.path when run as a script
 
+from trimformer.evaluate import Reference
 from trimformer.export.hf import save_pretrained
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 
 def setup(args: argparse.Namespace):
-    """Teacher, tokenizer, calibration pool, held-out evaluation windows, their reference log-probs, dense row."""
+    """Teacher, tokenizer, calibration pool, held-out evaluation windows, the teacher's Reference on them, dense row."""
     import trimformer
 
     teacher, tok = trimformer.load(args.teacher, with_tokenizer=True)
     calib_pool, eval_pool = trimformer.data.doc_pools(tok)
     ev = trimformer.data.windows(eval_pool, args.eval_windows, args.seq_len, what="evaluation pool")  # held out
-    with torch.no_grad():
-        ref = [F.log_softmax(teacher(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in ev]
-    return teacher, tok, calib_pool, ev, ref, {"dense": quality(teacher, ev, ref)}
+    ref = Reference(teacher, ev)  # quality: ref.score(model): kl (dense || model), top1_agree, ppl
+    return teacher, tok, calib_pool, ev, ref, {"dense": ref.score(teacher)}
 
 
 def rss_kib(field: str) -> int:
@@ -49,21 +45,6 @@ def rss_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return -1
-
-
-@torch.no_grad()
-def quality(model, windows: torch.Tensor, ref_logp: list[torch.Tensor]) -> dict[str, float]:
-    """kl (dense || model), top-1 agreement and perplexity over the same windows, one forward each."""
-    kl = agree = nll = 0.0
-    count = 0
-    for ids, p in zip(windows, ref_logp):
-        q = F.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), -1)  # (T, V)
-        kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
-        agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
-        nll += F.nll_loss(q[:-1], ids[1:], reduction="sum").item()
-        count += ids.numel()
-    n_pred = count - len(windows)
-    return {"kl": kl / count, "top1_agree": agree / count, "ppl": math.exp(nll / n_pred)}
 
 
 def zero_sets(model) -> dict[str, torch.Tensor]:
@@ -192,7 +173,7 @@ def main() -> None:
     label = "wanda50" if args.pattern == "unstructured" else f"wanda{args.pattern}"
     trimformer.prune_(student, trimformer.build("wanda", {"sparsity": 0.5, "pattern": args.pattern}), calibration=calib)
     prune_s = time.perf_counter() - t0
-    rows[label] = {**quality(student, ev, ref), **sparsity(student, args.pattern)}
+    rows[label] = {**ref.score(student), **sparsity(student, args.pattern)}
     pruned_zeros = zero_sets(student)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="trimformer-recover-") as tmp:
@@ -205,7 +186,7 @@ def main() -> None:
             runs[name] = train(name, pruned_dir, f"{tmp}/{name}", args, int(steps), rank)
             kind = name
             healed = trimformer.load(f"{tmp}/{kind}")
-            rows[f"{label}+{kind}"] = {**quality(healed, ev, ref), **sparsity(healed, args.pattern, pruned_zeros)}
+            rows[f"{label}+{kind}"] = {**ref.score(healed), **sparsity(healed, args.pattern, pruned_zeros)}
             del healed
     result = {
         "model": args.teacher, "args": vars(args), "prune_seconds": prune_s,
@@ -223,10 +204,8 @@ def main() -> None:
     if full and full["peak_above_loaded_mib"]:
         result["peak_above_loaded_over_full"] = {k: r["peak_above_loaded_mib"] / full["peak_above_loaded_mib"]
                                                  for k, r in runs.items() if r["peak_above_loaded_mib"] is not None}
-    RESULTS.mkdir(exist_ok=True)
     stem = args.stem or ("recover" if args.pattern == "unstructured" else f"recover_{args.pattern.replace(':', 'of')}")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    write_results(RESULTS / stem, result, markdown(result))
     print(markdown(result))
 
 
@@ -259,13 +238,13 @@ def width(args: argparse.Namespace) -> None:
     n_dense = sum(p.numel() for p in teacher.parameters())
     n_cut = sum(p.numel() for p in student.parameters())
     label = f"width{args.keep:g}"
-    rows[label] = {**quality(student, ev, ref), "params_ratio": n_cut / n_dense}
+    rows[label] = {**ref.score(student), "params_ratio": n_cut / n_dense}
     data = trimformer.data.windows(calib_pool, calib_pool.numel() // args.seq_len, args.seq_len, what="calibration pool")
     cfg = RecoverConfig(steps=args.steps_max, batch_size=args.batch_size, lr=args.lr, warmup_steps=10,
                         loss=args.loss, max_minutes=args.minutes, loss_chunk=args.loss_chunk)
     recover_(student, teacher, data, cfg)
     r = student.trimformer_history[-1]["result"]
-    rows[f"{label}+recover"] = {**quality(student, ev, ref), "params_ratio": n_cut / n_dense}
+    rows[f"{label}+recover"] = {**ref.score(student), "params_ratio": n_cut / n_dense}
     gap0, gap1 = rows[label]["kl"], rows[f"{label}+recover"]["kl"]
     result = {
         "model": args.teacher, "mode": "width", "method": method, "args": vars(args), "prune_seconds": prune_s,
@@ -282,10 +261,8 @@ def width(args: argparse.Namespace) -> None:
         "total_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
         "command": "PYTHONPATH=src python benchmarks/recover.py " + " ".join(sys.argv[1:]),
     }
-    RESULTS.mkdir(exist_ok=True)
     stem = args.stem or ("recover_width_dry" if args.dry else "recover_width")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{stem}.md").write_text(width_markdown(result))
+    write_results(RESULTS / stem, result, width_markdown(result))
     print(width_markdown(result))
 
 

@@ -12,36 +12,23 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import trimformer
 from trimformer import data
-
-
-@torch.no_grad()
-def kl_to(m, ev: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """Mean per-token KL(dense || m) over the evaluation windows `ev`, given the dense log-probs `ref`."""
-    kl, n = 0.0, 0
-    for w, p in zip(ev, ref):
-        q = F.log_softmax(m(input_ids=w[None]).logits[0], -1)
-        kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
-        n += w.numel()
-    return kl / n
+from trimformer.evaluate import Reference
 
 
 def main() -> None:
     torch.set_num_threads(1)
     m0, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
     calib = data.calibration_windows(tok, n=int(sys.argv[2]) if len(sys.argv) > 2 else 8, length=512)
-    ev = data.evaluation_windows(tok, n=4, length=512)
-    with torch.no_grad():
-        ref = [F.log_softmax(m0(input_ids=w[None]).logits[0], -1) for w in ev]
+    ref = Reference(m0, data.evaluation_windows(tok, n=4, length=512))  # kl: mean per-token KL(dense || m)
     for cfg in json.loads(sys.argv[1]):
         m = copy.deepcopy(m0)
         t = time.time()
         trimformer.prune_(m, trimformer.build("width", cfg), calibration=calib, progress=False)
         r = m.trimformer_history[-1]["result"]
-        print(json.dumps(cfg), round(r["kept"], 4), "kl", round(kl_to(m, ev, ref), 4), "s", round(time.time() - t), r["ffn"], flush=True)
+        print(json.dumps(cfg), round(r["kept"], 4), "kl", round(ref.score(m)["kl"], 4), "s", round(time.time() - t), r["ffn"], flush=True)
 
 
 if __name__ == "__main__":

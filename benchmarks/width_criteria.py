@@ -11,11 +11,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from width_allocation import kl_to  # the same dev KL (benchmarks/ is on sys.path when run as a script)
 
 import trimformer
 from trimformer import data
+from trimformer.evaluate import Reference
 from trimformer.structure import importance, width
 
 
@@ -23,9 +22,7 @@ def main() -> None:
     torch.set_num_threads(1)
     m0, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
     calib = data.calibration_windows(tok, n=8, length=512)
-    ev = data.evaluation_windows(tok, n=2, length=512)
-    with torch.no_grad():
-        ref = [F.log_softmax(m0(input_ids=w[None]).logits[0], -1) for w in ev]
+    ref = Reference(m0, data.evaluation_windows(tok, n=2, length=512))  # kl: mean per-token KL(dense || m)
     t = time.time()
     stats = width.Width(parts="ffn,heads")._statistics(trimformer.anatomy_of(m0), calib, 1, False)
     print("stats", time.time() - t, flush=True)
@@ -35,7 +32,7 @@ def main() -> None:
         m = copy.deepcopy(m0)
         trimformer.prune_(m, trimformer.build("width", cfg), calibration=calib, progress=False)
         r = m.trimformer_history[-1]["result"]
-        print(cfg, importance.LS_DAMP, round(r["kept"], 3), "kl", round(kl_to(m, ev, ref), 4), flush=True)
+        print(cfg, importance.LS_DAMP, round(r["kept"], 3), "kl", round(ref.score(m)["kl"], 4), flush=True)
 
 
 if __name__ == "__main__":
