@@ -22,18 +22,19 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import out_arg, peer_arg, write_results  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer.export.compressed import load_compressed, save_compressed
 from trimformer.weights import WEIGHTS
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # peers/ct_load.py
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peer-python", default="/work/peers/ct14/bin/python")
-    ap.add_argument("--out", default=str(HERE / "results" / "compressed_compat"))
+    peer_arg(ap, "/work/peers/ct14/bin/python")
+    out_arg(ap, "compressed_compat")
     a = ap.parse_args()
     model, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
     ids = tok("Pruning removes weights; the checkpoint must still load everywhere.", return_tensors="pt").input_ids
@@ -71,7 +72,6 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     report = {"command": "PYTHONPATH=src python benchmarks/compressed_compat.py " + " ".join(sys.argv[1:]), "rows": rows}
     outp = Path(a.out)
-    outp.with_suffix(".json").write_text(json.dumps(report, indent=2))
     lines = ["# Sparse checkpoints from trimformer, loaded by vanilla transformers + compressed-tensors", "",
              f"`{report['command']}`", "",
              "| format | pattern | file MB (dense fp32 params MB) | loader | max abs logit diff vs the pruned model |",
@@ -88,7 +88,7 @@ def main() -> None:
             else:
                 lines.append(f"| {r['format']} | {r['pattern']} | {size} | {how} (transformers {p['transformers']}, "
                              f"compressed-tensors {p['compressed_tensors']}) | {p['max_abs_diff']:.2e} |")
-    outp.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(outp, report, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

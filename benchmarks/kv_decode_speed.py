@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import out_arg, write_results  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer import kv
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--presses", default="ratio0,snapkv,perhead-snapkv")
-    ap.add_argument("--out", default="benchmarks/results/kv_decode_speed")
+    out_arg(ap, "kv_decode_speed")
     args = ap.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
     model, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
@@ -94,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = ("OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kv_decode_speed.py "
                          + " ".join(argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(out, result, markdown(result), indent=1)
     print(markdown(result))
     return 0
 

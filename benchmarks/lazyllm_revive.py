@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import out_arg, threads_arg, write_results  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer import tokens
 from trimformer.data import doc_pools, windows
-
-OUT = Path(__file__).parent / "results"
 
 
 @torch.no_grad()
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--start", type=int, default=4)
     p.add_argument("--keep", type=float, default=0.15)
     p.add_argument("--reps", type=int, default=2, help="alternating timing runs on the first prompt")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(OUT / "lazyllm_revive"))
+    threads_arg(p, default=1)
+    out_arg(p, "lazyllm_revive")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = trimformer.load("smollm2-135m", with_tokenizer=True)
@@ -83,8 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "PYTHONPATH=src python benchmarks/lazyllm_revive.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# LazyLLM generation with / without revival: {result['model']}, {args.prompts} prompts x {args.length} "
         f"tokens, {args.new} new tokens (greedy)",
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         rs = "" if r["revived_share"] is None else f"{r['revived_share']:.3f}"
         lines.append(f"| {r['variant']} | {r['agree']:.3f} | {r['prefix']:.2f} | {rs} | {r['time_ratio']:.3f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, result, "\n".join(lines) + "\n")
     return result
 
 

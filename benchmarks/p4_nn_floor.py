@@ -16,19 +16,18 @@ and for each, the share whose dense nearest neighbour stays in the changed model
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import out_arg, write_results  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer import tokens
 from trimformer.evaluate.encoder import embed, evaluate_encoder, neighbours, paragraph_batches
 from trimformer.evaluate.retrieval import neighbour_in_topk
 
-OUT = Path(__file__).parent / "results"
 COSINES = (0.999, 0.995, 0.99, 0.98, 0.97)
 BUDGETS = (0.95, 0.9, 0.8, 0.7, 0.6)
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--paragraphs", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--draws", type=int, default=5)
-    p.add_argument("--out", default=str(OUT / "p4_nn_floor"))
+    out_arg(p, "p4_nn_floor")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model, tok = trimformer.load("minilm-l6", with_tokenizer=True)
@@ -81,14 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "PYTHONPATH=src python benchmarks/p4_nn_floor.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     md = [f"# P4 nearest-neighbour fragility: minilm-l6, {args.paragraphs} paragraphs", "", f"`{result['command']}`", "",
           "Cosine margin between each paragraph's nearest and second-nearest neighbour (dense): "
           + ", ".join(f"{float(k) * 100:g}th pct {v:.4f}" for k, v in result["margin_quantiles"].items()) + "; share with "
           "margin below " + ", ".join(f"{k}: {v:.3f}" for k, v in result["share_margin_below"].items()) + ".", "",
           "| change | cos mean to dense | NN unchanged | dense NN in top 3 |", "| --- | ---: | ---: | ---: |"]
     md += [f"| {r['change']} | {r['cos_mean']:.4f} | {r['nn_unchanged']:.3f} | {r['nn_top3']:.3f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_results(out, result, "\n".join(md) + "\n", indent=1)
     print("\n".join(md))
     return result
 

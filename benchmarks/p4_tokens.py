@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 import torch
+from common import out_arg, threads_arg, write_results  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer import tokens
 from trimformer.evaluate.encoder import evaluate_encoder, paragraph_batches
 
-OUT = Path(__file__).parent / "results"
 METHODS = [  # one FLOPs budget (0.6 = the issue's "40 % fewer") for every method, plus merge's frontier
     ("merge", {"keep": 0.25}),  # ToMe as in the last report (keys, geometric keep)
     ("merge", {"flops": 0.6}),  # ToMe, keys, keep solved for the budget
@@ -53,13 +53,12 @@ def protocol_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--timing-batches", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="1: with the CPU shared, 2 threads stall at barriers")
-    return p
+    return threads_arg(p, default=1)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = protocol_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--out", default=str(OUT / "p4_tokens"))
+    out_arg(p, "p4_tokens")
     p.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods' rows (e.g. coverage merge)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -94,8 +93,6 @@ def _label(r: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# P4 token pruning: {result['model']}, {result['paragraphs']} paragraphs, batch {result['batch']}",
         "",
@@ -112,7 +109,7 @@ def write(result: dict, out: Path) -> None:
             continue
         lines.append(f"| {r['method']} | {_label(r)} | {r['cos_mean']:.4f} | {r['cos_p5']:.4f} | {r['nn_top3']:.3f} | "
                      f"{r['nn_unchanged']:.3f} | {r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, result, "\n".join(lines) + "\n")
     try:
         import matplotlib
 

@@ -29,9 +29,9 @@ from trimformer.evaluate.encoder import embed, evaluate_encoder, paragraph_batch
 from trimformer.recover import DistillConfig, distill_merge_
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import out_arg, write_results  # noqa: E402
 from p4_tokens import protocol_args  # noqa: E402
 
-OUT = Path(__file__).parent / "results"
 TRAINED = {"keep": 0.02, "threshold": 0.47, "features": "hidden"}  # the best training-free setting at FLOPs ~0.6
 FIXED = {"flops": 0.6, "features": "hidden"}  # a fixed schedule: FLOPs 0.60 whatever the text
 # The frontier around the target, for both models (the distilled one was trained for TRAINED only).
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--docstrings", action="store_true", help="also train on standard-library docstrings")
     p.add_argument("--fixed", action="store_true", help="also distil for the fixed schedule (flops 0.6)")
     p.add_argument("--frontier", action="store_true", help="also score both models at FLOPs 0.64-0.8")
-    p.add_argument("--out", default=str(OUT / "p4_tokens_distill"))
+    out_arg(p, "p4_tokens_distill")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = trimformer.load("minilm-l6", with_tokenizer=True)
@@ -98,8 +98,6 @@ def _label(r: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     t = result["train"]
     lines = [
         f"# P4 with merge-aware distillation: {result['model']}, {result['paragraphs']} paragraphs, batch {result['batch']}",
@@ -120,7 +118,7 @@ def write(result: dict, out: Path) -> None:
             who += f" (trained for {_label({'settings': r['trained_for'], 'keep': 0})})"
         lines.append(f"| {who} | {_label(r)} | {r['cos_mean']:.4f} | {r['cos_p5']:.4f} | {r['nn_unchanged']:.3f} | "
                      f"{r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r.get('train_steps', '')} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import out_arg, threads_arg, write_results  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer import tokens
 from trimformer.data.images import ViewConfig, retrieval_views
 from trimformer.evaluate.retrieval import feature_cosine, image_features, retrieval_metrics
 
-OUT = Path(__file__).parent / "results"
 FLOPS = (0.6, 0.5, 0.8)  # the targets' budgets first
 TARGETS = {0.6: {"recall_drop": 0.01, "cos": 0.97, "latency_slack": 0.10}, 0.5: {"recall_drop": 0.03}}
 
@@ -178,7 +178,6 @@ def label(r: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
     d = rows[0]
     lines = [
@@ -213,11 +212,7 @@ def write(result: dict, out: Path) -> None:
     for t in result["targets"]:
         lines.append(f"| {t['method']} | {label(t)} | {100 * t['recall@1_drop']:.2f} | {ok(t, 'recall_ok')} | "
                      f"{ok(t, 'cos_ok')} | {ok(t, 'latency_ok')} |")
-    body = json.dumps(result, indent=2)
-    for path, text in ((out.with_suffix(".json"), body), (out.with_suffix(".md"), "\n".join(lines) + "\n")):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_results(out, result, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--b1-images", type=int, default=8, help="single images timed at batch 1")
     p.add_argument("--b32-batches", type=int, default=1, help="batches of 32 timed")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="1: with the CPU shared, 2 threads stall at barriers")
-    p.add_argument("--out", default=str(OUT / "p4_vision"))
+    threads_arg(p, default=1)
+    out_arg(p, "p4_vision")
     p.add_argument("--where", default="under the shared lock", help="how the timings were taken, for the report")
     p.add_argument("--part", choices=("all", "quality", "timing"), default="all",
                    help="quality: no timings, no lock needed; timing: add timings to a saved quality pass")

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_results  # benchmarks/ is on sys.path when run as a script
 
 
 def prune(out: Path, procs: int, threads: int, args: argparse.Namespace) -> dict:
@@ -93,9 +93,7 @@ def main() -> None:
               "(a weight kept in one run and cut in the other: near-ties in the scores, whose statistics are summed "
               "in another order and computed with other thread counts).", ""]
     dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    dest.with_suffix(".md").write_text("\n".join(lines))
+    write_results(dest, res, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -20,9 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import RESULTS, write_results  # benchmarks/ is on sys.path when run as a script
 from safetensors.torch import load_file
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -59,7 +58,6 @@ def main() -> None:
               "global_batch": args.batch, "one_process": runs[1], "two_processes": runs[2],
               "max_rel_loss_diff": max_rel, "max_abs_weight_diff": max_w}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = ["# Recovery: 1 process vs 2 (accelerate launch, CPU) with the same global batch", "",
              f"smollm2-135m pruned 50 % by magnitude; `trimformer recover` for {args.steps} steps of {args.batch} "
              f"windows x {args.seq_len} tokens (doc corpus, calibration half), lr 1e-4. "
@@ -69,7 +67,7 @@ def main() -> None:
     lines += ["", f"Largest relative loss difference: {max_rel:.2e}; largest weight difference: {max_w:.2e}.",
               f"Wall time (this shared 2-core machine): 1 process {runs[1]['seconds']:.0f} s, "
               f"2 processes {runs[2]['seconds']:.0f} s (each run loads the models and tokenizes the corpus)."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import RESULTS, write_results  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(os.environ.get("TRIMFORMER_BENCH", "/work/cache/trimformer-bench"))
-RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1e9
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -222,9 +223,7 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in r.items() if k != "said"}), flush=True)
         rows.append(r)
     dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    dest.with_suffix(".md").write_text(table(rows, args))
+    write_results(dest, rows, table(rows, args))
     print(table(rows, args))
 
 

@@ -11,18 +11,15 @@ benchmarks/results/<out>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
-import torch
+from common import environment, out_arg, write_results  # benchmarks/ is on sys.path when run as a script
 
 import trimformer
 from trimformer.evaluate.speed import peak_rss_bytes
 from trimformer.evaluate.tasks import TaskEval, task_scores
-from trimformer.io import atomic_file
 
 
 def main() -> None:
@@ -31,7 +28,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="arc_easy,piqa")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default="benchmarks/results/tasks_smoke")
+    out_arg(ap, "tasks_smoke")
     args = ap.parse_args()
 
     rows = []
@@ -52,11 +49,9 @@ def main() -> None:
                          "loadavg": [load0, os.getloadavg()[0]], "items": r["items"]})
             print({k: v for k, v in rows[-1].items() if k not in ("items", "metrics")}, flush=True)
         del model
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-           "versions": out["versions"], "peak_rss_bytes": peak_rss_bytes()}
+    env = {**environment(), "versions": out["versions"], "peak_rss_bytes": peak_rss_bytes()}
     meta = {"command": "python " + " ".join(sys.argv), "limit": args.limit, "batch_size": args.batch_size,
             "environment": env}
-    atomic_file(f"{args.out}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Zero-shot task smoke test (lm-eval {out['versions']['lm-eval']}, 0-shot, first {args.limit} items)",
              "", f"`{meta['command']}`", "",
              "| model | dtype | task | metric | value | ± stderr | acc | acc_norm | items | split | s / item | CPU s / item "
@@ -70,7 +65,7 @@ def main() -> None:
                      f"{r['cpu_s_per_item']:.2f} | {r['loadavg'][0]:.0f}-{r['loadavg'][1]:.0f} |")
     lines += ["", f"torch {env['torch']}, {env['threads']} threads, lm-eval batch {args.batch_size}; "
               f"peak RSS {env['peak_rss_bytes'] / 2**30:.1f} GiB."]
-    atomic_file(f"{args.out}.md", "\n".join(lines) + "\n")
+    write_results(args.out, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n", indent=1)
     print("\n".join(lines))
 
 
