@@ -124,8 +124,10 @@ def test_search_takes_the_planted_dead_kv_group_and_reloads(calib, tmp_path):
     n0 = count_parameters(model)
     group = sum(p.weight.numel() for p in a.projections.values()) / 2
     share = (n0 - group) / n0 + 1e-7  # the budget asks exactly one KV group's parameters
+    # fp32 scores: under bf16 autocast a real query head of this tiny random model scores about -1e-6, a tie
+    # with the dead group at 0 (KLs are clipped at 0) that the MIP may break either way
     res = trimformer.prune_(model, trimformer.build("search", {"target": f"params={share}", "widths": "0.5",
-                                                                "multiple_of": 1}),
+                                                                "multiple_of": 1, "precision": "fp32"}),
                             calibration=calib, progress=False).trimformer_history[-1]["result"]
     assert res["choices"][1] == "attn-kv1+ffn1" and all(c == "attn+ffn1" for i, c in enumerate(res["choices"]) if i != 1)
     assert count_parameters(model) == n0 - group
