@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 
@@ -219,6 +220,40 @@ def test_latency_table_and_search_under_latency(calib):
                             calibration=calib, progress=False).trimformer_history[-1]["result"]
     assert res["predicted_latency"] <= 0.95 + 1e-9
     assert torch.isfinite(model(input_ids=calib).logits).all()
+
+
+def test_a_saved_latency_table_drives_the_search_and_bad_ones_are_refused(calib, tmp_path):
+    """Measured once and written; a table edited so that removing block 1's MLP is the one cheap option makes
+    that the choice at a target only it can meet (each option's KL alone would not pick it)."""
+    path = tmp_path / "table.json"
+    spec = {"target": "latency=0.95", "widths": "0.5,0", "tokens": 32, "runs": 2, "latency_table": str(path),
+            "kv_groups": "none", "query_heads": "none"}
+    first = trimformer.prune_(_deeper(tiny("llama"), 3), trimformer.build("search", spec), calibration=calib,
+                              progress=False).trimformer_history[-1]["result"]
+    saved = json.loads(path.read_text())
+    assert len(saved["blocks"]) == 3 and first["latency_table"]["dense_s"] == saved["dense_s"]
+    assert set(saved["blocks"][0]) == {o.name for o in options([0.5, 0.0])}
+    again = trimformer.prune_(_deeper(tiny("llama"), 3), trimformer.build("search", spec), calibration=calib,
+                              progress=False).trimformer_history[-1]["result"]
+    assert again["choices"] == first["choices"] and again["predicted_latency"] == first["predicted_latency"]
+
+    full = saved["blocks"][0]["attn+ffn1"]
+    saved["blocks"] = [{name: full for name in row} for row in saved["blocks"]]  # nothing saves time...
+    saved["blocks"][1]["attn+ffn0"] = 0.0  # ...but dropping block 1's MLP, which saves a third of the blocks
+    saved["fixed_s"], saved["dense_s"] = 0.0, 3 * full
+    path.write_text(json.dumps(saved))
+    res = trimformer.prune_(_deeper(tiny("llama"), 3), trimformer.build("search", {**spec, "target": "latency=0.7"}),
+                            calibration=calib, progress=False).trimformer_history[-1]["result"]
+    assert res["choices"] == ["attn+ffn1", "attn+ffn0", "attn+ffn1"]
+    assert res["predicted_latency"] == pytest.approx(2 / 3)
+
+    del saved["blocks"][2]["attn+ffn0.5"]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"block 2 has no time for option\(s\) attn\+ffn0.5.*delete it to measure it again"):
+        trimformer.prune_(_deeper(tiny("llama"), 3), trimformer.build("search", spec), calibration=calib, progress=False)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="latency table .*table.json: no 'blocks' entry"):
+        trimformer.prune_(_deeper(tiny("llama"), 3), trimformer.build("search", spec), calibration=calib, progress=False)
 
 
 def test_search_clear_errors(calib):

@@ -12,6 +12,8 @@ the prefill latency of every option measured on this machine (`latency_table`).
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import calibrate
+from ..io import atomic_file
 from ..evaluate.speed import fastest
 from ..models import Anatomy, Attention, Block
 from ..progress import bar
@@ -263,3 +266,31 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
     fixed = times[-1]
     full = Option(True, 1.0)
     return {"dense_s": fixed + sum(r[full] for r in per_block), "fixed_s": fixed, "blocks": per_block}
+
+
+def saved_latency_table(path: str, anatomy: Anatomy, opts: list[Option], measure: Any) -> dict[str, Any]:
+    """The latency table in the JSON file at `path` when there is one, else `measure()`'s, written there (when a
+    path is given). A saved table makes a latency-targeted search repeatable on a busy machine (the choice then
+    depends on the calibration only) and lets a table measured elsewhere drive it; it must name every offered
+    option of every block."""
+    if path and os.path.exists(path):
+        try:
+            t = json.loads(open(path, encoding="utf-8").read())
+            rows = t["blocks"]
+            if len(rows) != len(anatomy.blocks):
+                raise ValueError(f"it has {len(rows)} blocks, the model {len(anatomy.blocks)}")
+            for i, r in enumerate(rows):
+                if missing := sorted({o.name for o in opts} - set(r)):
+                    raise ValueError(f"block {i} has no time for option(s) {', '.join(missing)}")
+            return {"dense_s": float(t["dense_s"]), "fixed_s": float(t["fixed_s"]),
+                    "blocks": [{o: float(r[o.name]) for o in opts} for r in rows]}
+        except (ValueError, KeyError, TypeError) as e:
+            why = f"no {e} entry" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"latency table {path}: {why} (not a table of this model and these options?); "
+                             "delete it to measure it again") from None
+    table = measure()
+    if path:
+        atomic_file(path, json.dumps({"dense_s": table["dense_s"], "fixed_s": table["fixed_s"],
+                                      "blocks": [{o.name: t for o, t in row.items()} for row in table["blocks"]]},
+                                     indent=1))
+    return table

@@ -26,7 +26,7 @@ from . import STRUCTURE, surgery
 from .base import Precision, Scope, StructurePruner
 from .budget import Budget, BudgetError, Candidate, cached_library, choose, library_key
 from .importance import Criterion, least_squares, output_error_stats
-from .options import Option, head_key, latency_table, option_params, options, score_library
+from .options import Option, head_key, latency_table, option_params, options, saved_latency_table, score_library
 from .probe import Probe
 
 Counts = Literal["auto", "none"] | list[int] | int  # an int: one count (YAML `kv_groups: 1`)
@@ -55,6 +55,10 @@ class Search(StructurePruner):
     offered, all groups kept (same 'auto' rule over the heads of one group; 'none' or '': never).
     library: a file that keeps the scored library (errors and cuts); a later search of the same model, windows
     and library settings at another budget loads it instead of scoring again (a stale file is re-scored).
+    latency_table: a JSON file of the prefill latency table: read when it exists, else measured and written
+    there. Measured at run time the table follows the machine's load; saved, a latency-targeted search gives
+    the same choice on every run, and a table measured elsewhere (per block: option name -> seconds, plus
+    dense_s and fixed_s) can drive it.
     refit: 'asymmetric' builds the choice block by block, re-fitting o/down to the dense model's block outputs
     on all calibration windows; 'plain' applies the cuts with their one-block least-squares re-fits only.
     engine: offer only what that serving engine runs from our export. 'vllm' (--format deci): DeciLM's
@@ -79,6 +83,7 @@ class Search(StructurePruner):
     kv_groups: Counts = "auto"
     query_heads: Counts = "auto"
     library: str = ""
+    latency_table: str = ""
     engine: Literal["hf", "vllm", "llamacpp"] = "hf"
 
     budgets = ("latency", "params")
@@ -117,7 +122,8 @@ class Search(StructurePruner):
         opts = options(self.widths, self.attention, kv, q)
         kind = self.budget.kind
         if kind == "latency":
-            table = latency_table(anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of)
+            table = saved_latency_table(self.latency_table, anatomy, opts, lambda: latency_table(
+                anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of))
             costs = [[row[o] for o in opts] for row in table["blocks"]]
             whole, fixed = table["dense_s"], table["fixed_s"]
         else:
