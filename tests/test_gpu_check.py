@@ -36,6 +36,15 @@ def test_cpu_fallback_compares_a_run_with_itself(gpu_check, method):
     assert "| llama |" in gpu_check.table([{**r, "model": "llama"}])
 
 
-def test_a_model_that_is_not_here_is_skipped_with_the_reason(gpu_check, tmp_path, capsys):
+def test_a_model_that_is_not_here_is_skipped_with_the_reason(gpu_check, tmp_path, capsys, monkeypatch):
+    # absent by construction: on a machine where `trimformer fetch` installed it, the check would prune the real
+    # 1.5B model here
+    from trimformer.models import load
+
+    def missing(name):
+        raise load.ModelNotFoundError(f"{name} is not installed: trimformer fetch {name}")
+
+    monkeypatch.setattr(load, "bundled_path", missing)
     assert gpu_check.main(["--device", "cpu", "--models", "qwen2.5-coder-1.5b", "--out", str(tmp_path / "r")]) == 0
-    assert "skipped" in (tmp_path / "r.md").read_text() and "skipped" in capsys.readouterr().err
+    assert "skipped: qwen2.5-coder-1.5b is not installed" in (tmp_path / "r.md").read_text()
+    assert "skipped" in capsys.readouterr().err
