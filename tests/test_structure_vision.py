@@ -169,3 +169,14 @@ def test_feature_distillation_errors():
         distill_features_(model, model, _images(8), FeatureDistillConfig(batch_size=4), progress=False)
     with pytest.raises(ValueError, match="loss 'cls\\+kl'"):
         FeatureDistillConfig(loss="cls+kl")
+
+
+def test_rounds_reach_the_budget_step_by_step():
+    model = tiny("dinov2")
+    before = count_parameters(model)
+    trimformer.prune_(model, _width(rounds=3, target="params=0.7"), calibration=_images(), batch_size=4,
+                      progress=False)
+    res = model.trimformer_history[-1]["result"]
+    assert res["rounds"] == 3 and 0.6 < count_parameters(model) / before <= 0.7
+    with pytest.raises(ValueError, match="rounds=0"):
+        _width(rounds=0)

@@ -9,6 +9,7 @@ error per removed parameter is smallest; `"uniform"` removes the same share ever
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +18,7 @@ import torch
 
 from .. import calibrate
 from ..calibrate import BlockCalib
-from ..models import Anatomy, Block, Proj, count_parameters
+from ..models import Anatomy, Block, Proj, anatomy_of, count_parameters
 from ..models.dinov2 import fold_layer_scale_
 from ..progress import bar
 from ..steps import StepContext
@@ -60,6 +61,9 @@ class Width(StructurePruner):
     attention_flops: with target flops=R, also count the attention scores and their weighted sum (2 T head_dim
       multiply-adds per head and token, T the calibration inputs' length) in the total and in each head's cost;
       off, flops are the projections' only. For a ViT (T = 257 at 224 px) a head then costs a third more.
+    rounds: cut in this many steps, 1 - (1 - R) r / rounds of the original kept after step r, the importance measured
+      again on the model as cut so far (NViT prunes step by step: a one-shot score misses that a unit matters more
+      once its neighbours are gone, and a global allocation then over-cuts some blocks).
     compensate: re-fit the output projections by least squares after removal.
     sequential: re-measure each block's inputs after cutting the blocks before it (one more pass; slower).
     asymmetric: with sequential, re-fit so that each block's output matches the *dense* model's block output (carried
@@ -73,6 +77,7 @@ class Width(StructurePruner):
     allocation: Literal["uniform", "global", "measured"] = "uniform"
     multiple_of: int = 1
     attention_flops: bool = False
+    rounds: int = 1
     compensate: bool = True
     sequential: bool = False
     asymmetric: bool = False
@@ -99,6 +104,8 @@ class Width(StructurePruner):
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
         if self.asymmetric and not (self.sequential and self.compensate):
             raise ValueError("asymmetric re-fits to the dense outputs block by block: set sequential=True and compensate=True")
+        if self.rounds < 1 or (self.rounds > 1 and self.allocation == "measured"):
+            raise ValueError(f"rounds={self.rounds}: a count >= 1, and 1 with allocation='measured'")
         if self.attention_flops and self.target is not None and self.target.kind != "flops":
             raise ValueError(f"attention_flops counts attention in a FLOPs budget; the target is {self.target}")
         if self.importance in NEEDS_GRAD and self.sequential:
@@ -391,6 +398,25 @@ class Width(StructurePruner):
                 p.requires_grad_(True)
         return stats
 
+    def _total(self, anatomy: Anatomy) -> float:
+        if self.budget.kind == "params":
+            return count_parameters(anatomy.model)
+        return self._flops(anatomy) if self.attention_flops else matmul_params(anatomy)
+
+    def _in_rounds(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
+        """`rounds` cuts, each to its share of the original under the same budget kind, scored afresh."""
+        model, kind, keep = anatomy.model, self.budget.kind, self.budget.keep
+        first = self._total(anatomy)
+        out: dict[str, Any] = {}
+        for r in range(1, self.rounds + 1):
+            an = anatomy_of(model)
+            share = (1 - (1 - keep) * r / self.rounds) * first / self._total(an)
+            step = dataclasses.replace(self, target=Budget(kind, min(1.0, share)), rounds=1)
+            out = step.prune(an, run, scope)
+        if self.attention_flops:
+            out["spent"] = self._total(anatomy_of(model)) / first
+        return {**out, "rounds": self.rounds}
+
     def prune(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
         calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
         if any(b.scales for b in anatomy.blocks):  # layer scales into o / down (exact): refits and scores then
@@ -398,6 +424,8 @@ class Width(StructurePruner):
         if self.attention_flops:
             self._tokens = calibrate.tokens_per_input(anatomy, run.require_calibration(self.name))
             before = self._flops(anatomy)
+        if self.rounds > 1:
+            return self._in_rounds(anatomy, run, scope)
         data = self.needs_calibration
         collect = self._gradient_statistics if self.importance in NEEDS_GRAD else self._statistics
         stats = collect(anatomy, calibration, batch_size, progress) if data else [{} for _ in anatomy.blocks]
