@@ -109,11 +109,14 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{saved} has views={result['views']} seed={result['seed']}; pass the same")
         dense = image_features(model, px, args.batch)
         part = {"structure": structure_pass, "weights": weights_pass, "eet": eet_pass}[args.part]
-        result[args.part] = {"rows": part(model, px, labels, dense, args), "where": args.where,
+        key = "structure_holdout" if args.part == "structure" and args.holdout else args.part
+        result[key] = {"rows": part(model, px, labels, dense, args), "where": args.where,
                              "threads": args.threads, "train_views": args.train_views,
                              "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])}
         if args.part in ("structure", "eet"):
-            result[args.part]["reps"] = args.reps
+            result[key]["reps"] = args.reps
+        if args.holdout or args.part == "eet":
+            result[key]["dense_held_out"] = quality_on(dense, labels, dense, held_out(labels))
         return result
     if args.part == "timing":
         if not cache.is_file():
@@ -225,20 +228,35 @@ def vanilla_reload_diff(model, px: torch.Tensor) -> float:
     return (got - want).abs().max().item()
 
 
-def training_views(args: argparse.Namespace) -> torch.Tensor:
-    """Other random views of the same sources (seed + 1), never the evaluated ones; no labels are used."""
-    px, _ = retrieval_views(ViewConfig(views=args.train_views, seed=args.seed + 1))
+def training_views(args: argparse.Namespace, holdout: bool = False) -> torch.Tensor:
+    """Other random views (seed + 1) of the sources, never the evaluated views; no labels are used. holdout: of the
+    even-numbered sources only, so that the odd ones (HELD_OUT) are images training never saw."""
+    from trimformer.data.images import image_files
+
+    files = image_files()
+    px, _ = retrieval_views(ViewConfig(views=args.train_views, seed=args.seed + 1), files=files[::2] if holdout else files)
     return px
+
+
+def held_out(labels: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the evaluated views of the odd-numbered sources, which `training_views(holdout=True)` leaves out."""
+    return labels % 2 == 1
+
+
+def quality_on(feats: dict, labels: torch.Tensor, dense: dict, mask: torch.Tensor) -> dict:
+    """Retrieval among the views under `mask` only (gallery and queries), cosine to dense on them."""
+    return quality({k: v[mask] for k, v in feats.items()}, labels[mask], {k: v[mask] for k, v in dense.items()})
 
 
 def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, args: argparse.Namespace) -> list[dict]:
     from trimformer.models import count_parameters
     from trimformer.recover import FeatureDistillConfig, distill_features_
 
-    train = training_views(args)
+    train = training_views(args, holdout=args.holdout)
     calib = train[:: max(1, len(train) // args.calib_images)][: args.calib_images]
     timing = timing_batches(px, args)
     before = count_parameters(model)
+    mask = held_out(labels)
     rows = []
     for name, settings in STRUCTURE:
         if args.only and name not in args.only:
@@ -251,7 +269,10 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
                "flops_ratio": res.get("spent") if settings.get("attention_flops") else res["flops_kept"],
                "matmul_ratio": res["flops_kept"], "ffn": res["ffn"], "heads": res["head_units"],
                "prune_seconds": time.perf_counter() - t0, "calibration_images": len(calib)}
-        row["training_free"] = quality(image_features(pruned, px, args.batch), labels, dense)
+        feats = image_features(pruned, px, args.batch)
+        row["training_free"] = quality(feats, labels, dense)
+        if args.holdout:
+            row["training_free_held_out"] = quality_on(feats, labels, dense, mask)
         print(json.dumps({k: row[k] for k in ("name", "params_ratio", "flops_ratio", "training_free")}), flush=True)
         if args.steps and not (args.recover and name not in args.recover):
             cfg = FeatureDistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, loss=args.loss,
@@ -259,7 +280,10 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
             t0 = time.perf_counter()
             distill_features_(pruned, model, train, cfg, progress=False)
             h = pruned.trimformer_history[-1]
-            row["recovered"] = quality(image_features(pruned, px, args.batch), labels, dense)
+            feats = image_features(pruned, px, args.batch)
+            row["recovered"] = quality(feats, labels, dense)
+            if args.holdout:
+                row["recovered_held_out"] = quality_on(feats, labels, dense, mask)
             row["recovery"] = {"settings": h["settings"], "steps_run": h["result"]["steps_run"], "images": len(train),
                                "first_loss": h["result"]["losses"][0], "last_loss": h["result"]["losses"][-1],
                                "seconds": time.perf_counter() - t0}
@@ -272,8 +296,10 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
     return rows
 
 
-def token_quality(model, method, px: torch.Tensor, labels: torch.Tensor, dense: dict, batch: int) -> dict:
-    """Quality and measured FLOPs ratio of `model` inside token `method` (as the quality pass measures them)."""
+def token_quality(model, method, px: torch.Tensor, labels: torch.Tensor, dense: dict, batch: int,
+                  mask: torch.Tensor | None = None) -> dict:
+    """Quality and measured FLOPs ratio of `model` inside token `method` (as the quality pass measures them);
+    with `mask`, also 'held_out': the quality among those views only."""
     feats, fl = {"cls": [], "mean": []}, [0.0, 0.0]
     with tokens.prune(model, method) as session:
         for i in range(0, len(px), batch):
@@ -282,7 +308,11 @@ def token_quality(model, method, px: torch.Tensor, labels: torch.Tensor, dense: 
                 feats[k].append(part[k])
             fl[0] += session.flops()["dense"]
             fl[1] += session.flops()["pruned"]
-    return {"flops_ratio": fl[1] / fl[0], **quality({k: torch.cat(v) for k, v in feats.items()}, labels, dense)}
+    feats = {k: torch.cat(v) for k, v in feats.items()}
+    out = {"flops_ratio": fl[1] / fl[0], **quality(feats, labels, dense)}
+    if mask is not None:
+        out["held_out"] = quality_on(feats, labels, dense, mask)
+    return out
 
 
 def eet_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, args: argparse.Namespace) -> list[dict]:
@@ -291,14 +321,15 @@ def eet_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, args: a
     from trimformer.recover import FeatureDistillConfig, distill_features_
 
     L = len(model.encoder.layer)
-    train = training_views(args)
+    train = training_views(args, holdout=True)
     timing = timing_batches(px, args)
-    rows = []
+    mask = held_out(labels)
+    rows = [{"method": "dense", "stage": "dense", "held_out": quality_on(dense, labels, dense, mask)}]
     for f in args.flops:
         settings = {"flops": f, "recover": L}
         method = tokens.build("eet", settings)
         row = {"method": "eet", "settings": settings, "target_flops": f, "stage": "training-free",
-               **token_quality(model, method, px, labels, dense, args.batch)}
+               **token_quality(model, method, px, labels, dense, args.batch, mask)}
         row["latency_b1"], row["dense_s_b1"] = latency_ratio(model, method, timing[0], args.reps)
         row["latency_b32"], row["dense_s_b32"] = latency_ratio(model, method, timing[1], args.reps)
         rows.append(row)
@@ -312,7 +343,7 @@ def eet_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, args: a
         distill_features_(student, model, train, cfg, method=tokens.build("eet", settings), progress=False)
         h = student.trimformer_history[-1]
         rows.append({**{k: row[k] for k in ("method", "settings", "target_flops", "latency_b1", "latency_b32")},
-                     "stage": "teacher transfer", **token_quality(student, method, px, labels, dense, args.batch),
+                     "stage": "teacher transfer", **token_quality(student, method, px, labels, dense, args.batch, mask),
                      "recovery": {"settings": h["settings"], "steps_run": h["result"]["steps_run"], "images": len(train),
                                   "first_loss": h["result"]["losses"][0], "last_loss": h["result"]["losses"][-1],
                                   "seconds": time.perf_counter() - t0}})
@@ -404,7 +435,7 @@ def write(result: dict, out: Path) -> None:
     for t in result["targets"]:
         lines.append(f"| {t['method']} | {label(t)} | {100 * t['recall@1_drop']:.2f} | {ok(t, 'recall_ok')} | "
                      f"{ok(t, 'cos_ok')} | {ok(t, 'latency_ok')} |")
-    lines += structure_lines(result, d) + eet_lines(result, d) + weights_lines(result, d)
+    lines += structure_lines(result, d) + holdout_lines(result) + eet_lines(result, d) + weights_lines(result, d)
     body = json.dumps(result, indent=2)
     for path, text in ((out.with_suffix(".json"), body), (out.with_suffix(".md"), "\n".join(lines) + "\n")):
         tmp = path.with_name(f".{path.name}.tmp")
@@ -461,15 +492,59 @@ def eet_lines(result: dict, d: dict) -> list[str]:
              f"`{part['command']}` {part['where']}; {part['threads']} thread(s). Tokens dropped at blocks 3, 6 and 9 "
              "by their share of [CLS] attention plus their share of feature response (tokens/eet.py); full length "
              "restored after the last block. Teacher transfer: the model trained inside the same pruning towards the "
-             f"dense model's features on {part['train_views']} other random views per source (seed + 1; no labels), "
-             "then scored at the same schedule (equal FLOPs). Latency as above, taken with the training-free model "
+             f"dense model's features on {part['train_views']} other random views (seed + 1; no labels) of the "
+             "even-numbered sources, then scored at the same schedule (equal FLOPs). Latency as above, taken with the training-free model "
              "(training changes no shape).", "",
              "| stage | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean | lat b1 | lat b32 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [r for r in part["rows"] if r["stage"] != "dense"]
+    for r in rows:
+        lines.append(f"| {_stage(r)} | {r['flops_ratio']:.3f} | {_q(r)} | {r['latency_b1']:.3f} | {r['latency_b32']:.3f} |")
+    h = part["dense_held_out"]
+    lines += ["", f"The same, among the {held_out_text(result)} alone (training never saw these images; dense: recall@1 "
+              f"{h['cls']['recall@1']:.4f}, mAP {h['cls']['mAP']:.4f} with [CLS]):", "",
+              "| stage | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {_stage(r)} | {r['flops_ratio']:.3f} | {_q(r['held_out'])} |" for r in rows]
+    return lines
+
+
+def held_out_text(result: dict) -> str:
+    n = (result["sources"] // 2) * result["views"]
+    return f"{n} views of the {result['sources'] // 2} odd-numbered sources ({result['views']} each)"
+
+
+def _stage(r: dict) -> str:
+    rc = r.get("recovery")
+    return r["stage"] + (f" ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min)" if rc else "")
+
+
+def holdout_lines(result: dict) -> list[str]:
+    part = result.get("structure_holdout")
+    if not part:
+        return []
+    h = part["dense_held_out"]
+    lines = ["", "### The recovery on sources it never saw", "",
+             f"`{part['command']}` {part['where']}. Calibrated and trained on {part['train_views']} views per source "
+             f"of the even-numbered sources only; scored among the {held_out_text(result)} alone. Dense there: recall@1 "
+             f"{h['cls']['recall@1']:.4f}, mAP {h['cls']['mAP']:.4f} ([CLS]), {h['mean']['recall@1']:.4f} / "
+             f"{h['mean']['mAP']:.4f} (mean).", "",
+             "| cut | stage | params | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in part["rows"]:
-        stage = r["stage"] + (f" ({r['recovery']['steps_run']} steps, {r['recovery']['seconds'] / 60:.0f} min)"
-                              if "recovery" in r else "")
-        lines.append(f"| {stage} | {r['flops_ratio']:.3f} | {_q(r)} | {r['latency_b1']:.3f} | {r['latency_b32']:.3f} |")
+        cost = f"{r['params_ratio']:.3f} | {r['flops_ratio']:.3f}"
+        lines.append(f"| {r['name']} | training-free | {cost} | {_q(r['training_free_held_out'])} |")
+        if "recovered_held_out" in r:
+            rc = r["recovery"]
+            lines.append(f"| {r['name']} | recovered ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min) | {cost} | "
+                         f"{_q(r['recovered_held_out'])} |")
+    lines += ["", "| cut | R@1 drop training-free | R@1 drop recovered | target (2 points) |", "| --- | ---: | ---: | --- |"]
+    for r in part["rows"]:
+        if r["params_ratio"] > 0.71 or "recovered_held_out" not in r:
+            continue
+        free = 100 * (h["cls"]["recall@1"] - r["training_free_held_out"]["cls"]["recall@1"])
+        rec = 100 * (h["cls"]["recall@1"] - r["recovered_held_out"]["cls"]["recall@1"])
+        lines.append(f"| {r['name']} | {free:.2f} | {rec:.2f} | {'met' if rec <= 100 * STRUCTURE_TARGET + 1e-9 else 'missed'} |")
     return lines
 
 
@@ -514,6 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=300, help="structure: distillation steps (0: training-free only)")
     p.add_argument("--minutes", type=float, default=12.0, help="structure: training time limit per recovered row")
     p.add_argument("--recover", nargs="+", metavar="NAME", help="structure: recover only these rows (default: all)")
+    p.add_argument("--holdout", action="store_true", help="structure: calibrate and train on the even-numbered "
+                   "sources only and also score the odd ones alone (images training never saw); eet always does")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--loss", default="tokens+cls")
