@@ -14,15 +14,32 @@ other processes hits both alike. Run it under the shared lock (BENCHMARK.md), qu
 The quality pass is deterministic and needs no lock: `--part quality` writes it to OUT.quality.json, and
 `--part timing` (under the lock) adds the latencies to those rows, running each method as the quality pass
 did (acc's speedup rows reuse the schedule solved there).
+
+`--part structure` adds NViT-style width cuts (heads and MLP neurons, global Fisher importance of the output
+features, FLOPs-aware allocation) beside a uniform cut, each training-free and after feature distillation from
+the dense model (recover/features.py) on *other* random views of the same sources (seed + 1; no labels), each
+exported, reloaded by vanilla transformers in a process without trimformer and compared; `--part weights`
+adds 2:4 weight cuts (SparseGPT, Wanda: quality only; a 2:4 pattern runs no faster on CPU). Both add their
+rows to the saved OUT.json (run the token parts first):
+
+    flock /work/heavy.lock nice -n 5 env PYTHONPATH=src python benchmarks/p4_vision.py --part structure
+    flock /work/heavy.lock nice -n 5 env PYTHONPATH=src python benchmarks/p4_vision.py --part weights
+    flock /work/heavy.lock nice -n 5 env PYTHONPATH=src python benchmarks/p4_vision.py --part eet --flops 0.6 0.5
+
+`--part eet` scores EET-style stage-by-stage pruning (tokens/eet.py) training-free and after the teacher transfer
+(the model trained inside the pruning towards the dense features, same views as the structure part) at equal FLOPs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,17 +69,18 @@ def settings_at(f: float) -> list[tuple[str, dict]]:
 
 
 @torch.no_grad()
-def latency_ratio(model, method, batches: list[torch.Tensor], reps: int) -> tuple[float, float]:
-    """(median pruned / dense ratio, median dense seconds) over alternating runs of each batch."""
+def latency_ratio(model, method, batches: list[torch.Tensor], reps: int, pruned=None) -> tuple[float, float]:
+    """(median pruned / dense ratio, median dense seconds) over alternating runs of each batch; the pruned run
+    is `model` inside the token `method`, or the model `pruned` (method None)."""
     ratios, dense_s = [], []
     for _ in range(reps):
         for px in batches:
             t0 = time.perf_counter()
             model(pixel_values=px)
             dense = time.perf_counter() - t0
-            with tokens.prune(model, method):
+            with tokens.prune(model, method) if method is not None else torch.no_grad():
                 t0 = time.perf_counter()
-                model(pixel_values=px)
+                (pruned or model)(pixel_values=px)
                 ratios.append((time.perf_counter() - t0) / dense)
             dense_s.append(dense)
     return statistics.median(ratios), statistics.median(dense_s)
@@ -82,6 +100,24 @@ def run(args: argparse.Namespace) -> dict:
     model = trimformer.load("dinov2-s")
     px, labels = retrieval_views(ViewConfig(views=args.views, seed=args.seed))
     cache = Path(args.out).with_suffix(".quality.json")
+    if args.part in ("structure", "weights", "eet"):  # rows added to the saved run
+        saved = Path(args.out).with_suffix(".json")
+        if not saved.is_file():
+            raise SystemExit(f"--part {args.part} adds rows to {saved}: run the token parts first")
+        result = json.loads(saved.read_text())
+        if (result["views"], result["seed"]) != (args.views, args.seed):
+            raise SystemExit(f"{saved} has views={result['views']} seed={result['seed']}; pass the same")
+        dense = image_features(model, px, args.batch)
+        part = {"structure": structure_pass, "weights": weights_pass, "eet": eet_pass}[args.part]
+        key = "structure_holdout" if args.part == "structure" and args.holdout else args.part
+        result[key] = {"rows": part(model, px, labels, dense, args), "where": args.where,
+                             "threads": args.threads, "train_views": args.train_views,
+                             "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])}
+        if args.part in ("structure", "eet"):
+            result[key]["reps"] = args.reps
+        if args.holdout or args.part == "eet":
+            result[key]["dense_held_out"] = quality_on(dense, labels, dense, held_out(labels))
+        return result
     if args.part == "timing":
         if not cache.is_file():
             raise SystemExit(f"--part timing needs {cache}: run --part quality first")
@@ -93,8 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.part == "quality":
             cache.write_text(json.dumps(result, indent=2))
             return result
-    one = [px[i:i + 1] for i in range(0, len(px), max(1, len(px) // args.b1_images))][:args.b1_images]
-    b32 = [px[i:i + 32] for i in range(0, 32 * args.b32_batches, 32)]
+    one, b32 = timing_batches(px, args)
     for r in result["rows"][1:]:
         if "error" in r:
             continue
@@ -148,6 +183,193 @@ def quality_pass(model, px: torch.Tensor, labels: torch.Tensor, args: argparse.N
             print(json.dumps(rows[-1]), flush=True)
     return {"benchmark": "P4-vision", "model": "dinov2-s", "views": args.views, "sources": int(labels.max()) + 1,
             "images": len(labels), "seed": args.seed, "rows": rows}
+
+
+# Width cuts (trimformer.structure.width) at 30 % fewer parameters, and at the FLOPs that leaves, on heads and
+# MLP neurons; FFN widths a multiple of 8. "global/fisher, 4 rounds" is the NViT-style cut (global importance of
+# the output features, re-measured after each of 4 steps).
+WIDTH = {"parts": ["ffn", "heads"], "multiple_of": 8}
+STRUCTURE = [
+    ("uniform/hessian", {**WIDTH, "target": "params=0.7", "importance": "hessian", "allocation": "uniform"}),
+    ("global/fisher", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "global"}),
+    ("global/fisher, 4 rounds", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "global",
+                                 "rounds": 4}),
+    ("global/hessian", {**WIDTH, "target": "params=0.7", "importance": "hessian", "allocation": "global"}),
+    ("uniform/fisher", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "uniform"}),
+    ("global/fisher, flops, 4 rounds", {**WIDTH, "target": "flops=0.6", "importance": "fisher", "allocation": "global",
+                                        "attention_flops": True, "rounds": 4}),
+]
+WEIGHTS = [("sparsegpt", {"sparsity": 0.5, "pattern": "2:4"}), ("wanda", {"sparsity": 0.5, "pattern": "2:4"})]
+STRUCTURE_TARGET = 0.02  # recall@1 within 2 points after recovery at 30 % fewer parameters
+
+_RELOAD = """
+import sys, torch, transformers
+m = transformers.AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(m(pixel_values=torch.load(sys.argv[2])).last_hidden_state, sys.argv[3])
+assert not any(k.startswith("trimformer") for k in sys.modules), "trimformer was imported"
+"""
+
+
+@torch.no_grad()
+def vanilla_reload_diff(model, px: torch.Tensor) -> float:
+    """Export `model`, reload it with vanilla transformers in a process without trimformer on its path, and
+    return the max abs difference of its features on `px` from `model`'s."""
+    from trimformer.export import structured
+
+    want = model(pixel_values=px).last_hidden_state
+    with tempfile.TemporaryDirectory() as d:
+        structured.save(model, Path(d) / "m")
+        torch.save(px, Path(d) / "px.pt")
+        env = {"PYTHONPATH": "", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", _RELOAD, str(Path(d) / "m"), str(Path(d) / "px.pt"),
+                        str(Path(d) / "out.pt")], check=True, env=env, cwd=d)
+        got = torch.load(Path(d) / "out.pt")
+    return (got - want).abs().max().item()
+
+
+def training_views(args: argparse.Namespace, holdout: bool = False) -> torch.Tensor:
+    """Other random views (seed + 1) of the sources, never the evaluated views; no labels are used. holdout: of the
+    even-numbered sources only, so that the odd ones (HELD_OUT) are images training never saw."""
+    from trimformer.data.images import image_files
+
+    files = image_files()
+    px, _ = retrieval_views(ViewConfig(views=args.train_views, seed=args.seed + 1), files=files[::2] if holdout else files)
+    return px
+
+
+def held_out(labels: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the evaluated views of the odd-numbered sources, which `training_views(holdout=True)` leaves out."""
+    return labels % 2 == 1
+
+
+def quality_on(feats: dict, labels: torch.Tensor, dense: dict, mask: torch.Tensor) -> dict:
+    """Retrieval among the views under `mask` only (gallery and queries), cosine to dense on them."""
+    return quality({k: v[mask] for k, v in feats.items()}, labels[mask], {k: v[mask] for k, v in dense.items()})
+
+
+def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, args: argparse.Namespace) -> list[dict]:
+    from trimformer.models import count_parameters
+    from trimformer.recover import FeatureDistillConfig, distill_features_
+
+    train = training_views(args, holdout=args.holdout)
+    calib = train[:: max(1, len(train) // args.calib_images)][: args.calib_images]
+    timing = timing_batches(px, args)
+    before = count_parameters(model)
+    mask = held_out(labels)
+    rows = []
+    for name, settings in STRUCTURE:
+        if args.only and name not in args.only:
+            continue
+        pruned = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        trimformer.prune_(pruned, trimformer.build("width", settings), calibration=calib, batch_size=16, progress=False)
+        res = pruned.trimformer_history[-1]["result"]
+        row = {"method": "width", "name": name, "settings": settings, "params_ratio": count_parameters(pruned) / before,
+               "flops_ratio": res.get("spent") if settings.get("attention_flops") else res["flops_kept"],
+               "matmul_ratio": res["flops_kept"], "ffn": res["ffn"], "heads": res["head_units"],
+               "prune_seconds": time.perf_counter() - t0, "calibration_images": len(calib)}
+        feats = image_features(pruned, px, args.batch)
+        row["training_free"] = quality(feats, labels, dense)
+        if args.holdout:
+            row["training_free_held_out"] = quality_on(feats, labels, dense, mask)
+        print(json.dumps({k: row[k] for k in ("name", "params_ratio", "flops_ratio", "training_free")}), flush=True)
+        if args.steps and not (args.recover and name not in args.recover):
+            cfg = FeatureDistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, loss=args.loss,
+                                       max_minutes=args.minutes)
+            t0 = time.perf_counter()
+            distill_features_(pruned, model, train, cfg, progress=False)
+            h = pruned.trimformer_history[-1]
+            feats = image_features(pruned, px, args.batch)
+            row["recovered"] = quality(feats, labels, dense)
+            if args.holdout:
+                row["recovered_held_out"] = quality_on(feats, labels, dense, mask)
+            row["recovery"] = {"settings": h["settings"], "steps_run": h["result"]["steps_run"], "images": len(train),
+                               "first_loss": h["result"]["losses"][0], "last_loss": h["result"]["losses"][-1],
+                               "seconds": time.perf_counter() - t0}
+            print(json.dumps({k: row[k] for k in ("name", "recovered", "recovery")}), flush=True)
+        row["reload_max_abs_diff"] = vanilla_reload_diff(pruned, px[:4])
+        row["latency_b1"], row["dense_s_b1"] = latency_ratio(model, None, timing[0], args.reps, pruned=pruned)
+        row["latency_b32"], row["dense_s_b32"] = latency_ratio(model, None, timing[1], args.reps, pruned=pruned)
+        print(json.dumps({k: row[k] for k in ("name", "reload_max_abs_diff", "latency_b1", "latency_b32")}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def token_quality(model, method, px: torch.Tensor, labels: torch.Tensor, dense: dict, batch: int,
+                  mask: torch.Tensor | None = None) -> dict:
+    """Quality and measured FLOPs ratio of `model` inside token `method` (as the quality pass measures them);
+    with `mask`, also 'held_out': the quality among those views only."""
+    feats, fl = {"cls": [], "mean": []}, [0.0, 0.0]
+    with tokens.prune(model, method) as session:
+        for i in range(0, len(px), batch):
+            part = image_features(model, px[i:i + batch], batch)
+            for k in feats:
+                feats[k].append(part[k])
+            fl[0] += session.flops()["dense"]
+            fl[1] += session.flops()["pruned"]
+    feats = {k: torch.cat(v) for k, v in feats.items()}
+    out = {"flops_ratio": fl[1] / fl[0], **quality(feats, labels, dense)}
+    if mask is not None:
+        out["held_out"] = quality_on(feats, labels, dense, mask)
+    return out
+
+
+def eet_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, args: argparse.Namespace) -> list[dict]:
+    """EET training-free at each FLOPs share, and with the teacher transfer (the dense model's features learnt
+    inside the pruning, recover/features.py) at --eet-transfer, at the same schedule (equal FLOPs)."""
+    from trimformer.recover import FeatureDistillConfig, distill_features_
+
+    L = len(model.encoder.layer)
+    train = training_views(args, holdout=True)
+    timing = timing_batches(px, args)
+    mask = held_out(labels)
+    rows = [{"method": "dense", "stage": "dense", "held_out": quality_on(dense, labels, dense, mask)}]
+    for f in args.flops:
+        settings = {"flops": f, "recover": L}
+        method = tokens.build("eet", settings)
+        row = {"method": "eet", "settings": settings, "target_flops": f, "stage": "training-free",
+               **token_quality(model, method, px, labels, dense, args.batch, mask)}
+        row["latency_b1"], row["dense_s_b1"] = latency_ratio(model, method, timing[0], args.reps)
+        row["latency_b32"], row["dense_s_b32"] = latency_ratio(model, method, timing[1], args.reps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if f not in (args.eet_transfer or []):
+            continue
+        student = copy.deepcopy(model)
+        cfg = FeatureDistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, loss=args.eet_loss,
+                                   max_minutes=args.minutes)
+        t0 = time.perf_counter()
+        distill_features_(student, model, train, cfg, method=tokens.build("eet", settings), progress=False)
+        h = student.trimformer_history[-1]
+        rows.append({**{k: row[k] for k in ("method", "settings", "target_flops", "latency_b1", "latency_b32")},
+                     "stage": "teacher transfer", **token_quality(student, method, px, labels, dense, args.batch, mask),
+                     "recovery": {"settings": h["settings"], "steps_run": h["result"]["steps_run"], "images": len(train),
+                                  "first_loss": h["result"]["losses"][0], "last_loss": h["result"]["losses"][-1],
+                                  "seconds": time.perf_counter() - t0}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def weights_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, args: argparse.Namespace) -> list[dict]:
+    train = training_views(args)
+    calib = train[:: max(1, len(train) // args.calib_images)][: args.calib_images]
+    rows = []
+    for name, settings in WEIGHTS:
+        if args.only and name not in args.only:
+            continue
+        pruned = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        trimformer.prune_(pruned, trimformer.build(name, settings), calibration=calib, batch_size=16, progress=False)
+        rows.append({"method": name, "settings": settings, "seconds": time.perf_counter() - t0,
+                     "calibration_images": len(calib), **quality(image_features(pruned, px, args.batch), labels, dense)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def timing_batches(px: torch.Tensor, args: argparse.Namespace) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    one = [px[i:i + 1] for i in range(0, len(px), max(1, len(px) // args.b1_images))][:args.b1_images]
+    return one, [px[i:i + 32] for i in range(0, 32 * args.b32_batches, 32)]
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -212,7 +434,131 @@ def write(result: dict, out: Path) -> None:
     for t in result["targets"]:
         lines.append(f"| {t['method']} | {label(t)} | {100 * t['recall@1_drop']:.2f} | {ok(t, 'recall_ok')} | "
                      f"{ok(t, 'cos_ok')} | {ok(t, 'latency_ok')} |")
+    lines += structure_lines(result, d) + holdout_lines(result) + eet_lines(result, d) + weights_lines(result, d)
     write_results(out, result, "\n".join(lines) + "\n")
+
+
+def _q(q: dict) -> str:
+    return (f"{q['cls']['recall@1']:.4f} | {q['cls']['mAP']:.4f} | {q['cls']['cos_mean']:.4f} | "
+            f"{q['mean']['recall@1']:.4f} | {q['mean']['mAP']:.4f} | {q['mean']['cos_mean']:.4f}")
+
+
+def structure_lines(result: dict, d: dict) -> list[str]:
+    part = result.get("structure")
+    if not part:
+        return []
+    lines = ["", "## Width cuts (heads and MLP neurons, physically smaller)", "",
+             f"`{part['command']}` {part['where']}; {part['threads']} thread(s). Calibration and training on "
+             f"{part['train_views']} other random views per source (seed + 1), never the evaluated views, but of the "
+             "same 26 sources: a recovered row above dense is the student fitting these images (transductive); the "
+             "held-out table below is the honest measure. No labels. "
+             "FLOPs: the blocks' projections, plus attention scores at 257 tokens where the row's allocation counts "
+             "them. Recovered: feature distillation from the dense model (recover/features.py) within the time "
+             "limit. Reload: max abs difference of the features after export and a vanilla-transformers reload in "
+             f"a process without trimformer. Latency: median pruned / dense ratio over alternating runs (x {part['reps']}).",
+             "", "| cut | stage | params | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean | "
+             "lat b1 | lat b32 | reload diff |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+             "---: | ---: | ---: |"]
+    for r in part["rows"]:
+        cost = f"{r['params_ratio']:.3f} | {r['flops_ratio']:.3f}"
+        tail = f"{r['latency_b1']:.3f} | {r['latency_b32']:.3f} | {r['reload_max_abs_diff']:.1e}"
+        lines.append(f"| {r['name']} | training-free | {cost} | {_q(r['training_free'])} | {tail} |")
+        if "recovered" in r:
+            rc = r["recovery"]
+            lines.append(f"| {r['name']} | recovered ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min) | {cost} | "
+                         f"{_q(r['recovered'])} | {tail} |")
+    lines += ["", f"Target: at 30 % fewer parameters recall@1 (CLS) within {100 * STRUCTURE_TARGET:.0f} points of dense "
+              "after recovery.", "", "| cut | params | R@1 drop training-free | R@1 drop recovered | target |",
+              "| --- | ---: | ---: | ---: | --- |"]
+    for r in part["rows"]:
+        if r["params_ratio"] > 0.71:
+            continue
+        free = 100 * (d["cls"]["recall@1"] - r["training_free"]["cls"]["recall@1"])
+        rec = 100 * (d["cls"]["recall@1"] - r["recovered"]["cls"]["recall@1"]) if "recovered" in r else None
+        ok = "" if rec is None else ("met" if rec <= 100 * STRUCTURE_TARGET + 1e-9 else "missed") + " (sources seen)"
+        lines.append(f"| {r['name']} | {r['params_ratio']:.3f} | {free:.2f} | "
+                     f"{'' if rec is None else f'{rec:.2f}'} | {ok} |")
+    return lines
+
+
+def eet_lines(result: dict, d: dict) -> list[str]:
+    part = result.get("eet")
+    if not part:
+        return []
+    lines = ["", "## EET: content-based pruning stage by stage, and its teacher transfer", "",
+             f"`{part['command']}` {part['where']}; {part['threads']} thread(s). Tokens dropped at blocks 3, 6 and 9 "
+             "by their share of [CLS] attention plus their share of feature response (tokens/eet.py); full length "
+             "restored after the last block. Teacher transfer: the model trained inside the same pruning towards the "
+             f"dense model's features on {part['train_views']} other random views (seed + 1; no labels) of the "
+             "even-numbered sources, then scored at the same schedule (equal FLOPs). Latency as above, taken with the training-free model "
+             "(training changes no shape).", "",
+             "| stage | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean | lat b1 | lat b32 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [r for r in part["rows"] if r["stage"] != "dense"]
+    for r in rows:
+        lines.append(f"| {_stage(r)} | {r['flops_ratio']:.3f} | {_q(r)} | {r['latency_b1']:.3f} | {r['latency_b32']:.3f} |")
+    h = part["dense_held_out"]
+    lines += ["", f"The same, among the {held_out_text(result)} alone (training never saw these images; dense: recall@1 "
+              f"{h['cls']['recall@1']:.4f}, mAP {h['cls']['mAP']:.4f} with [CLS]):", "",
+              "| stage | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {_stage(r)} | {r['flops_ratio']:.3f} | {_q(r['held_out'])} |" for r in rows]
+    return lines
+
+
+def held_out_text(result: dict) -> str:
+    n = (result["sources"] // 2) * result["views"]
+    return f"{n} views of the {result['sources'] // 2} odd-numbered sources ({result['views']} each)"
+
+
+def _stage(r: dict) -> str:
+    rc = r.get("recovery")
+    return r["stage"] + (f" ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min)" if rc else "")
+
+
+def holdout_lines(result: dict) -> list[str]:
+    part = result.get("structure_holdout")
+    if not part:
+        return []
+    h = part["dense_held_out"]
+    lines = ["", "### The recovery on sources it never saw", "",
+             f"`{part['command']}` {part['where']}. Calibrated and trained on {part['train_views']} views per source "
+             f"of the even-numbered sources only; scored among the {held_out_text(result)} alone. Dense there: recall@1 "
+             f"{h['cls']['recall@1']:.4f}, mAP {h['cls']['mAP']:.4f} ([CLS]), {h['mean']['recall@1']:.4f} / "
+             f"{h['mean']['mAP']:.4f} (mean).", "",
+             "| cut | stage | params | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in part["rows"]:
+        cost = f"{r['params_ratio']:.3f} | {r['flops_ratio']:.3f}"
+        lines.append(f"| {r['name']} | training-free | {cost} | {_q(r['training_free_held_out'])} |")
+        if "recovered_held_out" in r:
+            rc = r["recovery"]
+            lines.append(f"| {r['name']} | recovered ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min) | {cost} | "
+                         f"{_q(r['recovered_held_out'])} |")
+    lines += ["", "| cut | R@1 drop training-free | R@1 drop recovered | target (2 points) |", "| --- | ---: | ---: | --- |"]
+    for r in part["rows"]:
+        if r["params_ratio"] > 0.71 or "recovered_held_out" not in r:
+            continue
+        free = 100 * (h["cls"]["recall@1"] - r["training_free_held_out"]["cls"]["recall@1"])
+        rec = 100 * (h["cls"]["recall@1"] - r["recovered_held_out"]["cls"]["recall@1"])
+        lines.append(f"| {r['name']} | {free:.2f} | {rec:.2f} | {'met' if rec <= 100 * STRUCTURE_TARGET + 1e-9 else 'missed'} |")
+    return lines
+
+
+def weights_lines(result: dict, d: dict) -> list[str]:
+    part = result.get("weights")
+    if not part:
+        return []
+    lines = ["", "## 2:4 weight cuts (quality only)", "",
+             f"`{part['command']}` {part['where']}. Calibration on {part['rows'][0]['calibration_images']} other "
+             "random views. Half the weights of every block projection are zero in a 2:4 pattern; the matrices stay "
+             "dense, so on this CPU they run exactly as fast as dense (serving engines dropped their 2:4 kernels: "
+             "DESIGN.md); what the rows show is what a 2:4 kernel would have to pay in quality.", "",
+             "| method | setting | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in part["rows"]:
+        lines.append(f"| {r['method']} | {r['settings']['pattern']} | {_q(r)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -228,8 +574,23 @@ def main(argv: list[str] | None = None) -> dict:
     threads_arg(p, default=1)
     out_arg(p, "p4_vision")
     p.add_argument("--where", default="under the shared lock", help="how the timings were taken, for the report")
-    p.add_argument("--part", choices=("all", "quality", "timing"), default="all",
-                   help="quality: no timings, no lock needed; timing: add timings to a saved quality pass")
+    p.add_argument("--part", choices=("all", "quality", "timing", "structure", "weights", "eet"), default="all",
+                   help="quality: no timings, no lock needed; timing: add timings to a saved quality pass; "
+                        "structure / weights / eet: add width, 2:4 or EET rows to the saved run")
+    p.add_argument("--eet-transfer", type=float, nargs="*", default=[0.6],
+                   help="eet: the FLOPs shares at which to train the teacher transfer too")
+    p.add_argument("--eet-loss", default="tokens+cls+rank", help="eet: the transfer's loss (recover/features.py)")
+    p.add_argument("--train-views", type=int, default=8, help="structure/weights: views per source to calibrate and "
+                   "train on (seed + 1: not the evaluated views)")
+    p.add_argument("--calib-images", type=int, default=64, help="structure/weights: calibration images")
+    p.add_argument("--steps", type=int, default=300, help="structure: distillation steps (0: training-free only)")
+    p.add_argument("--minutes", type=float, default=12.0, help="structure: training time limit per recovered row")
+    p.add_argument("--recover", nargs="+", metavar="NAME", help="structure: recover only these rows (default: all)")
+    p.add_argument("--holdout", action="store_true", help="structure: calibrate and train on the even-numbered "
+                   "sources only and also score the odd ones alone (images training never saw); eet always does")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--loss", default="tokens+cls")
     args = p.parse_args(argv)
     result = run(args)
     if args.part != "quality":

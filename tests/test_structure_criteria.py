@@ -75,9 +75,12 @@ def test_gradient_criteria_clear_errors(calib):
     with pytest.raises(ValueError, match="sequential=False"):
         trimformer.prune_(tiny("llama"), trimformer.build("width", {"importance": "taylor", "sequential": True}),
                           calibration=calib, progress=False)
-    with pytest.raises(ValueError, match="causal LM with a head"):
-        trimformer.prune_(tiny("bert"), trimformer.build("width", {"importance": "fisher"}), calibration=calib,
+    with pytest.raises(ValueError, match="zero mean gradient.*fisher"):  # an encoder: feature-level, Fisher only
+        trimformer.prune_(tiny("bert"), trimformer.build("width", {"importance": "taylor"}), calibration=calib,
                           progress=False)
+    bert = tiny("bert")
+    trimformer.prune_(bert, trimformer.build("width", {"importance": "fisher"}), calibration=calib, progress=False)
+    assert anatomy_of(bert).blocks[0].mlp.intermediate_size < 128
 
 
 def test_spectral_ignores_an_isolated_tail_column_that_magnitude_keeps():

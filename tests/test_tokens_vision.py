@@ -10,7 +10,7 @@ import torch
 
 from trimformer import tokens
 
-METHODS = ["zero-tprune", "merge", "transform", "acc", "coverage"]
+METHODS = ["zero-tprune", "merge", "transform", "acc", "coverage", "eet"]
 L = 4  # blocks in the fixtures
 
 
@@ -120,3 +120,35 @@ def test_model_left_as_found(dinov2):
         with tokens.prune(dinov2, "zero-tprune", keep=0.3, recover=L):
             outs.append(last_hidden(dinov2, px))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_eet_prunes_at_its_stage_boundaries_only(dinov2):
+    with tokens.prune(dinov2, "eet", keep=0.25, stages=[1, 3]) as s:
+        last_hidden(dinov2, pixels(2))
+    assert s.counts == [[65, 65], [33, 33], [33, 33], [17, 17]]  # 65 * 0.25 ** (1/2), then 65 * 0.25
+    m = tokens.build("eet", {"flops": 0.6})
+    m.check(12)
+    assert m.boundaries(12) == [3, 6, 9]
+    assert sum(m.fraction(i, 12) for i in range(12)) / 12 == pytest.approx(0.6, abs=1e-6)
+    with pytest.raises(ValueError, match="stages"):
+        tokens.build("eet", {"stages": [3, 2]})
+
+
+def test_eet_scores_feature_response_and_cls_attention():
+    from trimformer.tokens.base import Context
+
+    B, T, h, D = 1, 9, 2, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, h * D, generator=g)
+    x[0, [2, 5]] *= 50  # two strongly responding patches
+    k = torch.randn(B, h, T, D, generator=g)
+    q = torch.zeros(B, h, T, D)
+    q[0, :, 0] = 10 * k[0, :, 7]  # [CLS] attends to patch 7
+    ctx = Context(block=1, x=x, q=q, k=k, valid=torch.ones(B, T, dtype=torch.bool),
+                  protected=torch.zeros(B, T, dtype=torch.bool), sizes=torch.ones(B, T), target=torch.tensor([3]),
+                  causal=False)
+    ctx.flops = 0.0  # (the engine adds it to every context)
+    by_response = tokens.build("eet", {"response": 100.0}).score(ctx)
+    assert set(by_response[0].topk(2).indices.tolist()) == {2, 5}
+    by_attention = tokens.build("eet", {"response": 0.0}).score(ctx)
+    assert by_attention[0, 1:].argmax().item() + 1 == 7

@@ -277,9 +277,37 @@ def for_block(kw: dict[str, Any], block: Block) -> dict[str, Any]:
     return kinds.get(block.kind, kw) if kinds else kw
 
 
+def is_images(batch: torch.Tensor) -> bool:
+    """True for pixel values (n, 3, H, W) (floating point), False for token windows (n, T) (integers)."""
+    return batch.is_floating_point() and batch.dim() == 4
+
+
+def model_inputs(anatomy: Anatomy, batch: torch.Tensor) -> dict[str, Any]:
+    """The forward's keyword arguments for a calibration batch: token windows (n, T) or images (n, 3, H, W)."""
+    if is_images(batch):
+        if anatomy.family not in ("vit", "dinov2"):
+            raise ValueError(f"calibration images (n, 3, H, W) given to a {anatomy.family} model; it reads token "
+                             "windows (n, length)")
+        return {"pixel_values": batch}
+    if batch.is_floating_point() or batch.dim() != 2:
+        raise ValueError(f"calibration must be token windows (n, length) of integers or images (n, 3, H, W), got "
+                         f"{batch.dtype} of shape {tuple(batch.shape)}")
+    if anatomy.family in ("vit", "dinov2"):
+        raise ValueError(f"{anatomy.family} reads images: calibrate it with pixel values (n, 3, H, W), e.g. "
+                         "trimformer.data.images.retrieval_views(...)[0]")
+    return {"input_ids": batch, "use_cache": False} if anatomy.causal else {"input_ids": batch}
+
+
+def tokens_per_input(anatomy: Anatomy, windows: torch.Tensor) -> int:
+    """Sequence length block 0 sees for one calibration input (patches + [CLS] for images)."""
+    inputs, _ = capture_inputs(anatomy, windows[:1])
+    return int(inputs[0].shape[1])
+
+
 @torch.no_grad()
 def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1, store: Any = list) -> tuple[list, list]:
-    """Inputs (hidden states, keyword arguments) of block 0 for each calibration batch; `store()` makes the list
+    """Inputs (hidden states, keyword arguments) of block 0 for each calibration batch (token windows, or pixel
+    values for a ViT: `model_inputs`); `store()` makes the list
     the hidden states go to (models.offload.activations for one that spills to disk).
 
     When blocks differ in kind, the forward runs on to the first block of each kind to record its arguments too
@@ -314,10 +342,7 @@ def capture_inputs(anatomy: Anatomy, windows: torch.Tensor, batch_size: int = 1,
             for i in range(0, windows.shape[0], batch_size):
                 batch = windows[i : i + batch_size].to(device)
                 try:
-                    if anatomy.causal:
-                        model(input_ids=batch, use_cache=False)
-                    else:
-                        model(input_ids=batch)
+                    model(**model_inputs(anatomy, batch))
                 except _Stop:
                     pass
     finally:

@@ -28,7 +28,7 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 @dataclass
 class StepContext:
-    """calibration: token windows (n, length) or None. filter_fn(module, name) -> bool: only modules it accepts
+    """calibration: token windows (n, length), images (n, 3, H, W) for a ViT, or None. filter_fn(module, name) -> bool: only modules it accepts
     are pruned (each family says what a module is for it: projections for weights, a block's output projections
     for width, blocks for depth). dense: the model as it was before the recipe's first step (set by the pipeline
     for steps with `needs_dense`)."""
@@ -48,7 +48,8 @@ class StepContext:
     def require_calibration(self, what: str) -> torch.Tensor:
         """The calibration windows, or a clear error naming the step that needs them."""
         if self.calibration is None:
-            raise ValueError(f"{what} needs calibration windows (token ids of shape (n, length))")
+            raise ValueError(f"{what} needs calibration data (token ids of shape (n, length); images (n, 3, H, W) "
+                             "for a ViT)")
         return self.calibration
 
     def accepts(self, module: nn.Module, name: str) -> bool:

@@ -37,15 +37,18 @@ def save_pretrained(
     extra_files: dict[str, Any] | None = None,
     overwrite: bool = False,
     edit_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    original_format: bool = True,
 ) -> Path:
     """Save `model` as safetensors + config that vanilla `transformers` reloads.
 
     `extra_files`: name -> dict (written as JSON) or str (written as text), e.g. the report
     and the recipe that produced the model. `edit_config` maps the written config.json dict to the
-    one to keep, inside the same atomic write.
+    one to keep, inside the same atomic write. `original_format`: tensors under the family's checkpoint names
+    (transformers renames some on load, e.g. DINOv2's attention.attention.query -> attention.q_proj); False keeps
+    the module names, which a model class from custom code (auto_map) needs: transformers converts no names for it.
     """
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, save_original_format=original_format)
         add_legacy_fields(tmp / "config.json")
         if edit_config is not None:
             path = tmp / "config.json"

@@ -131,7 +131,7 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None, ove
         files[MODELING_FILE] = source(base)
     try:
         return save_pretrained(model, out, tokenizer=tokenizer, extra_files=files, overwrite=overwrite,
-                               edit_config=edit)
+                               edit_config=edit, original_format=not any(diff.values()))
     finally:
         for key in ("trimformer_shapes", "trimformer_attrs", "trimformer_removed", "auto_map"):
             if hasattr(cfg, key):

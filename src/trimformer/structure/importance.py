@@ -47,9 +47,11 @@ class InputStats:
         self.H = H if self.H is None else self.H + H
         self.n += X.shape[0]
 
-    def add_grad(self, X: torch.Tensor, G: torch.Tensor) -> None:
-        """Add inputs X and the gradient G of a loss with respect to them (both (..., in))."""
-        P = (X.reshape(-1, X.shape[-1]).float() * G.reshape(-1, G.shape[-1]).float())  # (tokens, in)
+    def add_grad(self, X: torch.Tensor, G: torch.Tensor, per_input: bool = False) -> None:
+        """Add inputs X and the gradient G of a loss with respect to them (both (..., in)). per_input: X, G are
+        (B, T, in) and a group's mask is one per input (its gradient sums over the T tokens), not one per token."""
+        P = X.float() * G.float()  # (..., in): each column's share of its mask gradient
+        P = P.sum(1) if per_input else P.reshape(-1, P.shape[-1])  # (B, in) or (tokens, in)
         with torch.autocast(P.device.type, enabled=False):
             t, F = P.sum(0).double(), (P.t() @ P).double()
         self.t = t if self.t is None else self.t + t

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .. import calibrate
-from ..io import atomic_file
 from ..evaluate.speed import fastest
+from ..io import atomic_file
 from ..models import Anatomy, Attention, Block
 from ..progress import bar
 from . import surgery

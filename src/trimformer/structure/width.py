@@ -9,6 +9,7 @@ error per removed parameter is smallest; `"uniform"` removes the same share ever
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +18,8 @@ import torch
 
 from .. import calibrate
 from ..calibrate import BlockCalib
-from ..models import Anatomy, Block, Proj, count_parameters
+from ..models import Anatomy, Block, Proj, anatomy_of, count_parameters
+from ..models.dinov2 import fold_layer_scale_
 from ..progress import bar
 from ..steps import StepContext
 from . import STRUCTURE, surgery
@@ -56,6 +58,12 @@ class Width(StructurePruner):
     measured (FFN only: every block's FFN cut alone to each share of `shares`, with the re-fit, scored by
     the model's KL to dense on probe_windows x probe_length calibration tokens; a MIP picks one width
     per block under the target, as `search` does). multiple_of: kept FFN widths are rounded up to a multiple of it.
+    attention_flops: with target flops=R, also count the attention scores and their weighted sum (2 T head_dim
+      multiply-adds per head and token, T the calibration inputs' length) in the total and in each head's cost;
+      off, flops are the projections' only. For a ViT (T = 257 at 224 px) a head then costs a third more.
+    rounds: cut in this many steps, 1 - (1 - R) r / rounds of the original kept after step r, the importance measured
+      again on the model as cut so far (NViT prunes step by step: a one-shot score misses that a unit matters more
+      once its neighbours are gone, and a global allocation then over-cuts some blocks).
     compensate: re-fit the output projections by least squares after removal.
     sequential: re-measure each block's inputs after cutting the blocks before it (one more pass; slower).
     asymmetric: with sequential, re-fit so that each block's output matches the *dense* model's block output (carried
@@ -68,6 +76,8 @@ class Width(StructurePruner):
     importance: Criterion = "hessian"
     allocation: Literal["uniform", "global", "measured"] = "uniform"
     multiple_of: int = 1
+    attention_flops: bool = False
+    rounds: int = 1
     compensate: bool = True
     sequential: bool = False
     asymmetric: bool = False
@@ -79,6 +89,7 @@ class Width(StructurePruner):
     precision: Precision = "fp32"
 
     budgets = ("params", "flops")
+    _tokens = 0  # tokens per calibration input, when attention_flops counts attention (set by prune)
     filter_on = ("attn.o", "mlp.down")
 
     def __post_init__(self) -> None:
@@ -93,6 +104,10 @@ class Width(StructurePruner):
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
         if self.asymmetric and not (self.sequential and self.compensate):
             raise ValueError("asymmetric re-fits to the dense outputs block by block: set sequential=True and compensate=True")
+        if self.rounds < 1 or (self.rounds > 1 and self.allocation == "measured"):
+            raise ValueError(f"rounds={self.rounds}: a count >= 1, and 1 with allocation='measured'")
+        if self.attention_flops and self.target is not None and self.target.kind != "flops":
+            raise ValueError(f"attention_flops counts attention in a FLOPs budget; the target is {self.target}")
         if self.importance in NEEDS_GRAD and self.sequential:
             raise ValueError(f"importance {self.importance!r} is collected in one dense pass: set sequential=False")
 
@@ -106,7 +121,20 @@ class Width(StructurePruner):
         neuron = [neuron_params(b.mlp) if b.mlp else 0.0 for b in anatomy.blocks]
         slot = [head_slot_params(b.attention) if b.attention else 0.0 for b in anatomy.blocks]
         total = count_parameters(anatomy.model) if self.budget.kind == "params" else matmul_params(anatomy)
+        if self.attention_flops:
+            per_head = [attention_per_head(b, self._tokens) for b in anatomy.blocks]  # (multiply-adds per token)
+            slot = [c + h * head_unit(b.attention) if b.attention else c
+                    for c, h, b in zip(slot, per_head, anatomy.blocks)]
+            total += sum(h * b.attention.num_heads for h, b in zip(per_head, anatomy.blocks) if b.attention)
         return total * (1.0 - self.budget.keep), neuron, slot
+
+    def flops_share(self, anatomy: Anatomy, before: float) -> float:
+        """The FLOPs kept, attention counted as the allocation counts it (after a cut; `before`: total before)."""
+        return self._flops(anatomy) / before
+
+    def _flops(self, anatomy: Anatomy) -> float:
+        return matmul_params(anatomy) + sum(attention_per_head(b, self._tokens) * b.attention.num_heads
+                                            for b in anatomy.blocks if b.attention)
 
     def plan(self, anatomy: Anatomy, block_scores: list[dict[str, torch.Tensor]] | None = None,
              scope: Scope | None = None) -> Plan:
@@ -272,7 +300,9 @@ class Width(StructurePruner):
         The loss of block i: next-token cross-entropy of its output read through the final norm and the
         head (the logit lens); the backward goes through that block and the head only, never the model."""
         an = anatomy
-        if an.head is None or not an.causal:
+        if not an.causal:
+            return self._feature_gradient_statistics(an, calibration, batch_size, progress)
+        if an.head is None:
             raise ValueError(f"importance {self.importance!r} needs a causal LM with a head (its block-local loss)")
         inputs, kwargs = calibrate.capture_inputs(an, calibration, batch_size)
         labels = [calibration[i: i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
@@ -318,8 +348,84 @@ class Width(StructurePruner):
                 p.requires_grad_(True)
         return out
 
+    def _feature_gradient_statistics(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int,
+                                     progress: bool) -> list[dict]:
+        """Encoders (no next token to predict): NViT-style global importance from the model's output features.
+
+        The loss is r . f(x), f the final-norm output of every token and r ~ N(0, I) drawn anew for each
+        input (seeded). A group's mask gradient m_g = sum over tokens of x_g . dL/dx_g (one per input) then has
+        E_r[m_g^2] = ||J_g||^2, J_g the change of f when the group is removed (to first order): `fisher` sums
+        m_g^2 over inputs, the Gauss-Newton estimate of the squared feature error, in one unit for every head
+        and neuron of every block (whole-model backward: an encoder's features depend on all of it). `taylor`
+        has no signal here (E_r[m_g] = 0) and is refused."""
+        if self.importance != "fisher":
+            raise ValueError(f"importance {self.importance!r} on an encoder: its loss (a random projection of the "
+                             "output features) has a zero mean gradient; use importance=fisher (or hessian)")
+        an = anatomy
+        outs = [self._outputs(b) for b in an.blocks]
+        stats = [{k: InputStats() for k in o} for o in outs]
+        seen: dict[tuple[int, str], torch.Tensor] = {}
+
+        def keep(i: int, k: str, _m, a, _o) -> None:
+            a[0].retain_grad()
+            seen[i, k] = a[0]
+
+        hooks = [p.module.register_forward_hook(lambda m, a, o, i=i, k=k: keep(i, k, m, a, o))
+                 for i, o in enumerate(outs) for k, p in o.items()]
+        hooks.append(an.embed.register_forward_hook(lambda _m, _a, o: o.requires_grad_()))  # (weights are frozen)
+        params = [p for p in an.model.parameters() if p.requires_grad]
+        g = torch.Generator().manual_seed(0)
+        device = next(an.model.parameters()).device
+        try:
+            for p in params:  # activations' gradients only
+                p.requires_grad_(False)
+            for i in bar(range(0, calibration.shape[0], batch_size), desc="width: feature gradients", unit="batch",
+                         disable=not progress):
+                batch = calibration[i: i + batch_size].to(device)
+                with torch.enable_grad():
+                    f = an.model(**calibrate.model_inputs(an, batch)).last_hidden_state.float()  # (B, T, d)
+                    r = torch.randn(f.shape, generator=g).to(device)
+                    (f * r).sum().backward()
+                for (b, k), a in seen.items():
+                    X = a.detach()  # (B, T, in)
+                    stats[b][k].add(X)
+                    stats[b][k].add_grad(X, a.grad, per_input=True)
+                seen.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+            for p in params:
+                p.requires_grad_(True)
+        return stats
+
+    def _total(self, anatomy: Anatomy) -> float:
+        if self.budget.kind == "params":
+            return count_parameters(anatomy.model)
+        return self._flops(anatomy) if self.attention_flops else matmul_params(anatomy)
+
+    def _in_rounds(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
+        """`rounds` cuts, each to its share of the original under the same budget kind, scored afresh."""
+        model, kind, keep = anatomy.model, self.budget.kind, self.budget.keep
+        first = self._total(anatomy)
+        out: dict[str, Any] = {}
+        for r in range(1, self.rounds + 1):
+            an = anatomy_of(model)
+            share = (1 - (1 - keep) * r / self.rounds) * first / self._total(an)
+            step = dataclasses.replace(self, target=Budget(kind, min(1.0, share)), rounds=1)
+            out = step.prune(an, run, scope)
+        if self.attention_flops:
+            out["spent"] = self._total(anatomy_of(model)) / first
+        return {**out, "rounds": self.rounds}
+
     def prune(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
         calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
+        if any(b.scales for b in anatomy.blocks):  # layer scales into o / down (exact): refits and scores then
+            fold_layer_scale_(anatomy)              # see the residual branch itself
+        if self.attention_flops:
+            self._tokens = calibrate.tokens_per_input(anatomy, run.require_calibration(self.name))
+            before = self._flops(anatomy)
+        if self.rounds > 1:
+            return self._in_rounds(anatomy, run, scope)
         data = self.needs_calibration
         collect = self._gradient_statistics if self.importance in NEEDS_GRAD else self._statistics
         stats = collect(anatomy, calibration, batch_size, progress) if data else [{} for _ in anatomy.blocks]
@@ -339,7 +445,15 @@ class Width(StructurePruner):
             for b, st in bar(list(zip(anatomy.blocks, stats)), desc="width: pruning", unit="block", disable=not progress):
                 self._cut_heads(b, plan.head_units[b.index], st.get("heads"))
                 self._cut_ffn(b, plan.ffn[b.index], st.get("ffn"))
-        return {"ffn": plan.ffn, "head_units": plan.head_units}
+        out: dict[str, Any] = {"ffn": plan.ffn, "head_units": plan.head_units}
+        if self.attention_flops:
+            out.update(spent=self.flops_share(anatomy, before), attention_tokens=self._tokens)
+        return out
+
+
+def attention_per_head(block: Block, tokens: int) -> float:
+    """Multiply-adds per token of one head's scores and weighted sum over `tokens` keys: 2 T head_dim."""
+    return 2.0 * tokens * block.attention.head_dim if block.attention is not None else 0.0
 
 
 def _neuron_groups(n: int) -> list[torch.Tensor]:

@@ -4,7 +4,7 @@
         out = model(**batch)
     session.counts, session.flops()
 
-Methods: zero-tprune, merge (ToMe), transform (many-to-many Token Transforming), acc (latency
+Methods: zero-tprune, merge (ToMe), transform (many-to-many Token Transforming), eet (stage by stage), acc (latency
 target), lazy (LLM prefill; `revive=True` revives pruned tokens while decoding). Every method also
 takes `keep` (share of each row's tokens reaching the last block; geometric from block `start`),
 `schedule` (share at every block instead), `flops` (a share of dense block FLOPs; solves `keep`),
@@ -27,7 +27,7 @@ from ..registry import Registry
 TOKENS: Registry = Registry("token")
 
 # Explicit imports fill the registry (no discovery).
-from . import acc, coverage, lazy, merge, transform, zero_tprune  # noqa: E402,F401
+from . import acc, coverage, eet, lazy, merge, transform, zero_tprune  # noqa: E402,F401
 from .base import Context, Plan, TokenPruner  # noqa: E402
 from .engine import TokenSession, attach  # noqa: E402
 
