@@ -26,7 +26,15 @@ from . import STRUCTURE, surgery
 from .base import Precision, Scope, StructurePruner
 from .budget import Budget, BudgetError, Candidate, cached_library, choose, library_key
 from .importance import Criterion, least_squares, output_error_stats
-from .options import Option, head_key, latency_table, option_params, options, saved_latency_table, score_library
+from .options import (
+    Option,
+    head_key,
+    latency_table,
+    option_params,
+    options,
+    saved_latency_table,
+    score_library,
+)
 from .probe import Probe
 
 Counts = Literal["auto", "none"] | list[int] | int  # an int: one count (YAML `kv_groups: 1`)
