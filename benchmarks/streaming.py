@@ -223,6 +223,10 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in r.items() if k != "said"}), flush=True)
         rows.append(r)
     dest = Path(args.out)
+    # the cases run now replace their earlier rows; the others' rows are kept (a run of one case adds to the table)
+    done = {r["case"] for r in rows}
+    old = json.loads(dest.with_suffix(".json").read_text()) if dest.with_suffix(".json").exists() else []
+    rows = [r for r in old if r.get("case") not in done] + rows
     write_results(dest, rows, table(rows, args))
     print(table(rows, args))
 
@@ -235,6 +239,10 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         if "skipped" in r or "error" in r:
             out.append(f"| {r['case']} | | | | {r.get('skipped') or r.get('error')} | | | | |")
+            continue
+        if r.get("partial"):
+            out.append(f"| {r['case']} | | | | stopped after {r['stopped_after_s']} s: {r['peak_rss_so_far'] / GB:.2f} GB so far "
+                       f"| | | | {r.get('note', '')} |")
             continue
         v = r.get("verify", {})
         check = (f"{v['layers']} layers, {v['min']:.4f}-{v['max']:.4f}{' (exactly 0.5)' if v.get('exact') else ''}, "
