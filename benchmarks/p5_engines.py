@@ -5,7 +5,8 @@
 For each cut (dense; width params=0.8; depth remove=6 fused; FinerCut compute=0.2 fused; search latency=0.8 and 0.6
 restricted to what llama.cpp serves (--engine llamacpp), FinerCut and search with small settings, see CUTS), in order,
 each stage skipped when its output is already in WORK, every heavy stage under `flock /work/heavy.lock` (the machine
-is shared; do not run this script itself under the lock, it takes it stage by stage):
+is shared; either let the script take the lock stage by stage, or hold it for the whole run with P5_LOCK_HELD=1, see
+heavy()):
   1. prune with `trimformer prune ... --no-eval` (16 calibration windows instead of P1's 64, to fit the time);
   2. `engines_prepare.py`: the GGUF (f32, plus q8_0 for the cuts in --q8), the doc evaluation windows and our
      PyTorch model's log-probabilities on them, parameters and FLOPs;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +57,10 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def heavy(cmd: list[str]) -> list[str]:
-    """`cmd` under the machine's heavy lock (exclusive; waits while another run holds it)."""
-    return ["flock", LOCK, *cmd]
+    """`cmd` under the machine's heavy lock (exclusive; waits while another run holds it), unless this whole script
+    already runs under it (`flock /work/heavy.lock env P5_LOCK_HELD=1 python benchmarks/p5_engines.py ...`: one hold
+    for every stage, rather than a wait before each)."""
+    return cmd if os.environ.get("P5_LOCK_HELD") == "1" else ["flock", LOCK, *cmd]
 
 
 def prune(work: Path, name: str, reuse: dict[str, str]) -> str:
