@@ -130,7 +130,7 @@ def within(speedup: float, ideal: float, tol: float) -> str:
 def table(res: dict) -> str:
     cuts = {k: v for k, v in res["cuts"].items() if v}
     lines = ["# P5 serving: smollm2-135m cuts in stock llama.cpp and vLLM CPU", "",
-             f"Made by: `{res['command']}`", "",
+             f"Made by: `{res['command']}`. How it ran, what the figures say and what is left: p5_engines_notes.md.", "",
              "Agreement and KL: teacher-forced on the first 4 doc evaluation windows (512 tokens), the engine's logits "
              "against trimformer's PyTorch model of the same checkpoint (f32); kl_doc: the cut's own cost, "
              "KL(dense || cut) of the PyTorch models on the same windows. params and FLOPs ratios: ours (FLOPs per token "
@@ -188,7 +188,29 @@ def table(res: dict) -> str:
                 cols = "- | - | - | - | - | - | -"
             lines.append(f"| {c} | {v['top1_agree']:.4f} | {v['mean_abs_dlogprob_true']:.2e} | "
                          f"{' '.join(f'({a},{b})' for a, b in shapes) if isinstance(shapes, list) else shapes} | {cols} |")
+    lines += ["", "## Targets", "", *targets(res)]
     return "\n".join(lines) + "\n"
+
+
+def targets(res: dict) -> list[str]:
+    """One line per engine and target: which cuts meet it and which miss it (slower or faster than the ideal)."""
+    out = []
+    for t in res["speed"]:
+        for key, ideal, tol, name in (("prefill_speedup", "flops_ratio", 0.15, "prefill within 15 % of 1/FLOPs"),
+                                      ("decode_speedup", "params_ratio", 0.10, "decode within 10 % of 1/params")):
+            got = [(f"{r['cut']} {r['gguf']}", within(r["speed"][t][key], 1 / r[ideal], tol)) for r in res["rows"]
+                   if r["cut"] != "dense" and t in r["speed"]]
+            out.append(f"- llama.cpp {t} thread(s), {name}: met by "
+                       + (", ".join(f"{c} {g[4:]}" for c, g in got if g.startswith("met")) or "none") + "; missed by "
+                       + (", ".join(f"{c} {g[7:]}" for c, g in got if g.startswith("missed")) or "none") + ".")
+    v0 = res.get("vllm", {}).get("dense", {}).get("speed")
+    if v0:
+        got = [(c, within(v["speed"]["throughput_tok_s"] / v0["throughput_tok_s"], 1 / v["flops_ratio"], 0.15))
+               for c, v in res["vllm"].items() if c != "dense" and v.get("speed")]
+        out.append("- vLLM CPU, throughput at batch 8 within 15 % of 1/FLOPs: met by "
+                   + (", ".join(f"{c} {g[4:]}" for c, g in got if g.startswith("met")) or "none") + "; missed by "
+                   + (", ".join(f"{c} {g[7:]}" for c, g in got if g.startswith("missed")) or "none") + ".")
+    return out
 
 
 def plot(res: dict, path: Path) -> None:
@@ -252,7 +274,13 @@ def main() -> None:
     p.add_argument("--reuse", default="", help="NAME=DIR,...: a cut already pruned elsewhere (e.g. width=/work/runs/w)")
     p.add_argument("--reuse-note", default="", help="NAME=TEXT,...: how a reused cut was made (for the table)")
     p.add_argument("--stop-after-agree", action="store_true", help="prune, export and llama.cpp agreement only")
+    p.add_argument("--render", action="store_true", help="only re-write the .md and .png from the existing .json")
     a = p.parse_args()
+    if a.render:
+        res = json.loads((RESULTS / "p5_engines.json").read_text())
+        (RESULTS / "p5_engines.md").write_text(table(res))
+        plot(res, RESULTS / "p5_engines.png")
+        return
     reuse = dict(kv.split("=", 1) for kv in filter(None, a.reuse.split(",")))
     reuse_note = dict(kv.split("=", 1) for kv in filter(None, a.reuse_note.split(",")))
     work = Path(a.work)
