@@ -32,7 +32,7 @@ from ..config import settings as settings_of
 from ..models import anatomy_of
 from ..progress import bar
 from ..tokens import TokenPruner, prune
-from .loop import SCHEDULE_ALIASES, NonFiniteLossError, Schedule, TimeLimit, train_
+from .loop import SCHEDULE_ALIASES, NonFiniteLossError, Schedule, TimeLimit, loss_terms, train_
 
 TERMS = ("tokens", "cls", "mean", "rank")
 
@@ -64,11 +64,7 @@ class FeatureDistillConfig(Config):
 
     @property
     def terms(self) -> tuple[str, ...]:
-        terms = tuple(t.strip() for t in self.loss.split("+") if t.strip())
-        bad = [t for t in terms if t not in TERMS]
-        if not terms or bad:
-            raise ValueError(f"loss {self.loss!r}: use '+'-joined terms from {', '.join(TERMS)} (e.g. 'tokens+cls')")
-        return terms
+        return loss_terms(self.loss, TERMS, "tokens+cls")
 
     @property
     def learning_rate(self) -> float:

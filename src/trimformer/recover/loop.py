@@ -206,3 +206,12 @@ class TimeLimit(Callback):
             run.stop(f"time limit of {self.minutes:g} min reached after {run.step - self.first} steps")
             return
         run.set_lr(max(run.step, int(used * run.schedule.steps)))
+
+
+def loss_terms(loss: str, allowed: tuple[str, ...], example: str) -> tuple[str, ...]:
+    """The '+'-joined terms of a loss spec ('cos+sim'), each one of `allowed`; a clear error otherwise."""
+    terms = tuple(t.strip() for t in loss.split("+") if t.strip())
+    bad = [t for t in terms if t not in allowed]
+    if not terms or bad:
+        raise ValueError(f"loss {loss!r}: use '+'-joined terms from {', '.join(allowed)} (e.g. '{example}')")
+    return terms

@@ -33,7 +33,7 @@ from ..models import anatomy_of
 from ..progress import bar
 from ..tokens import TokenPruner, build, prune
 from . import lora as lora_mod
-from .loop import SCHEDULE_ALIASES, NonFiniteLossError, Schedule, TimeLimit, train_
+from .loop import SCHEDULE_ALIASES, NonFiniteLossError, Schedule, TimeLimit, loss_terms, train_
 
 TERMS = ("cos", "mse", "sim", "rank")
 
@@ -69,11 +69,7 @@ class DistillConfig(Config):
 
     @property
     def terms(self) -> tuple[str, ...]:
-        terms = tuple(t.strip() for t in self.loss.split("+") if t.strip())
-        bad = [t for t in terms if t not in TERMS]
-        if not terms or bad:
-            raise ValueError(f"loss {self.loss!r}: use '+'-joined terms from {', '.join(TERMS)} (e.g. 'cos+sim')")
-        return terms
+        return loss_terms(self.loss, TERMS, "cos+sim")
 
     @property
     def learning_rate(self) -> float:

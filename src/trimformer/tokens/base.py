@@ -78,6 +78,16 @@ class Plan:
     weights: torch.Tensor | None = None
 
 
+def bisect_keep(mean_share, flops: float) -> float:
+    """The smallest keep in [1e-3, 1] (to 40 halvings) whose mean token share, `mean_share(keep)` (increasing in
+    keep), reaches `flops`; the caller has checked that 1e-3 does not already exceed it."""
+    lo, hi = 1e-3, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_share(mid) < flops else (lo, mid)
+    return hi
+
+
 @dataclass
 class TokenPruner(Config):
     """Base config. `keep`: share of each row's tokens that reaches the last block; blocks from `start`
@@ -148,11 +158,7 @@ class TokenPruner(Config):
         if self.start >= min(end, num_blocks) or mean_share(1e-3) > flops:
             raise ValueError(f"{name}: flops={flops} is out of reach with start={self.start}, recover={self.recover} "
                              f"on {num_blocks} blocks (at least {mean_share(1e-3):.2f}); start earlier")
-        lo, hi = 1e-3, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if mean_share(mid) < flops else (lo, mid)
-        return hi
+        return bisect_keep(mean_share, flops)
 
     def fraction(self, block: int, num_blocks: int) -> float:
         """Share of the original tokens at the input of `block`."""

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from . import TOKENS
-from .base import Context, TokenPruner
+from .base import Context, TokenPruner, bisect_keep
 
 
 @TOKENS.register("eet")
@@ -71,11 +71,7 @@ class EET(TokenPruner):
             if mean_share(1e-3) > flops:
                 raise ValueError(f"eet: flops={flops} is out of reach with stages={self.boundaries(num_blocks)} on {num_blocks} "
                                  f"blocks (at least {mean_share(1e-3):.2f}); start the stages earlier")
-            lo, hi = 1e-3, 1.0
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if mean_share(mid) < flops else (lo, mid)
-            return hi
+            return bisect_keep(mean_share, flops)
         finally:
             self.keep = kept
 
