@@ -47,7 +47,7 @@ def _layouts(groups: list[list[tuple[Unit, str]]]) -> list[tuple[Layout, dict[st
         layout: Layout = {}
         where: dict[str, tuple[Unit, str]] = {}
         for u, path in group:
-            for local, p in offload._params(u):
+            for local, p in offload.unit_params(u):
                 key = u.key(local, path)
                 if key in seen:
                     continue

@@ -57,7 +57,7 @@ class Unit:
 
     @property
     def loaded(self) -> bool:
-        return any(not p.is_meta for _, p in _params(self))
+        return any(not p.is_meta for _, p in unit_params(self))
 
     def key(self, local: str, path: str | None = None) -> str:
         """The checkpoint key a parameter is written under, the unit being at module `path` now: its source key
@@ -66,7 +66,8 @@ class Unit:
         return self.keys[local] if path == self.path and local in self.keys else f"{path}.{local}"
 
 
-def _params(unit: Unit) -> Iterator[tuple[str, nn.Parameter]]:
+def unit_params(unit: Unit) -> Iterator[tuple[str, nn.Parameter]]:
+    """(local name, parameter) of a unit: a block's whole module, else only the module's own parameters."""
     if unit.is_block:
         yield from unit.module.named_parameters(remove_duplicate=False)
     else:
@@ -102,7 +103,7 @@ class Offload:
     @torch.no_grad()
     def load(self, unit: Unit) -> None:
         """Materialise every parameter of `unit` on the device, in its placeholder's dtype."""
-        for local, meta in list(_params(unit)):
+        for local, meta in list(unit_params(unit)):
             if not meta.is_meta:
                 continue
             entry = unit.saved[local] if unit.saved is not None else self.entries[unit.keys[local]]
@@ -115,7 +116,7 @@ class Offload:
 
     def release(self, unit: Unit) -> None:
         """Drop the unit's tensors: meta placeholders of their current shapes take their place."""
-        for local, p in list(_params(unit)):
+        for local, p in list(unit_params(unit)):
             if not p.is_meta:
                 _set(unit.module, local, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
         unit.by_forward = False
@@ -126,10 +127,10 @@ class Offload:
         the others wait, then read it too)."""
         path = self.scratch / f".unit-{self.units.index(unit):05d}.safetensors"
         where = self.paths().get(id(unit.module), unit.path)
-        local_of = {unit.key(local, where): local for local, _ in _params(unit)}
+        local_of = {unit.key(local, where): local for local, _ in unit_params(unit)}
         if parallel.is_main():
             tmp = path.with_name(path.name + ".tmp")
-            shards.write(tmp, {k: p for k, (_, p) in zip(local_of, _params(unit))})
+            shards.write(tmp, {k: p for k, (_, p) in zip(local_of, unit_params(unit))})
             os.replace(tmp, path)
         parallel.barrier()
         self.point(unit, path, local_of)
@@ -159,7 +160,7 @@ class Offload:
                 self.release(u)
 
     def resident_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for u in self.units for _, p in _params(u) if not p.is_meta)
+        return sum(p.numel() * p.element_size() for u in self.units for _, p in unit_params(u) if not p.is_meta)
 
 
 def offload_of(model: nn.Module) -> Offload | None:
