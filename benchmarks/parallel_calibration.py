@@ -26,7 +26,8 @@ from common import RESULTS, write_results  # benchmarks/ is on sys.path when run
 
 def prune(out: Path, procs: int, threads: int, args: argparse.Namespace) -> dict:
     cmd = ["-m", "trimformer", "prune", "--model", args.model, "--method", args.method, "--sparsity", "0.5",
-           "--calib-windows", str(args.windows), "--no-eval", "--quiet", "--out", str(out)]
+           "--calib-windows", str(args.windows), "--no-eval", "--quiet", "--out", str(out),
+           "--set", f"precision={args.precision}"]
     argv = [sys.executable, *cmd] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -66,6 +67,9 @@ def main() -> None:
     p.add_argument("--method", default="sparsegpt", choices=["wanda", "sparsegpt", "magnitude"])
     p.add_argument("--windows", type=int, default=64, help="calibration windows of 512 tokens")
     p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="dtype of the calibration forwards (auto: bf16 where the CPU multiplies it natively); fp32 "
+                        "tells rounding in the bf16 forwards apart from the order the statistics are summed in")
     p.add_argument("--cores", type=int, default=2, help="threads of the one process; each of N gets cores / N")
     p.add_argument("--out", default=str(RESULTS / "parallel_calibration"), help="results: OUT.json and OUT.md")
     args = p.parse_args()
@@ -79,10 +83,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = {"model": args.model, "method": args.method, "windows": args.windows, "cores": args.cores,
+           "precision": args.precision,
            "runs": [one, many], "wall_ratio": many["wall_s"] / one["wall_s"],
            "step_ratio": many["step_s"] / one["step_s"], **same}
     lines = [f"# Data-parallel calibration: {args.procs} processes vs 1 on {args.cores} cores "
-             f"({args.model}, {args.method} 50 %, {args.windows} windows x 512 tokens, CPU, gloo)", "",
+             f"({args.model}, {args.method} 50 %, {args.windows} windows x 512 tokens, precision {args.precision}, CPU, "
+             "gloo)", "",
              "| processes | threads each | wall s | pruning step s | load avg before | command |",
              "| ---: | ---: | ---: | ---: | ---: | --- |"]
     lines += [f"| {r['processes']} | {r['threads_each']} | {r['wall_s']:.1f} | {r['step_s']:.1f} | "
