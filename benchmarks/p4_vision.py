@@ -110,9 +110,14 @@ def run(args: argparse.Namespace) -> dict:
         dense = image_features(model, px, args.batch)
         part = {"structure": structure_pass, "weights": weights_pass, "eet": eet_pass}[args.part]
         key = "structure_holdout" if args.part == "structure" and args.holdout else args.part
-        result[key] = {"rows": part(model, px, labels, dense, args), "where": args.where,
-                             "threads": args.threads, "train_views": args.train_views,
-                             "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])}
+        command = "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])
+        rows, before = part(model, px, labels, dense, args), result.get(key)
+        runs = [f"`{command}` {args.where}; {args.threads} thread(s)"]
+        if args.part == "structure" and args.only and before:  # rows of other names stay, with the runs that made them
+            rows = [r for r in before["rows"] if r["name"] not in {n["name"] for n in rows}] + rows
+            runs = runs_of(before) + runs
+        result[key] = {"rows": rows, "where": args.where, "threads": args.threads, "train_views": args.train_views,
+                       "command": command, "runs": runs}
         if args.part in ("structure", "eet"):
             result[key]["reps"] = args.reps
         if args.holdout or args.part == "eet":
@@ -187,8 +192,11 @@ def quality_pass(model, px: torch.Tensor, labels: torch.Tensor, args: argparse.N
 
 # Width cuts (trimformer.structure.width) at 30 % fewer parameters, and at the FLOPs that leaves, on heads and
 # MLP neurons; FFN widths a multiple of 8. "global/fisher, 4 rounds" is the NViT-style cut (global importance of
-# the output features, re-measured after each of 4 steps).
+# the output features, re-measured after each of 4 steps); "+ hidden" adds the embedding dimension (hidden channels,
+# structure/channels.py) to the same global budget, as NViT does.
 WIDTH = {"parts": ["ffn", "heads"], "multiple_of": 8}
+CHANNELS = {"parts": ["hidden"], "multiple_of": 8, "importance": "fisher", "target": "params=0.88"}
+HIDDEN = {"parts": ["ffn", "heads", "hidden"], "multiple_of": 8, "importance": "fisher", "allocation": "global", "rounds": 4}
 STRUCTURE = [
     ("uniform/hessian", {**WIDTH, "target": "params=0.7", "importance": "hessian", "allocation": "uniform"}),
     ("global/fisher", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "global"}),
@@ -198,6 +206,14 @@ STRUCTURE = [
     ("uniform/fisher", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "uniform"}),
     ("global/fisher, flops, 4 rounds", {**WIDTH, "target": "flops=0.6", "importance": "fisher", "allocation": "global",
                                         "attention_flops": True, "rounds": 4}),
+    ("global/fisher + hidden, 4 rounds", {**HIDDEN, "target": "params=0.7"}),
+    ("global/fisher + hidden, flops, 4 rounds", {**HIDDEN, "target": "flops=0.6", "attention_flops": True}),
+    # hidden channels first (params 0.88 alone: 336 of 384), then heads and neurons to the row's overall target
+    ("hidden 0.88, then global/fisher, 4 rounds", [CHANNELS, {**WIDTH, "target": "params=0.7", "importance": "fisher",
+                                                              "allocation": "global", "rounds": 4}]),
+    ("hidden 0.88, then global/fisher, flops, 4 rounds", [CHANNELS, {**WIDTH, "target": "flops=0.6", "importance": "fisher",
+                                                                     "allocation": "global", "attention_flops": True,
+                                                                     "rounds": 4}]),
 ]
 WEIGHTS = [("sparsegpt", {"sparsity": 0.5, "pattern": "2:4"}), ("wanda", {"sparsity": 0.5, "pattern": "2:4"})]
 STRUCTURE_TARGET = 0.02  # recall@1 within 2 points after recovery at 30 % fewer parameters
@@ -263,11 +279,16 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
             continue
         pruned = copy.deepcopy(model)
         t0 = time.perf_counter()
-        trimformer.prune_(pruned, trimformer.build("width", settings), calibration=calib, batch_size=16, progress=False)
+        steps = settings if isinstance(settings, list) else [settings]
+        for i, step in enumerate(steps):  # the last step's target is the row's overall one
+            trimformer.prune_(pruned, trimformer.build("width", overall(step, model, pruned) if i else step),
+                              calibration=calib, batch_size=16, progress=False)
         res = pruned.trimformer_history[-1]["result"]
+        attention = any(s.get("attention_flops") for s in steps)
         row = {"method": "width", "name": name, "settings": settings, "params_ratio": count_parameters(pruned) / before,
-               "flops_ratio": res.get("spent") if settings.get("attention_flops") else res["flops_kept"],
-               "matmul_ratio": res["flops_kept"], "ffn": res["ffn"], "heads": res["head_units"],
+               "flops_ratio": block_flops(pruned, attention) / block_flops(model, attention),
+               "matmul_ratio": block_flops(pruned, False) / block_flops(model, False), "ffn": res["ffn"],
+               "heads": res["head_units"], "hidden": pruned.config.hidden_size,
                "prune_seconds": time.perf_counter() - t0, "calibration_images": len(calib)}
         feats = image_features(pruned, px, args.batch)
         row["training_free"] = quality(feats, labels, dense)
@@ -294,6 +315,30 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
         print(json.dumps({k: row[k] for k in ("name", "reload_max_abs_diff", "latency_b1", "latency_b32")}), flush=True)
         rows.append(row)
     return rows
+
+
+def block_flops(model, attention: bool, tokens: int = 257) -> float:
+    """Multiply-adds per token of the block projections, plus (attention) every head's scores and weighted sum over
+    `tokens` keys: what width's FLOPs budget counts (with attention_flops)."""
+    from trimformer.models import anatomy_of
+    from trimformer.structure.costs import matmul_params
+    from trimformer.structure.width import attention_per_head
+
+    an = anatomy_of(model)
+    return matmul_params(an) + attention * sum(attention_per_head(b, tokens) * b.attention.num_heads
+                                               for b in an.blocks if b.attention)
+
+
+def overall(step: dict, dense, pruned) -> dict:
+    """`step` with its target (the row's overall share of the dense model) made a share of the `pruned` model so far."""
+    from trimformer.models import count_parameters
+
+    kind, share = step["target"].split("=")
+    if kind == "params":
+        now = count_parameters(pruned) / count_parameters(dense)
+    else:
+        now = block_flops(pruned, step.get("attention_flops", False)) / block_flops(dense, step.get("attention_flops", False))
+    return {**step, "target": f"{kind}={float(share) / now:.6f}"}
 
 
 def token_quality(model, method, px: torch.Tensor, labels: torch.Tensor, dense: dict, batch: int,
@@ -438,6 +483,11 @@ def write(result: dict, out: Path) -> None:
     write_results(out, result, "\n".join(lines) + "\n")
 
 
+def runs_of(part: dict) -> list[str]:
+    """The runs that made a part's rows: '`command` where; N thread(s)' each."""
+    return part.get("runs") or [f"`{part['command']}` {part['where']}; {part['threads']} thread(s)"]
+
+
 def _q(q: dict) -> str:
     return (f"{q['cls']['recall@1']:.4f} | {q['cls']['mAP']:.4f} | {q['cls']['cos_mean']:.4f} | "
             f"{q['mean']['recall@1']:.4f} | {q['mean']['mAP']:.4f} | {q['mean']['cos_mean']:.4f}")
@@ -447,8 +497,8 @@ def structure_lines(result: dict, d: dict) -> list[str]:
     part = result.get("structure")
     if not part:
         return []
-    lines = ["", "## Width cuts (heads and MLP neurons, physically smaller)", "",
-             f"`{part['command']}` {part['where']}; {part['threads']} thread(s). Calibration and training on "
+    lines = ["", "## Width cuts (heads, MLP neurons and hidden channels, physically smaller)", "",
+             f"{'; then '.join(runs_of(part))}. Calibration and training on "
              f"{part['train_views']} other random views per source (seed + 1), never the evaluated views, but of the "
              "same 26 sources: a recovered row above dense is the student fitting these images (transductive); the "
              "held-out table below is the honest measure. No labels. "
@@ -462,10 +512,11 @@ def structure_lines(result: dict, d: dict) -> list[str]:
     for r in part["rows"]:
         cost = f"{r['params_ratio']:.3f} | {r['flops_ratio']:.3f}"
         tail = f"{r['latency_b1']:.3f} | {r['latency_b32']:.3f} | {r['reload_max_abs_diff']:.1e}"
-        lines.append(f"| {r['name']} | training-free | {cost} | {_q(r['training_free'])} | {tail} |")
+        name = r["name"] + (f" (hidden {r['hidden']})" if "hidden" in r["name"] else "")
+        lines.append(f"| {name} | training-free | {cost} | {_q(r['training_free'])} | {tail} |")
         if "recovered" in r:
             rc = r["recovery"]
-            lines.append(f"| {r['name']} | recovered ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min) | {cost} | "
+            lines.append(f"| {name} | recovered ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min) | {cost} | "
                          f"{_q(r['recovered'])} | {tail} |")
     lines += ["", f"Target: at 30 % fewer parameters recall@1 (CLS) within {100 * STRUCTURE_TARGET:.0f} points of dense "
               "after recovery.", "", "| cut | params | R@1 drop training-free | R@1 drop recovered | target |",
@@ -522,7 +573,7 @@ def holdout_lines(result: dict) -> list[str]:
         return []
     h = part["dense_held_out"]
     lines = ["", "### The recovery on sources it never saw", "",
-             f"`{part['command']}` {part['where']}. Calibrated and trained on {part['train_views']} views per source "
+             f"{'; then '.join(runs_of(part))}. Calibrated and trained on {part['train_views']} views per source "
              f"of the even-numbered sources only; scored among the {held_out_text(result)} alone. Dense there: recall@1 "
              f"{h['cls']['recall@1']:.4f}, mAP {h['cls']['mAP']:.4f} ([CLS]), {h['mean']['recall@1']:.4f} / "
              f"{h['mean']['mAP']:.4f} (mean).", "",
