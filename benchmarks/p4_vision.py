@@ -113,8 +113,9 @@ def run(args: argparse.Namespace) -> dict:
         command = "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])
         rows, before = part(model, px, labels, dense, args), result.get(key)
         runs = [f"`{command}` {args.where}; {args.threads} thread(s)"]
-        if args.part == "structure" and args.only and before:  # rows of other names stay, with the runs that made them
-            rows = [r for r in before["rows"] if r["name"] not in {n["name"] for n in rows}] + rows
+        kept = kept_rows(before, rows, args) if before else []
+        if kept:  # rows this run did not redo stay, with the runs that made them
+            rows = rows[:1] + kept + rows[1:] if args.part == "eet" else kept + rows
             runs = runs_of(before) + runs
         result[key] = {"rows": rows, "where": args.where, "threads": args.threads, "train_views": args.train_views,
                        "command": command, "runs": runs}
@@ -150,6 +151,16 @@ def run(args: argparse.Namespace) -> dict:
                    "targets": check_targets(result["rows"]),
                    "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])})
     return result
+
+
+def kept_rows(before: dict, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The saved rows of a part that this run leaves alone: structure rows of other names (with --only), EET rows at
+    other FLOPs shares."""
+    if args.part == "structure" and args.only:
+        return [r for r in before["rows"] if r["name"] not in {n["name"] for n in rows}]
+    if args.part == "eet":
+        return [r for r in before["rows"] if r["stage"] != "dense" and r["target_flops"] not in args.flops]
+    return []
 
 
 def quality_pass(model, px: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict:

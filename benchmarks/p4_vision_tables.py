@@ -130,7 +130,7 @@ def eet_lines(result: dict, d: dict) -> list[str]:
     if not part:
         return []
     lines = ["", "## EET: content-based pruning stage by stage, and its teacher transfer", "",
-             f"`{part['command']}` {part['where']}; {part['threads']} thread(s). Tokens dropped at blocks 3, 6 and 9 "
+             f"{'; then '.join(runs_of(part))}. Tokens dropped at blocks 3, 6 and 9 "
              "by their share of [CLS] attention plus their share of feature response (tokens/eet.py); full length "
              "restored after the last block. Teacher transfer: the model trained inside the same pruning towards the "
              f"dense model's features on {part['train_views']} other random views (seed + 1; no labels) of the "
