@@ -181,3 +181,17 @@ def test_bad_input_is_refused(calib):
                                                             "target": "params=0.8"}),
                           calibration=_images(), batch_size=4, progress=False,
                           filter_fn=lambda _m, name: not name.startswith("encoder.layer.0."))
+
+
+def test_llama_like_joint_cut_reloads_in_vanilla_transformers(calib, ids, tmp_path):
+    """A causal LM: heads and neurons (block-local Fisher) and channels (whole-model Fisher) in one global budget;
+    the channels nothing writes go first; export and a process without trimformer give the same logits."""
+    from test_structure_export import _assert_vanilla_reload
+
+    model = tiny("mistral")
+    _zero_channels(model, [2, 9, 33])
+    trimformer.prune_(model, trimformer.build("width", {"parts": "ffn,heads,hidden", "importance": "fisher",
+                                                        "allocation": "global", "target": "params=0.7"}),
+                      calibration=calib, progress=False)
+    assert model.config.hidden_size < 62 and model.trimformer_history[-1]["result"]["hidden"] == model.config.hidden_size
+    _assert_vanilla_reload(model, ids, tmp_path)

@@ -18,7 +18,11 @@ so a joint budget mixes two estimates of the same loss).
 Approximation: the mask leaves a zero in the channel, the removal takes it out of every norm. RMSNorm stays
 exact for a zero channel (the weight is rescaled by sqrt(d / d') and eps by d / d': the mean square over d'
 channels), LayerNorm does not (its mean and variance over d' channels differ from those over d with zeros), and
-neither does a channel that still carried signal: the scores are first order in the removed channels.
+neither does a channel that still carried signal: the scores are first order in the removed channels. Measured on
+dinov2-s (benchmarks/p4_channel_norms.py, 32 views, [CLS]): cutting its 24 / 48 / 96 least important channels,
+the features with the channels zeroed in the stream (norms over 384) and with them removed (norms over the rest)
+agree to cosine 0.982 / 0.961 / 0.901, and against dense the removal loses 0.011 / 0.044 / 0.061 of cosine more
+than the zeroing (0.938 vs 0.949, 0.838 vs 0.882, 0.703 vs 0.764).
 """
 
 from __future__ import annotations
