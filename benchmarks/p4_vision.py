@@ -301,9 +301,11 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
                "heads": res["head_units"], "hidden": pruned.config.hidden_size,
                "prune_seconds": time.perf_counter() - t0, "calibration_images": len(calib)}
         feats = image_features(pruned, px, args.batch)
-        row["training_free"] = quality(feats, labels, dense)
+        kept = getattr(pruned, "trimformer_channels", None)  # hidden channels cut: cosine on those left
+        ref = dense if kept is None else {k: v[..., kept] for k, v in dense.items()}
+        row["training_free"] = quality(feats, labels, ref)
         if args.holdout:
-            row["training_free_held_out"] = quality_on(feats, labels, dense, mask)
+            row["training_free_held_out"] = quality_on(feats, labels, ref, mask)
         print(json.dumps({k: row[k] for k in ("name", "params_ratio", "flops_ratio", "training_free")}), flush=True)
         if args.steps and not (args.recover and name not in args.recover):
             cfg = FeatureDistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, loss=args.loss,
@@ -312,9 +314,9 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
             distill_features_(pruned, model, train, cfg, progress=False)
             h = pruned.trimformer_history[-1]
             feats = image_features(pruned, px, args.batch)
-            row["recovered"] = quality(feats, labels, dense)
+            row["recovered"] = quality(feats, labels, ref)
             if args.holdout:
-                row["recovered_held_out"] = quality_on(feats, labels, dense, mask)
+                row["recovered_held_out"] = quality_on(feats, labels, ref, mask)
             row["recovery"] = {"settings": h["settings"], "steps_run": h["result"]["steps_run"], "images": len(train),
                                "first_loss": h["result"]["losses"][0], "last_loss": h["result"]["losses"][-1],
                                "seconds": time.perf_counter() - t0}

@@ -195,3 +195,19 @@ def test_llama_like_joint_cut_reloads_in_vanilla_transformers(calib, ids, tmp_pa
                       calibration=calib, progress=False)
     assert model.config.hidden_size < 62 and model.trimformer_history[-1]["result"]["hidden"] == model.config.hidden_size
     _assert_vanilla_reload(model, ids, tmp_path)
+
+
+def test_the_kept_channels_are_recorded_and_distillation_reads_the_teachers_on_them():
+    from trimformer.recover import FeatureDistillConfig, distill_features_
+
+    dense = tiny("dinov2")
+    _zero_channels(dense, [4, 20])
+    model = copy.deepcopy(dense)
+    channels.prune_channels(anatomy_of(model), [c for c in range(64) if c != 4])
+    channels.prune_channels(anatomy_of(model), [c for c in range(63) if c != 19])  # original channel 20
+    assert model.trimformer_channels.tolist() == [c for c in range(64) if c not in (4, 20)]
+    distill_features_(model, dense, _images(8), FeatureDistillConfig(steps=2, batch_size=4), progress=False)
+    assert model.trimformer_history[-1]["result"]["steps_run"] == 2
+    del model.trimformer_channels
+    with pytest.raises(ValueError, match="does not record which it kept"):
+        distill_features_(model, dense, _images(8), FeatureDistillConfig(steps=2, batch_size=4), progress=False)

@@ -163,7 +163,8 @@ def _outside(anatomy: Anatomy, in_blocks: set[int]):
 @torch.no_grad()
 def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None:
     """Keep hidden channels `keep` everywhere the residual stream is read or written (module docstring), and make
-    `model.config` say so.
+    `model.config` say so. `model.trimformer_channels` (d',) records which channels of the original model are left
+    (over successive cuts): a dense teacher's features are compared on those.
 
     RMSNorm models stay exact when the removed channels carried nothing (the norm weight is
     rescaled by sqrt(d/d') and its eps by d/d'); LayerNorm statistics change by construction.
@@ -173,6 +174,8 @@ def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None
     if idx.numel() == 0:
         raise SurgeryError("cannot keep 0 hidden channels")
     model = anatomy.model
+    before = getattr(model, "trimformer_channels", None)
+    model.trimformer_channels = (torch.arange(d) if before is None else before)[idx]
     in_blocks = {id(m) for b in anatomy.blocks for m in b.module.modules()}
     normed: set[int] = set()
     for b in anatomy.blocks:
