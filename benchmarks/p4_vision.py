@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import out_arg, threads_arg, write_results  # benchmarks/ is on sys.path when run as a script
+from common import out_arg, threads_arg  # benchmarks/ is on sys.path when run as a script
+from p4_vision_tables import check_targets, runs_of, write
 
 import trimformer
 from trimformer import tokens
@@ -52,7 +53,6 @@ from trimformer.data.images import ViewConfig, retrieval_views
 from trimformer.evaluate.retrieval import feature_cosine, image_features, retrieval_metrics
 
 FLOPS = (0.6, 0.5, 0.8)  # the targets' budgets first
-TARGETS = {0.6: {"recall_drop": 0.01, "cos": 0.97, "latency_slack": 0.10}, 0.5: {"recall_drop": 0.03}}
 
 
 def settings_at(f: float) -> list[tuple[str, dict]]:
@@ -110,9 +110,15 @@ def run(args: argparse.Namespace) -> dict:
         dense = image_features(model, px, args.batch)
         part = {"structure": structure_pass, "weights": weights_pass, "eet": eet_pass}[args.part]
         key = "structure_holdout" if args.part == "structure" and args.holdout else args.part
-        result[key] = {"rows": part(model, px, labels, dense, args), "where": args.where,
-                             "threads": args.threads, "train_views": args.train_views,
-                             "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])}
+        command = "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])
+        rows, before = part(model, px, labels, dense, args), result.get(key)
+        runs = [f"`{command}` {args.where}; {args.threads} thread(s)"]
+        kept = kept_rows(before, rows, args) if before else []
+        if kept:  # rows this run did not redo stay, with the runs that made them
+            rows = rows[:1] + kept + rows[1:] if args.part == "eet" else kept + rows
+            runs = runs_of(before) + runs
+        result[key] = {"rows": rows, "where": args.where, "threads": args.threads, "train_views": args.train_views,
+                       "command": command, "runs": runs}
         if args.part in ("structure", "eet"):
             result[key]["reps"] = args.reps
         if args.holdout or args.part == "eet":
@@ -145,6 +151,16 @@ def run(args: argparse.Namespace) -> dict:
                    "targets": check_targets(result["rows"]),
                    "command": "PYTHONPATH=src python benchmarks/p4_vision.py " + shlex.join(sys.argv[1:])})
     return result
+
+
+def kept_rows(before: dict, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The saved rows of a part that this run leaves alone: structure rows of other names (with --only), EET rows at
+    other FLOPs shares."""
+    if args.part == "structure" and args.only:
+        return [r for r in before["rows"] if r["name"] not in {n["name"] for n in rows}]
+    if args.part == "eet":
+        return [r for r in before["rows"] if r["stage"] != "dense" and r["target_flops"] not in args.flops]
+    return []
 
 
 def quality_pass(model, px: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -187,8 +203,11 @@ def quality_pass(model, px: torch.Tensor, labels: torch.Tensor, args: argparse.N
 
 # Width cuts (trimformer.structure.width) at 30 % fewer parameters, and at the FLOPs that leaves, on heads and
 # MLP neurons; FFN widths a multiple of 8. "global/fisher, 4 rounds" is the NViT-style cut (global importance of
-# the output features, re-measured after each of 4 steps).
+# the output features, re-measured after each of 4 steps); "+ hidden" adds the embedding dimension (hidden channels,
+# structure/channels.py) to the same global budget, as NViT does.
 WIDTH = {"parts": ["ffn", "heads"], "multiple_of": 8}
+CHANNELS = {"parts": ["hidden"], "multiple_of": 8, "importance": "fisher", "target": "params=0.88"}
+HIDDEN = {"parts": ["ffn", "heads", "hidden"], "multiple_of": 8, "importance": "fisher", "allocation": "global", "rounds": 4}
 STRUCTURE = [
     ("uniform/hessian", {**WIDTH, "target": "params=0.7", "importance": "hessian", "allocation": "uniform"}),
     ("global/fisher", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "global"}),
@@ -198,9 +217,16 @@ STRUCTURE = [
     ("uniform/fisher", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "uniform"}),
     ("global/fisher, flops, 4 rounds", {**WIDTH, "target": "flops=0.6", "importance": "fisher", "allocation": "global",
                                         "attention_flops": True, "rounds": 4}),
+    ("global/fisher + hidden, 4 rounds", {**HIDDEN, "target": "params=0.7"}),
+    ("global/fisher + hidden, flops, 4 rounds", {**HIDDEN, "target": "flops=0.6", "attention_flops": True}),
+    # hidden channels first (params 0.88 alone: 336 of 384), then heads and neurons to the row's overall target
+    ("hidden 0.88, then global/fisher, 4 rounds", [CHANNELS, {**WIDTH, "target": "params=0.7", "importance": "fisher",
+                                                              "allocation": "global", "rounds": 4}]),
+    ("hidden 0.88, then global/fisher, flops, 4 rounds", [CHANNELS, {**WIDTH, "target": "flops=0.6", "importance": "fisher",
+                                                                     "allocation": "global", "attention_flops": True,
+                                                                     "rounds": 4}]),
 ]
 WEIGHTS = [("sparsegpt", {"sparsity": 0.5, "pattern": "2:4"}), ("wanda", {"sparsity": 0.5, "pattern": "2:4"})]
-STRUCTURE_TARGET = 0.02  # recall@1 within 2 points after recovery at 30 % fewer parameters
 
 _RELOAD = """
 import sys, torch, transformers
@@ -263,16 +289,23 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
             continue
         pruned = copy.deepcopy(model)
         t0 = time.perf_counter()
-        trimformer.prune_(pruned, trimformer.build("width", settings), calibration=calib, batch_size=16, progress=False)
+        steps = settings if isinstance(settings, list) else [settings]
+        for i, step in enumerate(steps):  # the last step's target is the row's overall one
+            trimformer.prune_(pruned, trimformer.build("width", overall(step, model, pruned) if i else step),
+                              calibration=calib, batch_size=16, progress=False)
         res = pruned.trimformer_history[-1]["result"]
+        attention = any(s.get("attention_flops") for s in steps)
         row = {"method": "width", "name": name, "settings": settings, "params_ratio": count_parameters(pruned) / before,
-               "flops_ratio": res.get("spent") if settings.get("attention_flops") else res["flops_kept"],
-               "matmul_ratio": res["flops_kept"], "ffn": res["ffn"], "heads": res["head_units"],
+               "flops_ratio": block_flops(pruned, attention) / block_flops(model, attention),
+               "matmul_ratio": block_flops(pruned, False) / block_flops(model, False), "ffn": res["ffn"],
+               "heads": res["head_units"], "hidden": pruned.config.hidden_size,
                "prune_seconds": time.perf_counter() - t0, "calibration_images": len(calib)}
         feats = image_features(pruned, px, args.batch)
-        row["training_free"] = quality(feats, labels, dense)
+        kept = getattr(pruned, "trimformer_channels", None)  # hidden channels cut: cosine on those left
+        ref = dense if kept is None else {k: v[..., kept] for k, v in dense.items()}
+        row["training_free"] = quality(feats, labels, ref)
         if args.holdout:
-            row["training_free_held_out"] = quality_on(feats, labels, dense, mask)
+            row["training_free_held_out"] = quality_on(feats, labels, ref, mask)
         print(json.dumps({k: row[k] for k in ("name", "params_ratio", "flops_ratio", "training_free")}), flush=True)
         if args.steps and not (args.recover and name not in args.recover):
             cfg = FeatureDistillConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, loss=args.loss,
@@ -281,9 +314,9 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
             distill_features_(pruned, model, train, cfg, progress=False)
             h = pruned.trimformer_history[-1]
             feats = image_features(pruned, px, args.batch)
-            row["recovered"] = quality(feats, labels, dense)
+            row["recovered"] = quality(feats, labels, ref)
             if args.holdout:
-                row["recovered_held_out"] = quality_on(feats, labels, dense, mask)
+                row["recovered_held_out"] = quality_on(feats, labels, ref, mask)
             row["recovery"] = {"settings": h["settings"], "steps_run": h["result"]["steps_run"], "images": len(train),
                                "first_loss": h["result"]["losses"][0], "last_loss": h["result"]["losses"][-1],
                                "seconds": time.perf_counter() - t0}
@@ -294,6 +327,30 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
         print(json.dumps({k: row[k] for k in ("name", "reload_max_abs_diff", "latency_b1", "latency_b32")}), flush=True)
         rows.append(row)
     return rows
+
+
+def block_flops(model, attention: bool, tokens: int = 257) -> float:
+    """Multiply-adds per token of the block projections, plus (attention) every head's scores and weighted sum over
+    `tokens` keys: what width's FLOPs budget counts (with attention_flops)."""
+    from trimformer.models import anatomy_of
+    from trimformer.structure.costs import matmul_params
+    from trimformer.structure.width import attention_per_head
+
+    an = anatomy_of(model)
+    return matmul_params(an) + attention * sum(attention_per_head(b, tokens) * b.attention.num_heads
+                                               for b in an.blocks if b.attention)
+
+
+def overall(step: dict, dense, pruned) -> dict:
+    """`step` with its target (the row's overall share of the dense model) made a share of the `pruned` model so far."""
+    from trimformer.models import count_parameters
+
+    kind, share = step["target"].split("=")
+    if kind == "params":
+        now = count_parameters(pruned) / count_parameters(dense)
+    else:
+        now = block_flops(pruned, step.get("attention_flops", False)) / block_flops(dense, step.get("attention_flops", False))
+    return {**step, "target": f"{kind}={float(share) / now:.6f}"}
 
 
 def token_quality(model, method, px: torch.Tensor, labels: torch.Tensor, dense: dict, batch: int,
@@ -370,195 +427,6 @@ def weights_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, arg
 def timing_batches(px: torch.Tensor, args: argparse.Namespace) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     one = [px[i:i + 1] for i in range(0, len(px), max(1, len(px) // args.b1_images))][:args.b1_images]
     return one, [px[i:i + 32] for i in range(0, 32 * args.b32_batches, 32)]
-
-
-def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's training-free targets, per method row at FLOPs 0.6 and 0.5 (judged on the [CLS] feature)."""
-    dense = rows[0]
-    out = []
-    for r in rows[1:]:
-        t = TARGETS.get(r.get("target_flops"))
-        if t is None or "error" in r:
-            continue
-        drop = dense["cls"]["recall@1"] - r["cls"]["recall@1"]
-        res = {"method": r["method"], "settings": r["settings"], "recall@1_drop": drop,
-               "recall_ok": drop <= t["recall_drop"] + 1e-9}
-        if "cos" in t:
-            res["cos_ok"] = r["cls"]["cos_mean"] >= t["cos"]
-            res["latency_ok"] = r["latency_b32"] <= r["flops_ratio"] * (1 + t["latency_slack"])
-        out.append(res)
-    return out
-
-
-def label(r: dict) -> str:
-    s = r["settings"]
-    if "speedup" in s:
-        return f"speedup {s['speedup']} (measured)"
-    extra = ", hidden" if s.get("features") == "hidden" else ""
-    extra += f", mass {s['mass']}" if "mass" in s else ""
-    return f"flops {s['flops']}{extra}"
-
-
-def write(result: dict, out: Path) -> None:
-    rows = result["rows"]
-    d = rows[0]
-    lines = [
-        f"# P4-vision: {result['model']}, {result['sources']} images x {result['views']} views = {result['images']}",
-        "",
-        f"`{result['command'].strip()}` {result.get('where', 'under the shared lock')}; {result['threads']} thread(s). "
-        "Recall@1 / mAP: "
-        "same-source retrieval among all views; cos: cosine to the dense feature; FLOPs: blocks (scoring included); "
-        f"latency: median pruned / dense ratio over alternating runs ({result['b1_images']} single images and "
-        f"{result['b32_batches']} batch(es) of 32, x {result['reps']}). Dense: {d['cls']['recall@1']:.4f} / "
-        f"{d['cls']['mAP']:.4f} (CLS), {d['mean']['recall@1']:.4f} / {d['mean']['mAP']:.4f} (mean).",
-        "",
-        "| method | setting | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean | lat b1 | lat b32 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| dense | | 1.000 | {d['cls']['recall@1']:.4f} | {d['cls']['mAP']:.4f} | 1 | {d['mean']['recall@1']:.4f} | "
-        f"{d['mean']['mAP']:.4f} | 1 | 1 | 1 |",
-    ]
-    for r in rows[1:]:
-        if "error" in r:
-            lines.append(f"| {r['method']} | {label(r)} | {r['error']} | | | | | | | | |")
-            continue
-        c, m = r["cls"], r["mean"]
-        lines.append(f"| {r['method']} | {label(r)} | {r['flops_ratio']:.3f} | {c['recall@1']:.4f} | {c['mAP']:.4f} | "
-                     f"{c['cos_mean']:.4f} | {m['recall@1']:.4f} | {m['mAP']:.4f} | {m['cos_mean']:.4f} | "
-                     f"{r['latency_b1']:.3f} | {r['latency_b32']:.3f} |")
-    lines += ["", "Targets (training-free, CLS feature): at FLOPs 0.6 recall@1 within 1 point of dense, mean cosine "
-              ">= 0.97, latency at batch 32 <= 1.1 x the FLOPs ratio; at FLOPs 0.5 recall@1 within 3 points.", "",
-              "| method | setting | R@1 drop (points) | recall | cosine | latency |", "| --- | --- | ---: | --- | --- | --- |"]
-    def ok(t: dict, k: str) -> str:
-        return "" if k not in t else ("met" if t[k] else "missed")
-
-    for t in result["targets"]:
-        lines.append(f"| {t['method']} | {label(t)} | {100 * t['recall@1_drop']:.2f} | {ok(t, 'recall_ok')} | "
-                     f"{ok(t, 'cos_ok')} | {ok(t, 'latency_ok')} |")
-    lines += structure_lines(result, d) + holdout_lines(result) + eet_lines(result, d) + weights_lines(result, d)
-    write_results(out, result, "\n".join(lines) + "\n")
-
-
-def _q(q: dict) -> str:
-    return (f"{q['cls']['recall@1']:.4f} | {q['cls']['mAP']:.4f} | {q['cls']['cos_mean']:.4f} | "
-            f"{q['mean']['recall@1']:.4f} | {q['mean']['mAP']:.4f} | {q['mean']['cos_mean']:.4f}")
-
-
-def structure_lines(result: dict, d: dict) -> list[str]:
-    part = result.get("structure")
-    if not part:
-        return []
-    lines = ["", "## Width cuts (heads and MLP neurons, physically smaller)", "",
-             f"`{part['command']}` {part['where']}; {part['threads']} thread(s). Calibration and training on "
-             f"{part['train_views']} other random views per source (seed + 1), never the evaluated views, but of the "
-             "same 26 sources: a recovered row above dense is the student fitting these images (transductive); the "
-             "held-out table below is the honest measure. No labels. "
-             "FLOPs: the blocks' projections, plus attention scores at 257 tokens where the row's allocation counts "
-             "them. Recovered: feature distillation from the dense model (recover/features.py) within the time "
-             "limit. Reload: max abs difference of the features after export and a vanilla-transformers reload in "
-             f"a process without trimformer. Latency: median pruned / dense ratio over alternating runs (x {part['reps']}).",
-             "", "| cut | stage | params | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean | "
-             "lat b1 | lat b32 | reload diff |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-             "---: | ---: | ---: |"]
-    for r in part["rows"]:
-        cost = f"{r['params_ratio']:.3f} | {r['flops_ratio']:.3f}"
-        tail = f"{r['latency_b1']:.3f} | {r['latency_b32']:.3f} | {r['reload_max_abs_diff']:.1e}"
-        lines.append(f"| {r['name']} | training-free | {cost} | {_q(r['training_free'])} | {tail} |")
-        if "recovered" in r:
-            rc = r["recovery"]
-            lines.append(f"| {r['name']} | recovered ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min) | {cost} | "
-                         f"{_q(r['recovered'])} | {tail} |")
-    lines += ["", f"Target: at 30 % fewer parameters recall@1 (CLS) within {100 * STRUCTURE_TARGET:.0f} points of dense "
-              "after recovery.", "", "| cut | params | R@1 drop training-free | R@1 drop recovered | target |",
-              "| --- | ---: | ---: | ---: | --- |"]
-    for r in part["rows"]:
-        if r["params_ratio"] > 0.71:
-            continue
-        free = 100 * (d["cls"]["recall@1"] - r["training_free"]["cls"]["recall@1"])
-        rec = 100 * (d["cls"]["recall@1"] - r["recovered"]["cls"]["recall@1"]) if "recovered" in r else None
-        ok = "" if rec is None else ("met" if rec <= 100 * STRUCTURE_TARGET + 1e-9 else "missed") + " (sources seen)"
-        lines.append(f"| {r['name']} | {r['params_ratio']:.3f} | {free:.2f} | "
-                     f"{'' if rec is None else f'{rec:.2f}'} | {ok} |")
-    return lines
-
-
-def eet_lines(result: dict, d: dict) -> list[str]:
-    part = result.get("eet")
-    if not part:
-        return []
-    lines = ["", "## EET: content-based pruning stage by stage, and its teacher transfer", "",
-             f"`{part['command']}` {part['where']}; {part['threads']} thread(s). Tokens dropped at blocks 3, 6 and 9 "
-             "by their share of [CLS] attention plus their share of feature response (tokens/eet.py); full length "
-             "restored after the last block. Teacher transfer: the model trained inside the same pruning towards the "
-             f"dense model's features on {part['train_views']} other random views (seed + 1; no labels) of the "
-             "even-numbered sources, then scored at the same schedule (equal FLOPs). Latency as above, taken with the training-free model "
-             "(training changes no shape).", "",
-             "| stage | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean | lat b1 | lat b32 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    rows = [r for r in part["rows"] if r["stage"] != "dense"]
-    for r in rows:
-        lines.append(f"| {_stage(r)} | {r['flops_ratio']:.3f} | {_q(r)} | {r['latency_b1']:.3f} | {r['latency_b32']:.3f} |")
-    h = part["dense_held_out"]
-    lines += ["", f"The same, among the {held_out_text(result)} alone (training never saw these images; dense: recall@1 "
-              f"{h['cls']['recall@1']:.4f}, mAP {h['cls']['mAP']:.4f} with [CLS]):", "",
-              "| stage | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {_stage(r)} | {r['flops_ratio']:.3f} | {_q(r['held_out'])} |" for r in rows]
-    return lines
-
-
-def held_out_text(result: dict) -> str:
-    n = (result["sources"] // 2) * result["views"]
-    return f"{n} views of the {result['sources'] // 2} odd-numbered sources ({result['views']} each)"
-
-
-def _stage(r: dict) -> str:
-    rc = r.get("recovery")
-    return r["stage"] + (f" ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min)" if rc else "")
-
-
-def holdout_lines(result: dict) -> list[str]:
-    part = result.get("structure_holdout")
-    if not part:
-        return []
-    h = part["dense_held_out"]
-    lines = ["", "### The recovery on sources it never saw", "",
-             f"`{part['command']}` {part['where']}. Calibrated and trained on {part['train_views']} views per source "
-             f"of the even-numbered sources only; scored among the {held_out_text(result)} alone. Dense there: recall@1 "
-             f"{h['cls']['recall@1']:.4f}, mAP {h['cls']['mAP']:.4f} ([CLS]), {h['mean']['recall@1']:.4f} / "
-             f"{h['mean']['mAP']:.4f} (mean).", "",
-             "| cut | stage | params | FLOPs | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in part["rows"]:
-        cost = f"{r['params_ratio']:.3f} | {r['flops_ratio']:.3f}"
-        lines.append(f"| {r['name']} | training-free | {cost} | {_q(r['training_free_held_out'])} |")
-        if "recovered_held_out" in r:
-            rc = r["recovery"]
-            lines.append(f"| {r['name']} | recovered ({rc['steps_run']} steps, {rc['seconds'] / 60:.0f} min) | {cost} | "
-                         f"{_q(r['recovered_held_out'])} |")
-    lines += ["", "| cut | R@1 drop training-free | R@1 drop recovered | target (2 points) |", "| --- | ---: | ---: | --- |"]
-    for r in part["rows"]:
-        if r["params_ratio"] > 0.71 or "recovered_held_out" not in r:
-            continue
-        free = 100 * (h["cls"]["recall@1"] - r["training_free_held_out"]["cls"]["recall@1"])
-        rec = 100 * (h["cls"]["recall@1"] - r["recovered_held_out"]["cls"]["recall@1"])
-        lines.append(f"| {r['name']} | {free:.2f} | {rec:.2f} | {'met' if rec <= 100 * STRUCTURE_TARGET + 1e-9 else 'missed'} |")
-    return lines
-
-
-def weights_lines(result: dict, d: dict) -> list[str]:
-    part = result.get("weights")
-    if not part:
-        return []
-    lines = ["", "## 2:4 weight cuts (quality only)", "",
-             f"`{part['command']}` {part['where']}. Calibration on {part['rows'][0]['calibration_images']} other "
-             "random views. Half the weights of every block projection are zero in a 2:4 pattern; the matrices stay "
-             "dense, so on this CPU they run exactly as fast as dense (serving engines dropped their 2:4 kernels: "
-             "DESIGN.md); what the rows show is what a 2:4 kernel would have to pay in quality.", "",
-             "| method | setting | R@1 CLS | mAP CLS | cos CLS | R@1 mean | mAP mean | cos mean |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in part["rows"]:
-        lines.append(f"| {r['method']} | {r['settings']['pattern']} | {_q(r)} |")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:

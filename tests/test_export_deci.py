@@ -27,7 +27,7 @@ from trimformer.export.deci import (
 from trimformer.export.layout import ExportError, LayerShape
 from trimformer.export.per_layer import add_per_layer_config
 from trimformer.models import anatomy_of
-from trimformer.structure import surgery
+from trimformer.structure import channels, surgery
 
 
 def deci_cut(model):
@@ -105,7 +105,7 @@ def test_shipped_config_class_reads_like_vllm(tmp_path):
 @torch.no_grad()
 def test_qwen2_biases_and_hidden_channels(ids, tmp_path):
     model = deci_cut(tiny4("qwen2", intermediate_size=512))
-    surgery.prune_channels(anatomy_of(model), range(60))  # hidden 64 -> 60: eps rescaled in every norm alike
+    channels.prune_channels(anatomy_of(model), range(60))  # hidden 64 -> 60: eps rescaled in every norm alike
     want = model(input_ids=ids).logits
     save_deci(model, tmp_path / "d")
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())

@@ -13,7 +13,7 @@ from conftest import ALL_FAMILIES, tiny
 import trimformer
 from trimformer.export import structured as export
 from trimformer.models import anatomy_of, modeling_file
-from trimformer.structure import surgery
+from trimformer.structure import channels, surgery
 
 
 def _out(model, ids):
@@ -97,7 +97,7 @@ def _assert_vanilla_reload(model, ids, tmp_path) -> None:
 @torch.no_grad()
 def test_heterogeneous_reloads_with_vanilla_transformers_only(ids, tmp_path):
     model = _hetero_cut(tiny("llama"))
-    surgery.prune_channels(anatomy_of(model), range(60))  # hidden 64 -> 60 as well
+    channels.prune_channels(anatomy_of(model), range(60))  # hidden 64 -> 60 as well
     _assert_vanilla_reload(model, ids, tmp_path)
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import ALL_FAMILIES, DECODERS, tiny
 
 from trimformer.models import anatomy_of
-from trimformer.structure import surgery
+from trimformer.structure import channels, surgery
 from trimformer.structure.surgery import SurgeryError
 
 
@@ -127,7 +127,7 @@ def test_removing_zeroed_channels_is_exact_with_rmsnorm(family, ids):
         an.head.weight[:, drop] = 0
     before = _out(model, ids)
     keep = [i for i in range(64) if i not in drop.tolist()]
-    surgery.prune_channels(an, keep)
+    channels.prune_channels(an, keep)
     assert surgery.sync_config(anatomy_of(model))
     torch.testing.assert_close(_out(model, ids), before, atol=1e-4, rtol=1e-4)
     assert model.config.hidden_size == 61
@@ -140,7 +140,7 @@ def test_removing_zeroed_channels_is_exact_with_rmsnorm(family, ids):
 def test_channel_removal_runs_and_config_matches(family, ids):
     model = tiny(family)
     an = anatomy_of(model)
-    surgery.prune_channels(an, list(range(0, 64, 2)))
+    channels.prune_channels(an, list(range(0, 64, 2)))
     surgery.sync_config(an)
     out = _out(model, ids)
     assert torch.isfinite(out).all()

@@ -39,6 +39,16 @@ assert not any(k.startswith("trimformer") for k in sys.modules), "trimformer was
 """
 
 
+def vanilla_features(model, px: torch.Tensor, tmp_path) -> torch.Tensor:
+    """Export `model` to tmp_path/m and return its features on `px` from a process without trimformer."""
+    export.save(model, tmp_path / "m")
+    torch.save(px, tmp_path / "px.pt")
+    env = {"PYTHONPATH": "", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", _VANILLA, str(tmp_path / "m"), str(tmp_path / "px.pt"),
+                    str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path)
+    return torch.load(tmp_path / "out.pt")
+
+
 def test_global_fisher_cut_is_smaller_and_reloads_in_vanilla_transformers(tmp_path):
     model = tiny("dinov2")
     before = count_parameters(model)
@@ -52,12 +62,7 @@ def test_global_fisher_cut_is_smaller_and_reloads_in_vanilla_transformers(tmp_pa
     assert an.blocks[0].attention.q.weight.shape[0] == 16 * an.blocks[0].attention.num_heads  # physically smaller
     px = _images(2, seed=5)
     want = _features(model, px)
-    export.save(model, tmp_path / "m")
-    torch.save(px, tmp_path / "px.pt")
-    env = {"PYTHONPATH": "", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", _VANILLA, str(tmp_path / "m"), str(tmp_path / "px.pt"),
-                    str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path)
-    assert torch.equal(torch.load(tmp_path / "out.pt"), want)
+    assert torch.equal(vanilla_features(model, px, tmp_path), want)
     assert torch.equal(_features(trimformer.load(tmp_path / "m"), px), want)  # and through trimformer
 
 

@@ -141,6 +141,12 @@ def distill_features_(
     student.eval()  # no dropout: deterministic targets and student
     teacher.eval()
     targets = features(teacher, images, progress=progress)  # (n, 1+N, H), before any training
+    if targets.shape[-1] != anatomy.hidden_size:  # hidden channels were cut: the teacher's on the channels left
+        kept = getattr(student, "trimformer_channels", None)
+        if kept is None or len(kept) != anatomy.hidden_size:
+            raise ValueError(f"the student has {anatomy.hidden_size} hidden channels, the teacher {targets.shape[-1]}, "
+                             "and the student does not record which it kept (structure.channels.prune_channels does)")
+        targets = targets[..., kept]
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     t0 = time.perf_counter()
     try:

@@ -8,17 +8,41 @@ read (`InputStats`) are collected on calibration blocks (`output_error_stats`) o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from .. import calibrate
 from ..calibrate import BlockCalib
-from ..models import Block, PostNorm, Proj
+from ..models import Anatomy, Block, PostNorm, Proj
 from .probe import Probe
 
 Criterion = Literal["hessian", "activation", "flap", "magnitude", "taylor", "fisher", "spectral"]  # = IMPORTANCE
+
+
+@contextmanager
+def activation_gradients(model: torch.nn.Module, hooks: list) -> Iterator[None]:
+    """Freeze the parameters while inside (only activations' gradients are wanted); remove `hooks` on the way out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in params:
+            p.requires_grad_(True)
+
+
+def feature_loss(anatomy: Anatomy, batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """r . f(x), f the encoder's final features of every token and r ~ N(0, I) drawn from `g`: its mask gradients
+    have E_r[m^2] = ||J||^2, the squared change of the features (width's NViT-style importance on encoders)."""
+    f = anatomy.model(**calibrate.model_inputs(anatomy, batch)).last_hidden_state.float()  # (B, T, d)
+    return (f * torch.randn(f.shape, generator=g).to(f.device)).sum()
 
 
 @dataclass

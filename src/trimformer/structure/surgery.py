@@ -1,4 +1,4 @@
-"""Physical surgery: remove FFN neurons, query heads, KV groups, hidden channels, sublayers and blocks.
+"""Physical surgery: remove FFN neurons, query heads, KV groups, sublayers and blocks (hidden channels: channels.py).
 
 Every function takes an Anatomy (or one of its blocks) and the indices to KEEP, replaces the
 parameters by smaller ones in place, fixes the module attributes the forward pass reads, and
@@ -237,78 +237,6 @@ def remove_blocks(anatomy: Anatomy, drop: Sequence[int]) -> None:
     for key in ("num_hidden_layers", "n_layer"):
         if hasattr(cfg, key):
             setattr(cfg, key, len(kept))
-
-
-# -- hidden channels (the residual stream) ------------------------------------------------------
-@torch.no_grad()
-def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None:
-    """Keep hidden channels `keep` everywhere the residual stream is read or written.
-
-    RMSNorm models stay exact when the removed channels carried nothing (the norm weight is
-    rescaled by sqrt(d/d') and its eps by d/d'); LayerNorm statistics change by construction.
-    """
-    d = anatomy.hidden_size
-    idx = _index(keep, d, "hidden channels")
-    if idx.numel() == 0:
-        raise SurgeryError("cannot keep 0 hidden channels")
-    model = anatomy.model
-    in_blocks = {id(m) for b in anatomy.blocks for m in b.module.modules()}
-    done: set[int] = set()
-    for b in anatomy.blocks:
-        for short, p in b.projections().items():
-            (keep_outputs if short in ("attn.o", "mlp.down") else keep_inputs)(p, idx)
-        for norm in b.norms.values():
-            _norm(norm, idx, d)
-            done.add(id(norm))
-    head = anatomy.head
-    for name, m in model.named_modules():
-        if id(m) in in_blocks or id(m) in done or m is model:
-            continue
-        if m is head:
-            if not anatomy.tied:
-                keep_inputs(Proj(m, name), idx)
-        elif isinstance(m, nn.Embedding) and m.embedding_dim == d:
-            m.weight = _param(m.weight, m.weight[:, idx])
-            m.embedding_dim = idx.numel()
-        elif isinstance(m, nn.Conv2d) and m.out_channels == d:  # ViT patch embedding
-            m.weight = _param(m.weight, m.weight[idx])
-            if m.bias is not None:
-                m.bias = _param(m.bias, m.bias[idx])
-            m.out_channels = idx.numel()
-        elif isinstance(m, nn.Linear) and m.in_features == d:  # pooler, classifier
-            keep_inputs(Proj(m, name), idx)
-        elif _is_norm(m, d):
-            _norm(m, idx, d)
-        for pname, prm in list(m.named_parameters(recurse=False)):  # ViT cls token, positions
-            if pname not in ("weight", "bias") and prm.shape[-1] == d:
-                setattr(m, pname, _param(prm, prm[..., idx]))
-        done.add(id(m))
-    if anatomy.tied and head is not None:
-        head.weight = anatomy.embed.weight
-    for m in model.modules():  # sizes some modules keep as plain attributes
-        for key in ("hidden_size", "embed_dim"):
-            if getattr(m, key, None) == d and not isinstance(getattr(m, key), bool):
-                setattr(m, key, idx.numel())
-    anatomy.hidden_size = idx.numel()
-
-
-def _is_norm(m: nn.Module, d: int) -> bool:
-    w = getattr(m, "weight", None)
-    return (isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__) and w is not None and w.shape == (d,)
-
-
-def _norm(m: nn.Module, idx: torch.Tensor, d: int) -> None:
-    keep = idx.numel()
-    rms = not isinstance(m, nn.LayerNorm) and hasattr(m, "variance_epsilon")
-    if getattr(m, "weight", None) is not None:
-        w = m.weight[idx] * ((d / keep) ** 0.5 if rms else 1.0)
-        m.weight = _param(m.weight, w)
-    if getattr(m, "bias", None) is not None:
-        m.bias = _param(m.bias, m.bias[idx])
-    if rms:
-        m.variance_epsilon = m.variance_epsilon * d / keep
-    if isinstance(m, nn.LayerNorm):
-        m.normalized_shape = (keep,)
 
 
 # -- the config -------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Width pruning: remove FFN neurons and attention heads under a parameter or FLOPs budget.
+"""Width pruning: remove FFN neurons, attention heads and hidden channels under a parameter or FLOPs budget.
 
 Block by block on calibration data: score each group (importance.py), remove the least important,
 then re-fit the output projection (`attn.o`, `mlp.down`) by least squares on the calibration inputs
 so the block's output changes as little as possible (with bias compensation where a bias exists).
 `allocation="global"` first scores every block on the dense model and spends the budget where the
-error per removed parameter is smallest; `"uniform"` removes the same share everywhere.
+error per removed parameter is smallest; `"uniform"` removes the same share everywhere. Hidden channels
+(parts=hidden, NViT's embedding dimension) are scored and cut for the whole model at once (channels.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..models import Anatomy, Block, Proj, anatomy_of, count_parameters
 from ..models.dinov2 import fold_layer_scale_
 from ..progress import bar
 from ..steps import StepContext
-from . import STRUCTURE, surgery
+from . import STRUCTURE, channels, surgery
 from .base import Precision, Scope, StructurePruner
 from .budget import Budget, BudgetError, Candidate, choose
 from .costs import head_slot_params, head_unit, matmul_params, neuron_params
@@ -31,6 +32,8 @@ from .importance import (
     NEEDS_GRAD,
     Criterion,
     InputStats,
+    activation_gradients,
+    feature_loss,
     least_squares,
     output_error_stats,
     scores,
@@ -46,13 +49,15 @@ class Plan:
 
     ffn: list[int]
     head_units: list[int]
+    hidden: int | None = None  # hidden channels to keep (parts=hidden)
 
 
 @STRUCTURE.register("width")
 @dataclass
 class Width(StructurePruner):
     """target: 'params=R' or 'flops=R' (share kept; FLOPs/token of the matmuls, attention scores not counted).
-    parts: ffn, heads or both. importance: a criterion of importance.py (hessian, activation, flap, ...).
+    parts: ffn, heads, hidden, or several (hidden: residual-stream channels of the whole model, channels.py; scored by
+      importance fisher, or taylor on a causal LM, they compete with the heads and neurons in the one budget). importance: a criterion of importance.py (hessian, activation, flap, ...).
     allocation: uniform | global (raw error per parameter across blocks; on smollm2-135m it over-cuts
     some blocks, KL 5.4 vs 0.52 uniform at params=0.8: keep uniform until scores are normalised) |
     measured (FFN only: every block's FFN cut alone to each share of `shares`, with the re-fit, scored by
@@ -72,7 +77,7 @@ class Width(StructurePruner):
     """
 
     target: Budget = Budget("params", 0.8)
-    parts: list[Literal["ffn", "heads"]] = field(default_factory=lambda: ["ffn"])
+    parts: list[Literal["ffn", "heads", "hidden"]] = field(default_factory=lambda: ["ffn"])
     importance: Criterion = "hessian"
     allocation: Literal["uniform", "global", "measured"] = "uniform"
     multiple_of: int = 1
@@ -95,7 +100,10 @@ class Width(StructurePruner):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.parts:
-            raise ValueError("parts: use 'ffn', 'heads' or 'ffn,heads'")
+            raise ValueError("parts: use 'ffn', 'heads', 'hidden' or several, e.g. 'ffn,heads'")
+        if "hidden" in self.parts and self.importance not in ("fisher", "taylor"):
+            raise ValueError(f"parts=hidden scores channels by their mask gradient: set importance=fisher, not "
+                             f"{self.importance!r}")
         if self.allocation == "measured" and set(self.parts) != {"ffn"}:
             raise ValueError("allocation='measured' chooses FFN widths only: set parts=ffn")
         if self.allocation == "measured" and (not self.shares or not all(0 < x < 1 for x in self.shares)):
@@ -137,9 +145,13 @@ class Width(StructurePruner):
                                             for b in anatomy.blocks if b.attention)
 
     def plan(self, anatomy: Anatomy, block_scores: list[dict[str, torch.Tensor]] | None = None,
-             scope: Scope | None = None) -> Plan:
-        """FFN neurons and head units to keep per block; blocks `scope` rejects keep their full width."""
+             scope: Scope | None = None, hidden_scores: torch.Tensor | None = None) -> Plan:
+        """FFN neurons and head units to keep per block, hidden channels for the model; blocks `scope` rejects keep
+        their full width. `hidden_scores` (d,): channels' importance (global allocation with parts=hidden)."""
         need, neuron, slot = self._costs(anatomy)
+        d0 = anatomy.hidden_size
+        chan = channels.channel_cost(anatomy, self.budget.kind) if "hidden" in self.parts else 0.0
+        hid = (d0, min(d0, self.multiple_of) if chan else d0, chan)  # (channels, floor, cost of one)
         ffn0 = [b.mlp.intermediate_size if b.mlp else 0 for b in anatomy.blocks]
         slots0 = [b.attention.num_heads // head_unit(b.attention) if b.attention else 0 for b in anatomy.blocks]
         may = scope or (lambda _i, _part: True)
@@ -148,7 +160,7 @@ class Width(StructurePruner):
         floor_ffn = [min(f, max(self.min_ffn, self.multiple_of)) if u else f for f, u in zip(ffn0, use_ffn)]
         floor_slots = [min(s, 1) if u else s for s, u in zip(slots0, use_heads)]
         most = sum((f - lo) * c for f, lo, c in zip(ffn0, floor_ffn, neuron)) + sum(
-            (s - lo) * c for s, lo, c in zip(slots0, floor_slots, slot))
+            (s - lo) * c for s, lo, c in zip(slots0, floor_slots, slot)) + (hid[0] - hid[1]) * chan
         if need > most + 1e-6:
             parts = set(self.parts)
             what = "FFN neurons" if parts == {"ffn"} else "heads" if parts == {"heads"} else "FFN neurons and heads"
@@ -160,20 +172,23 @@ class Width(StructurePruner):
                 + ("" if all(use_ffn + use_heads) else " (filter_fn leaves some blocks whole)")
             )
         if need <= 0:
-            return Plan(ffn0, slots0)
+            return Plan(ffn0, slots0, d0)
         if self.allocation == "uniform" or block_scores is None:
-            return self._uniform(need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot)
-        return self._global(need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot, block_scores)
+            return self._uniform(need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot, hid)
+        return self._global(need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot, block_scores, hid, hidden_scores)
 
     def _round(self, keep: int, full: int, floor: int) -> int:
         return max(floor, min(full, math.ceil(keep / self.multiple_of) * self.multiple_of))
 
-    def _uniform(self, need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot) -> Plan:
+    def _uniform(self, need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot, hid) -> Plan:
+        d0, floor_h, chan = hid
+
         def at(f: float) -> tuple[Plan, float]:
             ffn = [self._round(round(n * (1 - f)), n, lo) if "ffn" in self.parts else n for n, lo in zip(ffn0, floor_ffn)]
             heads = [max(lo, round(s * (1 - f))) if "heads" in self.parts else s for s, lo in zip(slots0, floor_slots)]
+            h = self._round(round(d0 * (1 - f)), d0, floor_h) if chan else d0
             gone = sum((a - b) * c for a, b, c in zip(ffn0, ffn, neuron)) + sum((a - b) * c for a, b, c in zip(slots0, heads, slot))
-            return Plan(ffn, heads), gone
+            return Plan(ffn, heads, h), gone + (d0 - h) * chan
 
         lo, hi = 0.0, 1.0
         for _ in range(40):  # bisection on the shared removal ratio
@@ -181,8 +196,11 @@ class Width(StructurePruner):
             lo, hi = (mid, hi) if at(mid)[1] < need else (lo, mid)
         return at(hi)[0]
 
-    def _global(self, need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot, block_scores) -> Plan:
+    def _global(self, need, ffn0, slots0, floor_ffn, floor_slots, neuron, slot, block_scores, hid, hidden_scores) -> Plan:
+        d0, floor_h, chan = hid
         units = []  # (error per removed unit of cost, block, kind)
+        if chan and hidden_scores is not None:  # the costs of one channel are those at the current widths (first order)
+            units += [(v / chan, -1, "hidden") for v in hidden_scores.sort().values[: d0 - floor_h].tolist()]
         for i, sc in enumerate(block_scores):
             if "ffn" in self.parts and "ffn" in sc:
                 s = sc["ffn"].sort().values[: ffn0[i] - floor_ffn[i]]
@@ -191,7 +209,7 @@ class Width(StructurePruner):
                 per_slot = sc["heads"].sort(dim=1).values.sum(0)[: slots0[i] - floor_slots[i]]  # (slots,)
                 units += [(v / slot[i], i, "heads") for v in per_slot.tolist()]
         units.sort(key=lambda u: u[0])
-        ffn, heads = list(ffn0), list(slots0)
+        ffn, heads, h = list(ffn0), list(slots0), d0
         gone, taken = 0.0, []
         for _, i, kind in units:
             if gone >= need:
@@ -200,6 +218,9 @@ class Width(StructurePruner):
             if kind == "ffn":
                 ffn[i] -= 1
                 gone += neuron[i]
+            elif kind == "hidden":
+                h -= 1
+                gone += chan
             else:
                 heads[i] -= 1
                 gone += slot[i]
@@ -208,7 +229,7 @@ class Width(StructurePruner):
                 ffn[i] += 1
                 gone -= neuron[i]
         ffn = [self._round(k, n, lo) for k, n, lo in zip(ffn, ffn0, floor_ffn)]
-        return Plan(ffn, heads)
+        return Plan(ffn, heads, self._round(h, d0, floor_h))
 
     def _measured(self, anatomy: Anatomy, calibration: torch.Tensor, batch_size: int, progress: bool,
                   scope: Scope) -> Plan:
@@ -373,29 +394,18 @@ class Width(StructurePruner):
         hooks = [p.module.register_forward_hook(lambda m, a, o, i=i, k=k: keep(i, k, m, a, o))
                  for i, o in enumerate(outs) for k, p in o.items()]
         hooks.append(an.embed.register_forward_hook(lambda _m, _a, o: o.requires_grad_()))  # (weights are frozen)
-        params = [p for p in an.model.parameters() if p.requires_grad]
         g = torch.Generator().manual_seed(0)
         device = next(an.model.parameters()).device
-        try:
-            for p in params:  # activations' gradients only
-                p.requires_grad_(False)
+        with activation_gradients(an.model, hooks):
             for i in bar(range(0, calibration.shape[0], batch_size), desc="width: feature gradients", unit="batch",
                          disable=not progress):
-                batch = calibration[i: i + batch_size].to(device)
                 with torch.enable_grad():
-                    f = an.model(**calibrate.model_inputs(an, batch)).last_hidden_state.float()  # (B, T, d)
-                    r = torch.randn(f.shape, generator=g).to(device)
-                    (f * r).sum().backward()
+                    feature_loss(an, calibration[i: i + batch_size].to(device), g).backward()
                 for (b, k), a in seen.items():
                     X = a.detach()  # (B, T, in)
                     stats[b][k].add(X)
                     stats[b][k].add_grad(X, a.grad, per_input=True)
                 seen.clear()
-        finally:
-            for h in hooks:
-                h.remove()
-            for p in params:
-                p.requires_grad_(True)
         return stats
 
     def _total(self, anatomy: Anatomy) -> float:
@@ -430,8 +440,9 @@ class Width(StructurePruner):
         collect = self._gradient_statistics if self.importance in NEEDS_GRAD else self._statistics
         stats = collect(anatomy, calibration, batch_size, progress) if data else [{} for _ in anatomy.blocks]
         block_scores = [self._block_scores(b, st) for b, st in zip(anatomy.blocks, stats)] if self.allocation == "global" else None
+        hidden_scores = self._hidden_scores(anatomy, run, scope)
         plan = self._measured(anatomy, calibration, batch_size, progress, scope) if self.allocation == "measured" \
-            else self.plan(anatomy, block_scores, scope)
+            else self.plan(anatomy, block_scores, scope, hidden_scores)
         if self.sequential and data:  # re-measure each block's inputs after the blocks before it were cut
             del stats
             for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="width: pruning",
@@ -445,10 +456,23 @@ class Width(StructurePruner):
             for b, st in bar(list(zip(anatomy.blocks, stats)), desc="width: pruning", unit="block", disable=not progress):
                 self._cut_heads(b, plan.head_units[b.index], st.get("heads"))
                 self._cut_ffn(b, plan.ffn[b.index], st.get("ffn"))
+        if hidden_scores is not None and plan.hidden < anatomy.hidden_size:  # last: the re-fits above read all channels
+            channels.prune_channels(anatomy, hidden_scores.topk(plan.hidden).indices)
         out: dict[str, Any] = {"ffn": plan.ffn, "head_units": plan.head_units}
+        if hidden_scores is not None:
+            out["hidden"] = plan.hidden
         if self.attention_flops:
             out.update(spent=self.flops_share(anatomy, before), attention_tokens=self._tokens)
         return out
+
+
+    def _hidden_scores(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> torch.Tensor | None:
+        if "hidden" not in self.parts:
+            return None
+        if not all(scope(i, part) for i in range(len(anatomy.blocks)) for part in self.filter_on):
+            raise ValueError("parts=hidden cuts the channels of every block; a filter_fn that leaves blocks whole "
+                             "cannot hold: drop 'hidden' from parts or the filter")
+        return channels.channel_scores(anatomy, run.calibration, run.batch_size, self.importance, run.progress)
 
 
 def attention_per_head(block: Block, tokens: int) -> float:
