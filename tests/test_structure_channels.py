@@ -172,6 +172,11 @@ def test_bad_input_is_refused(calib):
         channels.channel_scores(anatomy_of(model), _images(), 4, "taylor")
     with pytest.raises(ValueError, match="pre-norm"):
         channels.channel_scores(anatomy_of(tiny("bert")), calib, 2, "fisher")
+    gemma = anatomy_of(tiny("gemma3"))  # its embedding scale, sqrt(hidden_size), would change on reload
+    with pytest.raises(ValueError, match="sqrt"):
+        channels.channel_scores(gemma, calib, 2, "fisher")
+    with pytest.raises(SurgeryError, match="sqrt"):
+        channels.prune_channels(gemma, list(range(32)))
     with pytest.raises(SurgeryError, match=r"in \[0, 64\)"):
         channels.prune_channels(anatomy_of(model), [0, 64])
     with pytest.raises(SurgeryError, match="0 hidden channels"):

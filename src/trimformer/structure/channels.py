@@ -42,10 +42,23 @@ WRITES = ("attn.o", "mlp.down")
 
 
 def check(anatomy: Anatomy) -> None:
-    """Refuse what the mask gradient does not describe: post-norm blocks (the stream is normalised after the add)."""
+    """Refuse what the mask gradient does not describe (post-norm blocks: the stream is normalised after the add)
+    and what would not reload the same (see `scaled_embedding`)."""
     if not all(b.pre_norm for b in anatomy.blocks):
         raise ValueError(f"parts=hidden needs a pre-norm model; {anatomy.family} normalises the residual stream "
                          "after each block (drop 'hidden' from parts)")
+    if why := scaled_embedding(anatomy):
+        raise ValueError(why)
+
+
+def scaled_embedding(anatomy: Anatomy) -> str:
+    """Why a narrower stream would reload wrong, or '': Gemma's embeddings are multiplied by sqrt(hidden_size),
+    which transformers recomputes from the config when it loads the checkpoint."""
+    if getattr(anatomy.embed, "embed_scale", None) is None:
+        return ""
+    return (f"parts=hidden on {anatomy.family}: its embeddings are scaled by sqrt(hidden_size), which transformers "
+            "recomputes from the config on reload, so a narrower stream would reload with another scale (drop "
+            "'hidden' from parts)")
 
 
 # -- cost ----------------------------------------------------------------------------------------
@@ -169,6 +182,8 @@ def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None
     RMSNorm models stay exact when the removed channels carried nothing (the norm weight is
     rescaled by sqrt(d/d') and its eps by d/d'); LayerNorm statistics change by construction.
     """
+    if why := scaled_embedding(anatomy):
+        raise SurgeryError(why)
     d = anatomy.hidden_size
     idx = _index(keep, d, "hidden channels")
     if idx.numel() == 0:
