@@ -51,6 +51,9 @@ CUTS = {  # name -> prune flags (None: the dense model itself); {work} is replac
     "finercut": ["--method", "finercut", "--compute", "0.2", "--fuse", "true", "--windows", "4", "--fuse-windows", "16"],
     "search-0.8": [*SEARCH, "--target", "latency=0.8"],
     "search-0.6": [*SEARCH, "--target", "latency=0.6"],
+    # the latency table measured in llama.cpp (whole-model GGUF prefills, 1 thread, under the lock), kept in WORK
+    "search-0.6-lcpp": [*SEARCH, "--target", "latency=0.6", "--latency-from", "llamacpp", "--engine-python", LLAMACPP,
+                        "--latency-table", "{work}/search-latency-llamacpp.json"],
 }
 MODEL = "smollm2-135m"
 
