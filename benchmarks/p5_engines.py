@@ -3,7 +3,8 @@
     python benchmarks/p5_engines.py --work /work/runs/engines [--reuse width=/work/runs/w] [--threads 1,2]
 
 For each cut (dense; width params=0.8; depth remove=6 fused; FinerCut compute=0.2 fused; search latency=0.8 and 0.6
-restricted to what llama.cpp serves (--engine llamacpp), FinerCut and search with small settings, see CUTS), in order,
+restricted to what llama.cpp serves (--engine llamacpp), and latency=0.6 with its latency table measured in llama.cpp
+(search-0.6-lcpp: --latency-from llamacpp); FinerCut and search with small settings, see CUTS), in order,
 each stage skipped when its output is already in WORK, every heavy stage under `flock /work/heavy.lock` (the machine
 is shared; either let the script take the lock stage by stage, or hold it for the whole run with P5_LOCK_HELD=1, see
 heavy()):
@@ -18,9 +19,11 @@ heavy()):
      its spinning thread barrier (one 512-token prefill did not finish in 120 s; with 1 thread it takes ~11 s);
   5. `engines/vllm_agree.py` in the vLLM venv for the cuts in --vllm (their deci export): agreement, then throughput
      at --vllm-batch requests in the same process (one ~70 s load per model).
-Then writes benchmarks/results/p5_engines.json, .md and .png (speedup against KL per engine, dense point included).
+Then kl_code (engines/kl_code.py: each PyTorch cut's KL to dense on 4 stdlib source windows, out of domain, under
+the lock), and writes benchmarks/results/p5_engines.json, .md and .png (speedup against KL per engine, dense point included).
 The issue's targets: llama.cpp decode speedup within 10 % of 1/params-ratio, prefill speedup within 15 % of
-1/FLOPs-ratio; vLLM throughput within 15 % of 1/FLOPs-ratio. The .md says which are met, with the gaps.
+1/FLOPs-ratio; vLLM throughput within 15 % of 1/FLOPs-ratio; a search's measured llama.cpp prefill ratio within 0.05
+of its latency target when its table comes from llama.cpp. The .md says which are met, with the gaps.
 """
 
 from __future__ import annotations
