@@ -4,7 +4,8 @@ llama.cpp's relative costs differ from PyTorch eager's (its f32 GEMM, its attent
 not a multiple of 16/32 falling back to a generic kernel), so a latency target met in PyTorch is missed there.
 llama.cpp times whole models, so the per-block table is solved from whole-model prefills, each a GGUF (f32, our
 writer, llama.cpp's `deci` architecture when the blocks differ) timed in a subprocess of a Python that has
-llama-cpp-python (`--engine-python`, $TRIMFORMER_ENGINE_PYTHON, else this one):
+llama-cpp-python (`--engine-python`, $TRIMFORMER_ENGINE_PYTHON, else this one), in turn with the model as it is in
+the same process (its time is kept as a ratio to that baseline, so a shared machine's drifting load cancels):
 
     T_ref          the model with one block r kept (dense), the first of the most common shape;
     T(g, o)        r dense and every other block of shape g taking option o, the rest removed;
@@ -108,31 +109,46 @@ def engine_python(python: str = "") -> str:
 @dataclass
 class LlamaCppTimer:
     """Median prefill seconds of a GGUF in llama.cpp: `tokens` tokens from an empty cache, batch 1, `threads`
-    threads, `runs` runs after a warm-up, one subprocess of `python` per file."""
+    threads, `runs` runs after a warm-up, one subprocess of `python` per file. With a `baseline` file, it is timed
+    in turn with each file in the same process and the file's time is returned in units of the baseline's first
+    median (file / baseline x that): a shared machine's load drifting from one file to the next then cancels."""
 
     python: str
     tokens: int = 512
     runs: int = 3
     threads: int = 1
+    baseline: Path | None = None
+    scale: float | None = None  # the baseline's median seconds in the first call
 
     def __call__(self, gguf: Path) -> float:
-        args = json.dumps({"gguf": str(gguf), "tokens": self.tokens, "runs": self.runs, "threads": self.threads})
+        args = json.dumps({"gguf": str(gguf), "baseline": self.baseline and str(self.baseline), "tokens": self.tokens,
+                           "runs": self.runs, "threads": self.threads})
         p = subprocess.run([self.python, str(SCRIPT), args], capture_output=True, text=True)
         if p.returncode:
             why = (p.stderr.strip().splitlines() or ["no message"])[-1]
             raise RuntimeError(f"llama.cpp could not time {gguf.name} ({self.python}): {why}")
-        return float(json.loads(p.stdout.strip().splitlines()[-1])["prefill_s"])
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        if out["baseline_s"] is None:
+            return float(out["prefill_s"])
+        self.scale = self.scale or float(out["baseline_s"])
+        return float(out["prefill_s"]) / float(out["baseline_s"]) * self.scale
 
 
 def llamacpp_latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, runs: int = 3,
                            multiple_of: int = 1, threads: int = 1, python: str = "",
                            timer: Callable[[Path], float] | None = None, progress: bool = False) -> dict[str, Any]:
     """Prefill seconds of every option of every block, and of the part outside the blocks, measured in llama.cpp
-    (see the module docstring). `timer`: seconds of one GGUF file (default: LlamaCppTimer in `python`)."""
-    timer = timer or LlamaCppTimer(engine_python(python), tokens=tokens, runs=runs, threads=threads)
+    (see the module docstring). `timer`: seconds of one GGUF file (default: LlamaCppTimer in `python`, each file
+    timed in turn with the model as it is)."""
     ref, variants = plan(anatomy, opts)
     times = []
     with tempfile.TemporaryDirectory(prefix="trimformer-llamacpp-") as tmp:
+        if timer is None:  # the model as it is, timed beside every variant
+            timer = LlamaCppTimer(engine_python(python), tokens=tokens, runs=runs, threads=threads,
+                                  baseline=Path(tmp) / "baseline.gguf")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                write_gguf(anatomy.model, timer.baseline, qtype="f32")
         for j, v in enumerate(bar(variants, desc="search: llama.cpp latency table", unit="model",
                                   disable=not progress)):
             path = Path(tmp) / f"variant{j}.gguf"
