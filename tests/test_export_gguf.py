@@ -200,6 +200,24 @@ def test_q4_k_m_needs_llamacpp(tmp_path):
 
 
 @torch.no_grad()
+def test_unaligned_ffn_widths_are_named_in_a_warning(tmp_path, recwarn):
+    """llama.cpp's prefill is slow at FFN widths that are not a multiple of 32: the export says where, and how to
+    avoid it; aligned widths and removed MLPs (written as one zero neuron) pass quietly."""
+    model = tiny4(num_hidden_layers=6)
+    an = anatomy_of(model)
+    save_gguf(model, tmp_path / "a.gguf", qtype="f32")
+    surgery.prune_neurons(an.blocks[0], range(96))
+    surgery.remove_mlp(an.blocks[5])
+    save_gguf(model, tmp_path / "b.gguf", qtype="f32")
+    assert not [w for w in recwarn if "GGUF" in str(w.message)]
+    for i in (1, 2, 4):
+        surgery.prune_neurons(an.blocks[i], range(40 + i))
+    with pytest.warns(UserWarning, match=r"FFN width 41, 42, 44 in block\(s\) 1-2, 4 is not a multiple of 32: "
+                                         r".*prune with --multiple-of 32"):
+        save_gguf(model, tmp_path / "c.gguf", qtype="f32")
+
+
+@torch.no_grad()
 def test_llamacpp_runs_the_file(tmp_path):
     """Optional: stock llama.cpp (llama-cpp-python) gives our logits on a heterogeneous cut."""
     llama_cpp = pytest.importorskip("llama_cpp")

@@ -1,6 +1,7 @@
 """Checkpoints and formats."""
 
 from ..io import OutputExistsError, atomic_dir
+from . import llamacpp_latency  # noqa: F401  (registers search --latency-from llamacpp)
 from .hf import save_pretrained
 from .structured import save
 

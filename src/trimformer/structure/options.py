@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +194,24 @@ def score_library(anatomy: Anatomy, probe: Probe, shares: list[float], *, attent
 
 
 # -- costs --------------------------------------------------------------------------------------
+def block_shape(block: Block) -> tuple:
+    """What a block's latency depends on: its kind and the shapes of its projections (equal keys share a timing)."""
+    return (block.kind, *((n, tuple(p.weight.shape)) for n, p in block.projections().items()))
+
+
+# Latency tables measured in a serving engine rather than PyTorch eager (search --latency-from NAME): NAME -> a
+# function (anatomy, opts, *, tokens, runs, multiple_of, threads, python, progress) -> table, as latency_table
+# returns. The engine code lives above this layer (export writes the engine's files) and registers itself here.
+ENGINE_LATENCY: dict[str, Callable[..., dict[str, Any]]] = {}
+
+
+def engine_latency(name: str) -> Callable[..., dict[str, Any]]:
+    if name not in ENGINE_LATENCY:
+        raise ValueError(f"latency_from {name!r}: no engine timer registered under that name "
+                         f"({', '.join(sorted(ENGINE_LATENCY)) or 'none'}; import trimformer.export first)")
+    return ENGINE_LATENCY[name]
+
+
 def option_params(block: Block, o: Option, multiple_of: int) -> float:
     """Parameters `block` keeps under option o (attention and MLP, with biases)."""
     a = sum(p.weight.numel() + (p.bias.numel() if p.bias is not None else 0)
@@ -216,6 +235,21 @@ def option_params(block: Block, o: Option, multiple_of: int) -> float:
     return float((a if o.attn else 0) + f)
 
 
+def take_option(anatomy: Anatomy, block: Block, o: Option, multiple_of: int) -> None:
+    """Give `block` the shapes of option o, for timing: the first heads and neurons (which ones does not matter),
+    FFN widths as the search builds them (`keep_n`)."""
+    if key := head_key(block, o):
+        surgery.prune_heads(block, head_indices(block.attention, key))
+    if not o.attn and block.attention is not None:
+        surgery.remove_attention(anatomy, block)
+        block.attention = None
+    if o.ffn < 1 and block.mlp is not None:
+        if o.ffn == 0:
+            surgery.remove_mlp(block)
+        else:
+            surgery.prune_neurons(block, torch.arange(keep_n(block, o.ffn, multiple_of)))
+
+
 @torch.no_grad()
 def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, runs: int = 5,
                   multiple_of: int = 1) -> dict[str, Any]:
@@ -228,7 +262,7 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
     keys, variants = [], {}  # shape key of each block; per distinct key, (option, module) to time
     kws = {}  # per key, the forward arguments of that kind of block
     for block in anatomy.blocks:
-        key = (block.kind, *((n, tuple(p.weight.shape)) for n, p in block.projections().items()))
+        key = block_shape(block)
         keys.append(key)
         if key in variants:
             continue
@@ -238,16 +272,7 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
             if not o.attn and o.ffn == 0:
                 continue
             b = copy.deepcopy(block)  # Block, module and projections copied together
-            if key_ := head_key(b, o):
-                surgery.prune_heads(b, head_indices(b.attention, key_))
-            if not o.attn and b.attention is not None:
-                surgery.remove_attention(anatomy, b)
-                b.attention = None
-            if o.ffn < 1 and b.mlp is not None:
-                if o.ffn == 0:
-                    surgery.remove_mlp(b)
-                else:
-                    surgery.prune_neurons(b, torch.arange(keep_n(b, o.ffn, multiple_of)))
+            take_option(anatomy, b, o, multiple_of)
             variants[key].append((o, b.module))
     an = anatomy
 
@@ -268,11 +293,13 @@ def latency_table(anatomy: Anatomy, opts: list[Option], *, tokens: int = 512, ru
     return {"dense_s": fixed + sum(r[full] for r in per_block), "fixed_s": fixed, "blocks": per_block}
 
 
-def saved_latency_table(path: str, anatomy: Anatomy, opts: list[Option], measure: Any) -> dict[str, Any]:
+def saved_latency_table(path: str, anatomy: Anatomy, opts: list[Option], measure: Any,
+                        source: str = "torch") -> dict[str, Any]:
     """The latency table in the JSON file at `path` when there is one, else `measure()`'s, written there (when a
     path is given). A saved table makes a latency-targeted search repeatable on a busy machine (the choice then
     depends on the calibration only) and lets a table measured elsewhere drive it; it must name every offered
-    option of every block."""
+    option of every block. `source`: where the times come from ('torch', or an engine such as 'llamacpp'); a
+    saved table records it (none recorded: torch) and is refused for another source."""
     if path and os.path.exists(path):
         try:
             t = json.loads(open(path, encoding="utf-8").read())
@@ -282,15 +309,19 @@ def saved_latency_table(path: str, anatomy: Anatomy, opts: list[Option], measure
             for i, r in enumerate(rows):
                 if missing := sorted({o.name for o in opts} - set(r)):
                     raise ValueError(f"block {i} has no time for option(s) {', '.join(missing)}")
-            return {"dense_s": float(t["dense_s"]), "fixed_s": float(t["fixed_s"]),
-                    "blocks": [{o: float(r[o.name]) for o in opts} for r in rows]}
+            table = {"dense_s": float(t["dense_s"]), "fixed_s": float(t["fixed_s"]),
+                     "blocks": [{o: float(r[o.name]) for o in opts} for r in rows]}
         except (ValueError, KeyError, TypeError) as e:
             why = f"no {e} entry" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"latency table {path}: {why} (not a table of this model and these options?); "
                              "delete it to measure it again") from None
+        if (got := t.get("source", "torch")) != source:
+            raise ValueError(f"latency table {path} was measured in {got}, the search asks for {source}: pass "
+                             f"--latency-from {got}, or another --latency-table file to measure one in {source}")
+        return table
     table = measure()
     if path:
-        atomic_file(path, json.dumps({"dense_s": table["dense_s"], "fixed_s": table["fixed_s"],
+        atomic_file(path, json.dumps({"source": source, "dense_s": table["dense_s"], "fixed_s": table["fixed_s"],
                                       "blocks": [{o.name: t for o, t in row.items()} for row in table["blocks"]]},
                                      indent=1))
     return table

@@ -28,6 +28,7 @@ from .budget import Budget, BudgetError, Candidate, cached_library, choose, libr
 from .importance import Criterion, least_squares, output_error_stats
 from .options import (
     Option,
+    engine_latency,
     head_key,
     latency_table,
     option_params,
@@ -74,6 +75,10 @@ class Search(StructurePruner):
     nor KV groups, which take their query heads with them); FFN widths, attention and MLP removal stay (vLLM builds
     any width from block_configs' intermediate_size). 'llamacpp' (--format gguf, per-layer head counts) and 'hf'
     (our checkpoint): every option.
+    latency_from: where the latency table is measured: 'torch' (PyTorch eager, one block at a time) or 'llamacpp'
+    (whole-model GGUF prefills in llama.cpp, `engine_threads` threads, in a subprocess of `engine_python` or
+    $TRIMFORMER_ENGINE_PYTHON, else this Python, which must have llama-cpp-python; see export.llamacpp_latency),
+    so that a latency target holds when the cut is served there.
     filter_fn is asked about each attention and MLP sublayer: a rejected one is neither cut, removed nor re-fitted."""
 
     target: Budget = Budget("latency", 0.6)
@@ -93,6 +98,9 @@ class Search(StructurePruner):
     library: str = ""
     latency_table: str = ""
     engine: Literal["hf", "vllm", "llamacpp"] = "hf"
+    latency_from: Literal["torch", "llamacpp"] = "torch"
+    engine_python: str = ""
+    engine_threads: int = 1
 
     budgets = ("latency", "params")
     filter_on = ("attn", "mlp")
@@ -102,8 +110,8 @@ class Search(StructurePruner):
         super().__post_init__()
         if not all(0.0 <= w < 1.0 for w in self.widths):
             raise ValueError(f"widths {self.widths}: every FFN share must be in [0, 1), e.g. 0.75,0.5,0")
-        if self.windows < 1 or self.length < 2 or self.multiple_of < 1 or self.runs < 1:
-            raise ValueError("windows, multiple_of, runs must be >= 1 and length >= 2")
+        if self.windows < 1 or self.length < 2 or self.multiple_of < 1 or self.runs < 1 or self.engine_threads < 1:
+            raise ValueError("windows, multiple_of, runs, engine_threads must be >= 1 and length >= 2")
         for name in ("kv_groups", "query_heads"):
             spec = getattr(self, name)
             if isinstance(spec, int):
@@ -130,8 +138,14 @@ class Search(StructurePruner):
         opts = options(self.widths, self.attention, kv, q)
         kind = self.budget.kind
         if kind == "latency":
-            table = saved_latency_table(self.latency_table, anatomy, opts, lambda: latency_table(
-                anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of))
+            def measure() -> dict[str, Any]:
+                if self.latency_from == "torch":
+                    return latency_table(anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of)
+                return engine_latency(self.latency_from)(
+                    anatomy, opts, tokens=self.tokens, runs=self.runs, multiple_of=self.multiple_of,
+                    threads=self.engine_threads, python=self.engine_python, progress=progress)
+
+            table = saved_latency_table(self.latency_table, anatomy, opts, measure, source=self.latency_from)
             costs = [[row[o] for o in opts] for row in table["blocks"]]
             whole, fixed = table["dense_s"], table["fixed_s"]
         else:
