@@ -140,6 +140,10 @@ def test_removing_zeroed_channels_is_exact_with_rmsnorm(family, ids):
 def test_channel_removal_runs_and_config_matches(family, ids):
     model = tiny(family)
     an = anatomy_of(model)
+    if family == "gemma3":  # its embedding scale, sqrt(hidden_size), would not reload the same: refused
+        with pytest.raises(surgery.SurgeryError, match="sqrt"):
+            channels.prune_channels(an, list(range(0, 64, 2)))
+        return
     channels.prune_channels(an, list(range(0, 64, 2)))
     surgery.sync_config(an)
     out = _out(model, ids)

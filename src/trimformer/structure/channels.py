@@ -35,7 +35,7 @@ from torch import nn
 from ..models import Anatomy, Proj
 from ..progress import bar
 from .importance import activation_gradients, feature_loss
-from .surgery import SurgeryError, _index, _param, keep_inputs, keep_outputs, sync_config
+from .surgery import SurgeryError, keep_inputs, keep_outputs, kept_index, new_param, sync_config
 
 READS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "mlp.gate", "mlp.up")  # projections whose inputs are the stream
 WRITES = ("attn.o", "mlp.down")
@@ -185,7 +185,7 @@ def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None
     if why := scaled_embedding(anatomy):
         raise SurgeryError(why)
     d = anatomy.hidden_size
-    idx = _index(keep, d, "hidden channels")
+    idx = kept_index(keep, d, "hidden channels")
     if idx.numel() == 0:
         raise SurgeryError("cannot keep 0 hidden channels")
     model = anatomy.model
@@ -201,19 +201,19 @@ def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None
             normed.add(id(norm))
         for scale in b.scales.values():  # DINOv2 / CaiT layer scale: one factor per channel
             for pname, prm in list(scale.named_parameters(recurse=False)):
-                setattr(scale, pname, _param(prm, prm[..., idx]))
+                setattr(scale, pname, new_param(prm, prm[..., idx]))
     head = anatomy.head
     for name, m, kind in list(_outside(anatomy, in_blocks)):
         if kind == "head":
             if not anatomy.tied:
                 keep_inputs(Proj(m, name), idx)
         elif kind == "embedding":
-            m.weight = _param(m.weight, m.weight[:, idx])
+            m.weight = new_param(m.weight, m.weight[:, idx])
             m.embedding_dim = idx.numel()
         elif kind == "patch":
-            m.weight = _param(m.weight, m.weight[idx])
+            m.weight = new_param(m.weight, m.weight[idx])
             if m.bias is not None:
-                m.bias = _param(m.bias, m.bias[idx])
+                m.bias = new_param(m.bias, m.bias[idx])
             m.out_channels = idx.numel()
         elif kind == "linear":
             keep_inputs(Proj(m, name), idx)
@@ -223,7 +223,7 @@ def prune_channels(anatomy: Anatomy, keep: Sequence[int] | torch.Tensor) -> None
         else:
             for pname, prm in list(m.named_parameters(recurse=False)):
                 if pname not in ("weight", "bias") and prm.shape[-1] == d:
-                    setattr(m, pname, _param(prm, prm[..., idx]))
+                    setattr(m, pname, new_param(prm, prm[..., idx]))
     if anatomy.tied and head is not None:
         head.weight = anatomy.embed.weight
         if isinstance(head, nn.Linear):
@@ -249,9 +249,9 @@ def _norm(m: nn.Module, idx: torch.Tensor, d: int) -> None:
     rms = not isinstance(m, nn.LayerNorm) and hasattr(m, "variance_epsilon")
     if getattr(m, "weight", None) is not None:
         w = m.weight[idx] * ((d / keep) ** 0.5 if rms else 1.0)
-        m.weight = _param(m.weight, w)
+        m.weight = new_param(m.weight, w)
     if getattr(m, "bias", None) is not None:
-        m.bias = _param(m.bias, m.bias[idx])
+        m.bias = new_param(m.bias, m.bias[idx])
     if rms:
         m.variance_epsilon = m.variance_epsilon * d / keep
     if isinstance(m, nn.LayerNorm):

@@ -20,7 +20,8 @@ class SurgeryError(ValueError):
     pass
 
 
-def _index(keep: Sequence[int] | torch.Tensor, size: int, what: str) -> torch.Tensor:
+def kept_index(keep: Sequence[int] | torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """`keep` as sorted indices into `size` things, refused (SurgeryError naming `what`) if out of range or repeated."""
     idx = torch.as_tensor(keep, dtype=torch.long).flatten().sort().values
     if idx.numel() and (idx[0] < 0 or idx[-1] >= size):
         raise SurgeryError(f"{what}: indices must be in [0, {size}), got {idx.tolist()[:8]}...")
@@ -29,7 +30,8 @@ def _index(keep: Sequence[int] | torch.Tensor, size: int, what: str) -> torch.Te
     return idx
 
 
-def _param(like: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+def new_param(like: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """A parameter holding a copy of `data`, trainable as `like` was."""
     return nn.Parameter(data.contiguous().clone(), requires_grad=like.requires_grad)
 
 
@@ -37,9 +39,9 @@ def _param(like: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
 def keep_outputs(p: Proj, idx: torch.Tensor) -> None:
     """Keep output features `idx` of a projection (rows of its (out, in) weight, and its bias)."""
     m = p.module
-    m.weight = _param(m.weight, m.weight[:, idx] if p.transposed else m.weight[idx])
+    m.weight = new_param(m.weight, m.weight[:, idx] if p.transposed else m.weight[idx])
     if getattr(m, "bias", None) is not None:
-        m.bias = _param(m.bias, m.bias[idx])
+        m.bias = new_param(m.bias, m.bias[idx])
     if p.transposed:
         m.nf = idx.numel()  # Conv1D reads nf in forward
     else:
@@ -50,7 +52,7 @@ def keep_outputs(p: Proj, idx: torch.Tensor) -> None:
 def keep_inputs(p: Proj, idx: torch.Tensor) -> None:
     """Keep input features `idx` of a projection (columns of its (out, in) weight)."""
     m = p.module
-    m.weight = _param(m.weight, m.weight[idx] if p.transposed else m.weight[:, idx])
+    m.weight = new_param(m.weight, m.weight[idx] if p.transposed else m.weight[:, idx])
     if p.transposed:
         m.nx = idx.numel()
     else:
@@ -75,7 +77,7 @@ def prune_neurons(block: Block, keep: Sequence[int] | torch.Tensor) -> None:
     mlp = block.mlp
     if mlp is None:
         raise SurgeryError(f"block {block.index} has no MLP")
-    idx = _index(keep, mlp.intermediate_size, f"block {block.index} FFN neurons")
+    idx = kept_index(keep, mlp.intermediate_size, f"block {block.index} FFN neurons")
     for p in (mlp.up, mlp.gate):
         if p is not None:
             keep_outputs(p, idx)
@@ -127,7 +129,7 @@ def prune_heads(block: Block, keep_heads: Sequence[int] | torch.Tensor, keep_kv:
     if a is None:
         raise SurgeryError(f"block {block.index} has no attention")
     H, Hkv, D = a.num_heads, a.num_kv_heads, a.head_dim
-    heads = _index(keep_heads, H, f"block {block.index} query heads")
+    heads = kept_index(keep_heads, H, f"block {block.index} query heads")
     if heads.numel() == 0:
         raise SurgeryError(f"block {block.index}: keeping 0 heads; use remove_attention to drop the sublayer")
     group = H // Hkv
@@ -135,7 +137,7 @@ def prune_heads(block: Block, keep_heads: Sequence[int] | torch.Tensor, keep_kv:
     if keep_kv is None:
         kv = kv_of.unique()
     else:
-        kv = _index(keep_kv, Hkv, f"block {block.index} KV heads")
+        kv = kept_index(keep_kv, Hkv, f"block {block.index} KV heads")
         if not set(kv_of.tolist()) <= set(kv.tolist()):
             raise SurgeryError(f"block {block.index}: a kept query head uses a removed KV head")
     if Hkv == H:
