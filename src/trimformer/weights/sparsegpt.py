@@ -100,4 +100,8 @@ def _refit(W: torch.Tensor, R: torch.Tensor, H: torch.Tensor, percdamp: float) -
     torch.linalg.cholesky_ex(L, out=(L, info))
     if info:
         return W  # H is not positive definite even damped: inverse_cholesky will raise the damping and log it
-    return W.add_(torch.cholesky_solve(R.t(), L).t())  # (H + damp)^-1 is symmetric: (R Hd^-1)^T = Hd^-1 R^T
+    # R Hd^-1 with Hd = L L^T: solve Y L^T = R, then X L = Y (two triangular solves from the right, in place on R;
+    # torch.cholesky_solve would clone L, a third (in, in) matrix at the peak)
+    torch.linalg.solve_triangular(L.mT, R, upper=True, left=False, out=R)
+    torch.linalg.solve_triangular(L, R, upper=False, left=False, out=R)
+    return W.add_(R)
