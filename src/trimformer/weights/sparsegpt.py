@@ -78,6 +78,7 @@ class SparseGPT(WeightPruner):
             R = W @ C.sub_(stats[0])  # W (C - H): (out, in); C is freed here, before the factorisation
             del C
             W = _refit(W, R, stats[0], self.percdamp)
+            del R  # (out, in), overwritten by the refit: not kept through the factorisation below
         H = stats.pop(0)
         U = inverse_cholesky(H, self.percdamp, what=projs[0].name)
         del H
