@@ -57,6 +57,9 @@ CUTS = {  # name -> prune flags (None: the dense model itself); {work} is replac
     # the latency table measured in llama.cpp (whole-model GGUF prefills, 1 thread, under the lock), kept in WORK
     "search-0.6-lcpp": [*SEARCH, "--target", "latency=0.6", "--latency-from", "llamacpp", "--engine-python", LLAMACPP,
                         "--latency-table", "{work}/search-latency-llamacpp.json"],
+    # what vLLM serves: no per-block query-head change (DeciLM's num_attention_heads is global there)
+    "search-0.6-vllm": ["--method", "search", "--windows", "8", "--runs", "3", "--engine", "vllm",
+                        "--library", "{work}/search-library-vllm.pt", "--target", "latency=0.6"],
 }
 MODEL = "smollm2-135m"
 
