@@ -94,7 +94,7 @@ def refit_to_dense(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: 
 
 
 def _refit(W: torch.Tensor, R: torch.Tensor, H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """W + R (H + damp I)^-1, in place on W, with R = W (C - H); one (in, in) matrix besides H."""
+    """W + R (H + damp I)^-1, in place on W (R is overwritten), with R = W (C - H); one (in, in) matrix besides H."""
     L = lapack_copy(H)  # factorised in place: no hidden copy
     L.diagonal().add_(percdamp * torch.diag(H).mean())
     info = torch.empty((), dtype=torch.int32, device=H.device)
