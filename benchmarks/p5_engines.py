@@ -60,6 +60,8 @@ CUTS = {  # name -> prune flags (None: the dense model itself); {work} is replac
     # what vLLM serves: no per-block query-head change (DeciLM's num_attention_heads is global there)
     "search-0.6-vllm": ["--method", "search", "--windows", "8", "--runs", "3", "--engine", "vllm",
                         "--library", "{work}/search-library-vllm.pt", "--target", "latency=0.6"],
+    "search-0.8-vllm": ["--method", "search", "--windows", "8", "--runs", "3", "--engine", "vllm",
+                        "--library", "{work}/search-library-vllm.pt", "--target", "latency=0.8"],
 }
 MODEL = "smollm2-135m"
 
@@ -97,6 +99,15 @@ def prepare(work: Path, name: str, model: str, q8: bool, deci: bool) -> Path:
              "--formats", "gguf,deci" if deci else "gguf", "--gguf-type", "f32,q8_0" if q8 else "f32"]),
             work / "log.txt")
     return eng
+
+
+def quantize(work: Path, eng: Path, qtype: str) -> Path:
+    """llama.cpp's own k-quant mixture (which the gguf library cannot write) from the cut's f32 GGUF."""
+    out = eng / f"model-{qtype}.gguf"
+    if not out.exists():
+        run(heavy([LLAMACPP, str(HERE / "engines" / "llamacpp_quantize.py"), str(eng / "model-f32.gguf"), str(out),
+                   qtype]), work / "log.txt")
+    return out
 
 
 def agree(work: Path, eng: Path, gguf: str, threads: int) -> dict:
@@ -278,6 +289,7 @@ def main() -> None:
     p.add_argument("--work", required=True)
     p.add_argument("--cuts", default=",".join(CUTS))
     p.add_argument("--q8", default="dense,search-0.6", help="cuts whose q8_0 GGUF is also measured")
+    p.add_argument("--q4", default="", help="cuts whose q4_k_m GGUF (llama.cpp's quantizer) is also measured")
     p.add_argument("--vllm", default="dense,width,depth", help="cuts run in vLLM CPU (deci export), dense first")
     p.add_argument("--vllm-batch", type=int, default=8, help="vLLM throughput batch (0: agreement only)")
     p.add_argument("--threads", default="1", help="llama.cpp thread counts, comma-separated, each timed in its own run")
@@ -288,11 +300,12 @@ def main() -> None:
     p.add_argument("--reuse-note", default="", help="NAME=TEXT,...: how a reused cut was made (for the table)")
     p.add_argument("--stop-after-agree", action="store_true", help="prune, export and llama.cpp agreement only")
     p.add_argument("--render", action="store_true", help="only re-write the .md and .png from the existing .json")
+    p.add_argument("--results", default="p5_engines", help="file stem under benchmarks/results (.json, .md, .png)")
     a = p.parse_args()
     if a.render:
-        res = json.loads((RESULTS / "p5_engines.json").read_text())
-        (RESULTS / "p5_engines.md").write_text(table(res))
-        plot(res, RESULTS / "p5_engines.png")
+        res = json.loads((RESULTS / f"{a.results}.json").read_text())
+        (RESULTS / f"{a.results}.md").write_text(table(res))
+        plot(res, RESULTS / f"{a.results}.png")
         return
     reuse = dict(kv.split("=", 1) for kv in filter(None, a.reuse.split(",")))
     reuse_note = dict(kv.split("=", 1) for kv in filter(None, a.reuse_note.split(",")))
@@ -304,6 +317,7 @@ def main() -> None:
     engs = {c: prepare(work, c, models[c], c in q8, c in vl) for c in cuts}
     infos = {c: json.loads((e / "prepare.json").read_text()) for c, e in engs.items()}
     files = [(c, engs[c] / w["path"]) for c in cuts for k, w in infos[c]["written"].items() if k.startswith("gguf")]
+    files += [(c, quantize(work, engs[c], "q4_k_m")) for c in cuts if c in set(filter(None, a.q4.split(",")))]
     quality = {str(g): agree(work, engs[c], g.name, threads[0]) for c, g in files}
     if a.stop_after_agree:
         return
@@ -336,9 +350,9 @@ def main() -> None:
                                                                     for t, sp in speeds.items()},
            "rows": rows, "vllm": vres}
     res = json.loads(json.dumps(res))  # thread keys as strings, as read back
-    write_results(RESULTS / "p5_engines", res, table(res))
+    write_results(RESULTS / a.results, res, table(res))
     if speeds:
-        plot(res, RESULTS / "p5_engines.png")
+        plot(res, RESULTS / f"{a.results}.png")
     print(table(res))
 
 
