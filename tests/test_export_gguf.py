@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import gguf
 import numpy as np
@@ -215,6 +216,26 @@ def test_unaligned_ffn_widths_are_named_in_a_warning(tmp_path, recwarn):
     with pytest.warns(UserWarning, match=r"FFN width 41, 42, 44 in block\(s\) 1-2, 4 is not a multiple of 32: "
                                          r".*prune with --multiple-of 32"):
         save_gguf(model, tmp_path / "c.gguf", qtype="f32")
+
+
+@torch.no_grad()
+def test_kquant_files_name_ffn_widths_off_the_256_block(tmp_path):
+    """Q4_K_M stores down projections whose rows are not a multiple of 256 in a bigger fallback type: the export
+    names those blocks for k-quants only (an f32 file of the same model is quiet about it)."""
+    model = tiny4(num_hidden_layers=3, intermediate_size=512)
+    an = anatomy_of(model)
+    surgery.prune_neurons(an.blocks[1], range(256))  # 256 kept: one k-quant block
+    surgery.prune_neurons(an.blocks[2], range(480))  # 480 kept: fine for f32 / q8_0, not for k-quants
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        save_gguf(model, tmp_path / "a.gguf", qtype="f32")
+    assert not [w for w in rec if "k-quant" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"GGUF q4_k_m: FFN width 480 in block\(s\) 2 is not a multiple of 256 "
+                                         r".*prune with --multiple-of 256"):
+        try:
+            save_gguf(model, tmp_path / "b.gguf", qtype="q4_k_m")
+        except ExportError:  # no llama-cpp-python here: the warning comes first
+            pass
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ QTYPES: dict[str, tuple[Q | None, F]] = {
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # uniform cuts keep the family's architecture
 NEOX = {"qwen2"}  # architectures that rotate halves, like transformers
 FFN_ALIGN = 32  # FFN widths llama.cpp runs at full speed: tinyBLAS f32 needs 16 (AVX-512), q8_0 blocks are 32 wide
+KQUANT_ALIGN = 256  # k-quant super-blocks (q4_K, q6_K): llama.cpp gives narrower rows a bigger fallback type
 
 # Split regexes of byte-level BPE pre-tokenizers (as tokenizer.json holds them) -> llama.cpp's pre-tokenizer name
 _SPLITS = {
@@ -225,6 +226,19 @@ def warn_unaligned(layout: EngineLayout) -> None:
                       stacklevel=3)
 
 
+def warn_kquant_unaligned(layout: EngineLayout, qtype: str) -> None:
+    """Warn when a k-quant file cannot hold an FFN at its type: llama.cpp's quantizer stores an ffn_down whose rows
+    are not a multiple of 256 in q5_0 / q8_0, so the file (and bandwidth-bound decode) shrinks less than the
+    parameters (p5_engines_q4.md: smollm2-135m width-cut to FFN 992 keeps 0.79 of the parameters in 0.85 of the
+    bytes, and decodes at 1.14x dense against 1/params 1.27)."""
+    if bad := unaligned_ffn(layout, KQUANT_ALIGN):
+        widths = sorted(set(bad.values()))
+        warnings.warn(f"GGUF {qtype}: FFN width {', '.join(map(str, widths[:4]))}{', ...' if len(widths) > 4 else ''} "
+                      f"in block(s) {_spans(sorted(bad))} is not a multiple of {KQUANT_ALIGN} (the k-quant block): "
+                      f"llama.cpp stores those down projections in a larger fallback type, so the file and decode "
+                      f"speed shrink less than the parameters; prune with --multiple-of {KQUANT_ALIGN}", stacklevel=3)
+
+
 def write_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, qtype: str = "f16",
                allow_zeros: bool = False, tokenizer_pre: str | None = None) -> dict[str, Any]:
     """Write `model` to the GGUF file `path` (not atomic: see save_gguf). Returns what was written. Warns when
@@ -291,6 +305,7 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, *, tokenizer: Any = None
     full = tmp.with_suffix(".f32.tmp")
     try:
         if QTYPES[qtype][0] is None:
+            warn_kquant_unaligned(engine_layout(model, allow_zeros=allow_zeros), qtype)
             write_gguf(model, full, tokenizer=tokenizer, qtype="f32", allow_zeros=allow_zeros,
                        tokenizer_pre=tokenizer_pre)
             llamacpp_quantize(full, tmp, qtype)
