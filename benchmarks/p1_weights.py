@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import trimformer
 from trimformer import data
 from trimformer.evaluate import Reference, compare, log_probs
-from trimformer.models.load import cache_dir
+from trimformer.models.load import streamable
 from trimformer.weights import WEIGHTS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -123,9 +123,10 @@ def block_sparsity(model) -> dict[str, float]:
 
 
 def start_llmc(py: str, calib_file: str, method: str, pattern: str, tmp: str,
-               profile: str = "uniform") -> tuple[subprocess.Popen, str]:
+               profile: str = "uniform", model: str = MODEL) -> tuple[subprocess.Popen, str]:
+    """llm-compressor on the bundled `model`'s cached HF copy (made by trimformer.load / streamable)."""
     out = os.path.join(tmp, f"llmc-{method}-{pattern.replace(':', '_')}-{profile}.pt")
-    cmd = [py, str(Path(__file__).parent / "peers" / "llmc_prune.py"), "--model", str(cache_dir(MODEL)),
+    cmd = [py, str(Path(__file__).parent / "peers" / "llmc_prune.py"), "--model", str(streamable(model)),
            "--calib", calib_file, "--method", method, "--pattern", pattern, "--profile", profile, "--out", out]
     log = open(out + ".log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MKL_NUM_THREADS": str(torch.get_num_threads())}

@@ -130,7 +130,8 @@ def main() -> None:
         model = trimformer.load(a.model)
         t0 = time.perf_counter()
         if method == "llmc":
-            info, state = finish_llmc(*start_llmc(a.peer_python, calib_file, kw["method"], kw["pattern"], tmp))
+            info, state = finish_llmc(*start_llmc(a.peer_python, calib_file, kw["method"], kw["pattern"], tmp,
+                                                     model=a.model))
             model.load_state_dict(state, strict=False)
         elif method != "dense":
             trimformer.prune_(model, trimformer.build(method, kw), calibration=calib, progress=False)
