@@ -15,7 +15,7 @@ Cases (`--cases`, default all):
   --blocks 16` write and use a 16-block model of the same width (9 GB) when only the depth cases are wanted.
 
 Every run prints the estimate made before it started next to the measured peak RSS of its process, wall time and
-the bytes read. Results: benchmarks/results/streaming.md (and .json).
+the bytes read. Results: benchmarks/results/streaming.md (and .json), rewritten by each run; commands and history go in streaming_notes.md.
 """
 
 from __future__ import annotations
@@ -259,6 +259,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                        + f" (x{depth[-1][1] / depth[0][1]:.2f} for x{depth[-1][0] / depth[0][0]:.0f} the blocks).")
     out.append("\nPeak RSS: `getrusage(RUSAGE_SELF).ru_maxrss` of the process that ran the whole job (imports, load, "
                "calibration, pruning, writing); the reload check runs in a process of its own.")
+    out.append("\nCommands, dates, machine load and history: streaming_notes.md (not rewritten by a run).")
     return "\n".join(out) + "\n"
 
 
