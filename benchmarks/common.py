@@ -56,9 +56,10 @@ def out_arg(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
 
 
 def references(dense: torch.nn.Module, tok, doc: int, code: int = 0, length: int = 512,
-               dtype: torch.dtype | None = None) -> dict[str, Reference]:
+               dtype: torch.dtype | None = None, tasks: int = 0) -> dict[str, Reference]:
     """The dense model's log-probabilities on P1's first `doc` evaluation windows ('doc') and, when `code`, on
-    that many stdlib source windows ('code', out of domain): every pruned row is scored against them.
+    that many stdlib source windows ('code', out of domain), when `tasks` on that many windows of the zero-shot
+    tasks' contexts ('tasks', out of domain, needs the task data): every pruned row is scored against them.
     `dtype`: how they are kept (default float32; float16 halves the memory)."""
     import torch
 
@@ -69,6 +70,9 @@ def references(dense: torch.nn.Module, tok, doc: int, code: int = 0, length: int
     refs = {"doc": Reference(dense, data.evaluation_windows(tok, n=doc, length=length), dtype=dtype)}
     if code:
         refs["code"] = Reference(dense, data.evaluation_windows(tok, n=code, length=length, corpus="code"), dtype=dtype)
+    if tasks:
+        refs["tasks"] = Reference(dense, data.evaluation_windows(tok, n=tasks, length=length, corpus="tasks"),
+                                  dtype=dtype)
     return refs
 
 

@@ -6,7 +6,7 @@
 Every row is pruned from the same dense model with the same calibration windows (BENCHMARK.md P1: the doc corpus'
 calibration pool), then scored by lm-eval 0.4.13 (its task definitions and metrics, 0-shot) on the first `--limit`
 items of each task, the same items for every row, and by KL / top-1 / ppl against the dense model on doc windows
-(P1) and on stdlib source windows (out of domain). llm-compressor 0.14 runs in its own venv (--peer-python). For each
+(P1) and, out of domain, on stdlib source windows and on windows of the tasks' own contexts. llm-compressor 0.14 runs in its own venv (--peer-python). For each
 of our rows with an llm-compressor counterpart the table gives the paired difference of mean accuracy (ours minus
 theirs, item by item within each task, then averaged over tasks like the mean) and its standard error.
 
@@ -72,10 +72,11 @@ def paired(ours: dict, theirs: dict) -> tuple[float, float]:
 
 def to_markdown(rows: list[dict], tasks: list[str], limit: int, model: str) -> str:
     by = {r["row"]: r for r in rows}
-    head = ["row", "mean acc", *tasks, "vs llm-compressor (paired)", "kl doc", "kl code", "prune s"]
+    head = ["row", "mean acc", *tasks, "vs llm-compressor (paired)", "kl doc", "kl code", "kl tasks", "prune s"]
     out = [f"P5-tasks on {model}: lm-eval 0.4.13, 0-shot, the first {limit} items of each task (same items every "
-           "row); accuracy in % (acc_norm for ARC-Challenge and HellaSwag); KL vs dense on doc (P1) and stdlib code "
-           "windows.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+           "row); accuracy in % (acc_norm for ARC-Challenge and HellaSwag); KL vs dense on doc (P1) windows and, out "
+           "of domain, on stdlib code windows and on windows of the tasks' own contexts (data.tasks.context_text: "
+           "passages, contexts and questions, each task read from its last item backwards).", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         t = r["tasks"]
         cells = [r["row"], f"{100 * t['mean']:.2f}"] + [f"{100 * t['results'][k]['value']:.1f}" for k in tasks]
@@ -86,8 +87,7 @@ def to_markdown(rows: list[dict], tasks: list[str], limit: int, model: str) -> s
         else:
             cells.append("")
         q = r.get("quality", {})
-        cells += [f"{q['kl']:.3f}" if "kl" in q else "", f"{q['kl_code']:.3f}" if "kl_code" in q else "",
-                  f"{r['prune_seconds']:.0f}"]
+        cells += [f"{q[k]:.3f}" if k in q else "" for k in ("kl", "kl_code", "kl_tasks")] + [f"{r['prune_seconds']:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -117,8 +117,8 @@ def main() -> None:
 
     dense, tok = trimformer.load(a.model, with_tokenizer=True)
     calib = data.calibration_windows(tok, n=a.calib, length=512)
-    refs = references(dense, tok, doc=a.kl_windows, code=a.kl_windows)
-    refs = {"": refs["doc"], "_code": refs["code"]}  # the row's key suffixes
+    refs = references(dense, tok, doc=a.kl_windows, code=a.kl_windows, tasks=a.kl_windows)
+    refs = {"": refs["doc"], "_code": refs["code"], "_tasks": refs["tasks"]}  # the row's key suffixes
     tmp = tempfile.mkdtemp(prefix="p5t-")
     calib_file = os.path.join(tmp, "calib.pt")
     torch.save(calib, calib_file)
@@ -151,7 +151,8 @@ def main() -> None:
                                              "kl_windows": a.kl_windows, "threads": torch.get_num_threads()})
         atomic_file(out_json, json.dumps(done, indent=1, default=str))
         atomic_file(a.out + ".md", to_markdown(done["rows"], list(settings.tasks), a.limit, a.model))
-        print(f"{name}: mean {100 * tasks['mean']:.2f} %, kl doc {quality['kl']:.3f}, code {quality['kl_code']:.3f} "
+        print(f"{name}: mean {100 * tasks['mean']:.2f} %, kl doc {quality['kl']:.3f}, code {quality['kl_code']:.3f}, "
+              f"tasks {quality['kl_tasks']:.3f} "
               f"(prune {seconds:.0f} s, tasks {row['task_seconds']:.0f} s)", file=sys.stderr, flush=True)
     print(Path(a.out + ".md").read_text())
 

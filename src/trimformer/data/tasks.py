@@ -154,3 +154,31 @@ def local_dataset(name: str, cache: Path | None = None) -> Path:
         lines.append("---")
         (tmp / "README.md").write_text("\n".join(lines) + "\n")
     return out
+
+
+# The text each task conditions on: a second out-of-domain evaluation set beside the stdlib code (issue: "the task
+# contexts"), natural prose and questions that nothing calibrates on
+CONTEXTS = {"boolq": "passage", "hellaswag": "ctx", "arc_easy": "question", "arc_challenge": "question",
+            "piqa": "goal", "winogrande": "sentence", "lambada_openai": "text"}
+
+
+def context_text(names: list[str] | None = None, rounds: int | None = None) -> str:
+    """The tasks' contexts (BoolQ passages, HellaSwag contexts, ARC questions, PIQA goals, WinoGrande sentences,
+    LAMBADA passages), one item of each task in turn, each task's scored split read from its last item backwards
+    (so the first windows hold the items a `--limit` run scores last, or not at all); `rounds`: at most that many
+    items of each task. Deterministic."""
+    import datasets
+
+    names = names or list(CONTEXTS)
+    columns = []
+    for n in names:
+        if n not in CONTEXTS:
+            raise DataError(f"task {n!r} has no context field here; choose from {', '.join(CONTEXTS)}")
+        task, folder = TASKS[n], local_dataset(n)
+        cfg = next(iter(task.configs))
+        rows = datasets.load_from_disk(str(folder / cfg / task.scored))[CONTEXTS[n]]
+        columns.append([str(t).strip() for t in reversed(rows) if str(t).strip()][:rounds])
+    out = []
+    for i in range(max(map(len, columns))):
+        out += [c[i] for c in columns if i < len(c)]
+    return "\n\n".join(out)
