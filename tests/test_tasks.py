@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARC, BOOLQ, LAMBADA, _mmlu_subjects, tiny, tiny_tokenizer
+from conftest import ARC, BOOLQ, LAMBADA, PIQA, _mmlu_subjects, tiny, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
 import datasets  # noqa: E402  (lm-eval's dependency)
 
 import trimformer  # noqa: E402
 from trimformer.data import DataError  # noqa: E402
-from trimformer.data.tasks import local_dataset, resolve_names  # noqa: E402
+from trimformer.data.tasks import context_text, local_dataset, resolve_names  # noqa: E402
 from trimformer.evaluate.tasks import TaskEval  # noqa: E402
 
 
@@ -87,6 +87,19 @@ def test_groups_lambada_and_the_mean(scored):
 def test_lambada_rows_are_whole_passages_in_doc_order(task_data):
     ds = datasets.load_dataset(str(local_dataset("lambada_openai")), "default")["test"]
     assert ds["text"] == LAMBADA
+
+
+def test_task_contexts_take_one_item_of_each_task_in_turn_from_the_last(task_data):
+    """The out-of-domain 'tasks' set: BoolQ passages, ARC questions, PIQA goals, LAMBADA passages, interleaved,
+    each task read backwards and cut at `rounds` items; a task without a context field is a clear error."""
+    cols = [[r["passage"] for r in BOOLQ][::-1], [r["question"] for r in ARC][::-1], [r["goal"] for r in PIQA][::-1],
+            LAMBADA[::-1]]
+    want = [c[i] for i in range(2) for c in cols if i < len(c)]
+    assert context_text(["boolq", "arc_easy", "piqa", "lambada_openai"], rounds=2) == "\n\n".join(want)
+    assert context_text(["piqa", "boolq"]).split("\n\n") == [PIQA[1]["goal"], BOOLQ[2]["passage"], PIQA[0]["goal"],
+                                                             BOOLQ[1]["passage"], BOOLQ[0]["passage"]]
+    with pytest.raises(DataError, match="no context field"):
+        context_text(["mmlu"])
 
 
 def test_names_and_missing_data_are_clear_errors(task_data, monkeypatch):
