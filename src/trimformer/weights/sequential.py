@@ -84,7 +84,7 @@ def input_groups(bc: BlockCalib, projs: dict[str, Proj], sequential: bool = Fals
     missing = set(projs) - {n for names, _ in plan for n in names}
     if missing:
         raise ValueError(f"{', '.join(sorted(missing))}: not a projection of block {bc.block.index}")
-    by_residual = set()  # projections whose W (C - H) is summed directly (one pass: C, one group may span stages)
+    by_residual = set()  # projections whose W (C - H) is summed directly; in one pass always C (a group may span stages)
     for names, _ in plan if sequential else []:
         outs, ins = sum(projs[n].weight.shape[0] for n in names), projs[names[0]].weight.shape[1]
         if residual or (residual is None and outs <= ins):
@@ -172,9 +172,11 @@ def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.M
         raise RuntimeError(f"no calibration input reached {', '.join(absent)}")
     for head, members in groups.items():
         Rs = [R.pop(m) for m in members if m in R]
-        yield InputGroup(members, H.pop(head), n[head], C.pop(head, None),
-                         (Rs[0] if len(Rs) == 1 else torch.cat(Rs)) if Rs else None)
-        del Rs
+        group = InputGroup(members, H.pop(head), n[head], C.pop(head, None),
+                           (Rs[0] if len(Rs) == 1 else torch.cat(Rs)) if Rs else None)
+        del Rs  # the group holds the only references: the solver frees each statistic as it goes
+        yield group
+        del group
     if sub is not None and shortcut is not None:
         bc.shortcuts.append(shortcut)  # the caller solved sub's output projection: sub's inside is final now
 
