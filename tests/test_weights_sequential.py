@@ -86,3 +86,51 @@ def test_unknown_projection_is_refused(calib):
     other = an.blocks[1].attention.q
     with pytest.raises(ValueError, match="not a projection of block 0"):
         list(sequential.input_groups(bc, {"x": other}, sequential=True))
+
+
+def _groups_of_second_block(calib, residual):
+    """Every input group of block 1 (true sequential, dense stream), after block 0 was "pruned" (halved)."""
+    an = anatomy_of(tiny("llama"))
+    out = []
+    for i, bc in enumerate(calibrate.blocks(an, calib, progress=False, dense_targets=True)):
+        projs = {n: p for n, p in bc.block.projections().items()}
+        if i == 0:
+            for p in projs.values():
+                p.weight.data.mul_(0.5)  # the pruned stream differs from the dense one from block 1 on
+            continue
+        for g in sequential.input_groups(bc, projs, sequential=True, residual=residual):
+            W = torch.cat([projs[n].weight.detach().double() for n in g.names])
+            out.append(([n.split(".")[-1] for n in g.names], W, *g.take()))
+    return out
+
+
+def test_residual_summed_directly_equals_w_times_c_minus_h(calib):
+    by_c, by_r = _groups_of_second_block(calib, False), _groups_of_second_block(calib, True)
+    assert [g[0] for g in by_c] == [g[0] for g in by_r] == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+    for (_, W, H, C, R0), (_, _, H1, C1, R) in zip(by_c, by_r):
+        assert R0 is None and C1 is None and torch.equal(H, H1)
+        ref = W @ (C.double() - H.double())  # (out, in)
+        assert ref.abs().max() > 1e-3  # the two streams do differ here
+        assert torch.allclose(R.double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def test_residual_by_default_where_it_is_the_smaller_statistic(calib):
+    # tiny llama: q/k/v 64+32+32 outs and gate/up 2x128 outs read 64 inputs (C smaller); o 64 <= 64, down 64 < 128
+    got = {tuple(names): (C is not None, R is not None) for names, _, _, C, R in _groups_of_second_block(calib, None)}
+    assert got == {("q", "k", "v"): (True, False), ("o",): (False, True), ("gate", "up"): (True, False),
+                   ("down",): (False, True)}
+
+
+def test_dense_weights_are_dropped_once_their_stream_is_cached(calib):
+    an = anatomy_of(tiny("llama"))
+    bc = next(calibrate.blocks(an, calib, progress=False, dense_targets=True))
+    with pytest.raises(ValueError, match="call dense_projection_inputs"):
+        bc.drop_dense_weights()
+    projs = dict(bc.block.projections())
+    next(sequential.input_groups(bc, projs, sequential=True))
+    assert all(p.is_meta for p in bc.dense.parameters())
+    outs = bc.run(dense=True)  # the cached stream is still there
+    assert len(outs) == calib.shape[0] and not outs[0].is_meta
+    bc._dense_out = None
+    with pytest.raises(RuntimeError, match="dropped"):
+        bc.run(dense=True)

@@ -81,6 +81,57 @@ def test_singular_hessian_gets_more_damping_and_says_so(caplog):
     assert "not positive definite" in caplog.text
 
 
+def _damped(H: torch.Tensor, share: float) -> torch.Tensor:
+    return H + share * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+def test_one_factorisation_gives_the_same_inverse_factor_and_solves_the_refit():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    H, R0 = X.T @ X, torch.randn(5, 16, generator=g, dtype=torch.float64)
+    R = R0.clone()
+    U = inverse_cholesky(H, 0.01, refit=R)
+    assert torch.equal(U, inverse_cholesky(H, 0.01))  # the refit's solve does not touch the factor
+    assert torch.allclose(U.T @ U, torch.linalg.inv(_damped(H, 0.01)), atol=1e-12)
+    assert torch.allclose(R, R0 @ torch.linalg.inv(_damped(H, 0.01)), atol=1e-12)
+
+
+def test_refit_is_solved_with_the_damping_that_factorised_h(caplog):
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    eig = torch.linspace(1.0, 10.0, 12, dtype=torch.float64)
+    eig[0] = -1e-6  # indefinite: no Cholesky undamped, one with 1e-4 of the mean diagonal (~5.5e-4)
+    H, R0 = Q @ torch.diag(eig) @ Q.T, torch.randn(3, 12, generator=g, dtype=torch.float64)
+    R = R0.clone()
+    with caplog.at_level(logging.WARNING, logger="trimformer.weights"):
+        U = inverse_cholesky(H, 0.0, refit=R)
+    assert "retrying with 1e-04" in caplog.text
+    assert torch.allclose(U.T @ U, torch.linalg.inv(_damped(H, 1e-4)), rtol=1e-8, atol=1e-10)
+    assert torch.allclose(R, R0 @ torch.linalg.inv(_damped(H, 1e-4)), rtol=1e-8, atol=1e-10)
+
+
+def test_inverse_factor_failing_alone_redoes_only_the_inverse(caplog, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(100, 10, generator=g, dtype=torch.float64)
+    H, R0 = X.T @ X, torch.randn(4, 10, generator=g, dtype=torch.float64)
+    real, calls = torch.linalg.cholesky_ex, []
+
+    def first_upper_fails(A, *, upper=False, out=None, **kw):
+        res = real(A, upper=upper, out=out, **kw)
+        calls.append(upper)
+        if upper and calls.count(True) == 1:
+            out[1].fill_(1)  # as if (H + damp)^-1 had lost definiteness in rounding
+        return res
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", first_upper_fails)
+    R = R0.clone()
+    with caplog.at_level(logging.WARNING, logger="trimformer.weights"):
+        U = inverse_cholesky(H, 0.01, refit=R)
+    assert calls == [False, True, False, True] and "inverse Hessian not positive definite" in caplog.text
+    assert torch.allclose(U.T @ U, torch.linalg.inv(_damped(H, 0.1)), atol=1e-12)  # redone with 10x the damping
+    assert torch.allclose(R, R0 @ torch.linalg.inv(_damped(H, 0.01)), atol=1e-12)  # the refit kept the first
+
+
 def test_dead_inputs_do_not_break_the_solve():
     X = torch.randn(64, 8)
     X[:, 3] = 0  # an input channel that is always zero

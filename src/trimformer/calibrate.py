@@ -204,6 +204,14 @@ class BlockCalib:
             self._dense_x = xs
         return self._dense_x
 
+    def drop_dense_weights(self) -> None:
+        """Free the dense copy's weights once its stream is cached (`dense_projection_inputs`): for a caller that
+        needs only that stream and `run(dense=True)`. The copy stays a module tree on the meta device, so `twin`
+        still finds its modules; running it is refused. An 8B model's block: 0.44 GB (bf16) less at the peak."""
+        if self.dense is None or self._dense_out is None:
+            raise ValueError("the dense stream is not cached yet: call dense_projection_inputs() first")
+        self.dense.to("meta")
+
     def batches(self, inputs: list[torch.Tensor] | None = None,
                 shortcuts: list[Shortcut] | None = None) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
         """(index, input, kwargs) of every calibration batch (default: this block's inputs), inside the compute
@@ -230,6 +238,8 @@ class BlockCalib:
         if dense:
             if self._dense_out is not None:
                 return self._dense_out
+            if any(p.is_meta for p in self.dense.parameters()):
+                raise RuntimeError("the dense copy's weights were dropped (drop_dense_weights) before its outputs were cached")
             return self._forward(self.dense, self.dense_inputs, [])
         return self._forward(self.block.module, self.inputs, self.shortcuts)
 

@@ -107,8 +107,8 @@ def footprint(model: nn.Module, *, dtype: torch.dtype, device: torch.device | st
             key = short if short in ("attn.o", "mlp.down") else short.split(".")[0]
             d, rows = groups.get(key, (p.in_features, 0))
             groups[key] = (d, rows + p.out_features)
-        for d, rows in groups.values():  # H and C (or H and a factor) in fp32; W stacked, W (C - H), the solve's copy
-            work = max(work, (2 * d * d + 3 * rows * d) * 4)
+        for d, rows in groups.values():  # fp32: H and C, or H and its factor; W stacked and W (C - H) or the
+            work = max(work, (2 * d * d + 2 * rows * d) * 4)  # solve's copy (weights.sparsegpt.SparseGPT.solve)
     inner = max((b.mlp.intermediate_size for b in a.blocks if b.mlp is not None), default=a.hidden_size)
     act = max(size, 4) if dtype == torch.float32 else size
     per_token = a.hidden_size * act * 2 + inner * act  # a block's inputs and outputs, the MLP's inner input

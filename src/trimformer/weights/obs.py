@@ -48,19 +48,37 @@ def damped_cholesky(H: torch.Tensor, percdamp: float, what: str = "layer") -> tu
     raise RuntimeError(f"{what}: Hessian stays singular even with damping {damp:.0e} (calibration data degenerate?)")
 
 
-def inverse_cholesky(H: torch.Tensor, percdamp: float, what: str = "layer") -> torch.Tensor:
+def solve_damped_(R: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """R (H + damp I)^-1, in place on R (out, in), for the lower factor L of H + damp I (L L^T; `damped_cholesky`).
+
+    Two triangular solves from the right (Y L^T = R, then X L = Y): torch.cholesky_solve would clone L, one more
+    (in, in) matrix at the peak."""
+    torch.linalg.solve_triangular(L.mT, R, upper=True, left=False, out=R)
+    torch.linalg.solve_triangular(L, R, upper=False, left=False, out=R)
+    return R
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float, what: str = "layer", refit: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp*I)^-1 (U^T U = H^-1); more damping, logged, if H is not positive
-    definite. Works in place on one (in, in) matrix besides H (an 8B model's FFN input: 0.8 GB, not 4)."""
+    definite. Works in place on one (in, in) matrix besides H (an 8B model's FFN input: 0.8 GB, not 4).
+
+    refit: an (out, in) matrix R, overwritten by R (H + damp*I)^-1 with the same factorisation (SparseGPT's
+    asymmetric refit), so H is factorised once. If only the inverse's own Cholesky fails, R keeps the solve
+    with the damping that did factorise H, and U alone is redone with more damping (from H, which is why H is
+    read until U exists)."""
+    L, damp = damped_cholesky(H, percdamp, what)
+    if refit is not None:
+        solve_damped_(refit, L)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for _ in range(8):
-        A, damp = damped_cholesky(H, percdamp, what)
-        torch.cholesky_inverse(A, out=A)  # (H + damp)^-1
-        info = torch.empty((), dtype=torch.int32, device=H.device)
-        torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+        torch.cholesky_inverse(L, out=L)  # (H + damp)^-1, in place
+        torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
         if info == 0:
-            return A
-        del A
+            return L
+        del L
         percdamp = max(damp * 10, 1e-4)
         log.warning("%s: inverse Hessian not positive definite; retrying with damping %.0e", what, percdamp)
+        L, damp = damped_cholesky(H, percdamp, what)
     raise RuntimeError(f"{what}: Hessian stays singular even with damping {percdamp:.0e} (calibration data degenerate?)")
 
 

@@ -8,8 +8,9 @@ pruned parts before it (weights/sequential.py); False collects every Hessian fro
 asymmetric: fit each layer to the *dense* model's output W X_dense rather than to W X on its own (already
 pruned) inputs, so the error of earlier blocks is corrected instead of carried (the asymmetric calibration of
 GPTAQ, Li et al. 2025, here for pruning). With C = X_dense^T X and H = X^T X the unpruned optimum, damped toward
-W, is W + W (C - H)(H + damp)^-1; SparseGPT then prunes that. Costs one dense block forward per block and the
-cross products C (P1 on smollm2-135m: 1.6x the plain run's time, kl_doc 0.31 instead of 0.44 at 50 %).
+W, is W + W (C - H)(H + damp)^-1; SparseGPT then prunes that, with one factorisation of H + damp for the refit
+and the inverse. Costs one dense block forward per block and W (C - H), summed directly as ((X_dense - X) W^T)^T X
+where the layer has fewer outputs than inputs (weights/sequential.py; P1 on smollm2-135m: 1.6x the plain run's time, kl_doc 0.31 instead of 0.44 at 50 %).
 Default (None): on whenever true_sequential is; asymmetric=False is the paper's SparseGPT.
 """
 
@@ -23,7 +24,7 @@ from ..calibrate import BlockCalib, LayerStats
 from ..models import Proj
 from . import WEIGHTS
 from .base import WeightPruner
-from .obs import inverse_cholesky, lapack_copy, obs_prune
+from .obs import damped_cholesky, inverse_cholesky, obs_prune, solve_damped_
 from .sequential import input_groups, stack_rows
 
 
@@ -69,19 +70,24 @@ class SparseGPT(WeightPruner):
     def solve(self, projs: list[Proj], stats: list[torch.Tensor | None]) -> None:
         """Prune projections that share one input together; write the updated weights back.
 
-        stats: [H, C] (C = X_dense^T X or None; given, the weights are first refitted to the dense outputs, see
-        `asymmetric`), handed over: each is dropped as soon as it is used, so an 8B model's FFN input needs at most
-        two (in, in) matrices at a time."""
-        W, spans = stack_rows(projs)  # (sum of outs, in)
-        if stats[1] is not None:
-            C = stats.pop(1)
-            R = W @ C.sub_(stats[0])  # W (C - H): (out, in); C is freed here, before the factorisation
+        stats: [H, C, R] (InputGroup.take), handed over: each is dropped as soon as it is used. With C = X_dense^T X
+        or R = W (C - H) given, the weights are first refitted to the dense outputs (`asymmetric`), solved with the
+        same factorisation of H as the inverse. An 8B model's FFN input (14336 wide) needs at most two (in, in)
+        matrices at a time: H and its factor; the stacked weight is made only once H is freed."""
+        H, C, R = stats
+        stats.clear()
+        W = None
+        if C is not None:  # more outputs than inputs: C is the smaller statistic
+            W, spans = stack_rows(projs)  # (sum of outs, in)
+            R = W @ C.sub_(H)  # W (C - H): (out, in)
             del C
-            W = _refit(W, R, stats[0], self.percdamp)
-            del R  # (out, in), overwritten by the refit: not kept through the factorisation below
-        H = stats.pop(0)
-        U = inverse_cholesky(H, self.percdamp, what=projs[0].name)
+        U = inverse_cholesky(H, self.percdamp, what=projs[0].name, refit=R)  # R <- R (H + damp)^-1
         del H
+        if W is None:
+            W, spans = stack_rows(projs)
+        if R is not None:
+            W.add_(R)  # the refit: W + W (C - H)(H + damp)^-1
+            del R
         segments = [(r0, r1, self.layer_sparsity(p.name)) for p, (r0, r1) in zip(projs, spans)]
         W = obs_prune(W, U, sparsity=segments, nm=self.nm, block=self.block, blocksize=self.blocksize)
         for p, (r0, r1) in zip(projs, spans):
@@ -90,19 +96,5 @@ class SparseGPT(WeightPruner):
 
 def refit_to_dense(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float) -> torch.Tensor:
     """argmin_V ||W X_dense^T - V X^T||^2 + damp ||V - W||^2 = W + W (C - H)(H + damp I)^-1, for W (out, in)."""
-    return _refit(W.clone(), W @ (C - H), H, percdamp)
-
-
-def _refit(W: torch.Tensor, R: torch.Tensor, H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """W + R (H + damp I)^-1, in place on W (R is overwritten), with R = W (C - H); one (in, in) matrix besides H."""
-    L = lapack_copy(H)  # factorised in place: no hidden copy
-    L.diagonal().add_(percdamp * torch.diag(H).mean())
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    torch.linalg.cholesky_ex(L, out=(L, info))
-    if info:
-        return W  # H is not positive definite even damped: inverse_cholesky will raise the damping and log it
-    # R Hd^-1 with Hd = L L^T: solve Y L^T = R, then X L = Y (two triangular solves from the right, in place on R;
-    # torch.cholesky_solve would clone L, a third (in, in) matrix at the peak)
-    torch.linalg.solve_triangular(L.mT, R, upper=True, left=False, out=R)
-    torch.linalg.solve_triangular(L, R, upper=False, left=False, out=R)
-    return W.add_(R)
+    L, _ = damped_cholesky(H, percdamp, what="refit")
+    return W + solve_damped_(W @ (C - H), L)
