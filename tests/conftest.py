@@ -180,6 +180,9 @@ BOOLQ = [{"question": "is the sky blue", "passage": "The sky looks blue by day."
 PIQA = [{"goal": "To dry wet hands", "sol1": "rub them with a towel", "sol2": "dip them in water", "label": 0},
         {"goal": "To light a dark room", "sol1": "close the curtains", "sol2": "switch on a lamp", "label": 1}]
 LAMBADA = ["the cat sat on the mat", "she opened the door and saw her brother", "he played the old piano"]
+SCIQ = [{"question": "What do leaves make?", "correct_answer": "sugar", "support": "Leaves make sugar from light."},
+        {"question": "What is ice?", "correct_answer": "frozen water", "support": ""},  # SciQ has empty supports
+        {"question": "What pulls apples down?", "correct_answer": "gravity", "support": "Gravity pulls objects down."}]
 
 
 def _mmlu_subjects() -> list[str]:
@@ -202,6 +205,7 @@ def task_data(tmp_path_factory):
     datasets.Dataset.from_list(ARC).save_to_disk(str(hf / "ai2_arc/ARC-Easy/validation"))
     datasets.Dataset.from_list(BOOLQ).save_to_disk(str(hf / "boolq/none/validation"))
     datasets.Dataset.from_list(PIQA).save_to_disk(str(hf / "piqa/plain_text/validation"))
+    datasets.Dataset.from_list(SCIQ).save_to_disk(str(hf / "sciq/none/validation"))
     rows = [{"question": f"question {i}?", "subject": "any", "choices": ["one", "two", "three", "four"], "answer": i % 4}
             for i in range(2)]
     one = root / "mmlu-rows"

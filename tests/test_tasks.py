@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARC, BOOLQ, LAMBADA, PIQA, _mmlu_subjects, tiny, tiny_tokenizer
+from conftest import ARC, BOOLQ, LAMBADA, PIQA, SCIQ, _mmlu_subjects, tiny, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
 import datasets  # noqa: E402  (lm-eval's dependency)
 
 import trimformer  # noqa: E402
 from trimformer.data import DataError  # noqa: E402
-from trimformer.data.tasks import context_text, local_dataset, resolve_names  # noqa: E402
+from trimformer.data.tasks import HELDOUT, context_text, local_dataset, resolve_names  # noqa: E402
 from trimformer.evaluate.tasks import TaskEval  # noqa: E402
 
 
@@ -100,6 +100,20 @@ def test_task_contexts_take_one_item_of_each_task_in_turn_from_the_last(task_dat
                                                              BOOLQ[1]["passage"], BOOLQ[0]["passage"]]
     with pytest.raises(DataError, match="no context field"):
         context_text(["mmlu"])
+
+
+def test_held_out_text_is_sciq_supports_and_no_evaluated_task(task_data):
+    """The text settings are chosen on (data.evaluation_windows(corpus='sciq')): SciQ's non-empty supports, last
+    first, from a task outside every evaluated set."""
+    from trimformer import data
+
+    assert context_text(fields=HELDOUT).split("\n\n") == [SCIQ[2]["support"], SCIQ[0]["support"]]
+    assert not set(HELDOUT) & set(data.tasks.CONTEXTS)
+    tok = tiny_tokenizer()
+    w = data.evaluation_windows(tok, n=1, length=4, corpus="sciq")
+    assert tok.decode(w[0]) in SCIQ[2]["support"] + "\n\n" + SCIQ[0]["support"]
+    with pytest.raises(DataError, match="'docs', 'code', 'tasks' or 'sciq'"):
+        data.evaluation_windows(tok, n=1, length=4, corpus="wiki")
 
 
 def test_names_and_missing_data_are_clear_errors(task_data, monkeypatch):

@@ -208,10 +208,46 @@ def test_asymmetric_sparsegpt_reaches_the_target_with_lower_error():
     assert errs[True] < errs[False]
 
 
+@pytest.mark.parametrize("refit, refit_damp", [(1.0, None), (0.5, None), (1.0, 0.5), (0.25, 0.1)])
+def test_refit_strength_and_damping_give_exactly_the_ridge_refit(refit, refit_damp):
+    # with nothing to prune, SparseGPT's solve returns the refitted weights: W + refit * W (C - H)(H + d)^-1,
+    # d the refit's own damping (percdamp when None)
+    from trimformer.models import Proj
+    from trimformer.weights.sparsegpt import SparseGPT
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(300, 12, generator=g)
+    Xd = X + 0.3 * torch.randn(300, 12, generator=g)
+    lin = torch.nn.Linear(12, 20, bias=False)  # more outputs than inputs: the C path
+    W = lin.weight.detach().clone()
+    H, C = X.T @ X, Xd.T @ X
+    sg = SparseGPT(sparsity=0.0, percdamp=0.01, refit=refit, refit_damp=refit_damp)
+    sg.solve([Proj(lin, "q")], [H.clone(), C.clone(), None])
+    d = 0.01 if refit_damp is None else refit_damp
+    expected = W + refit * (W @ (C - H)) @ torch.linalg.inv(_damped(H, d))
+    assert torch.allclose(lin.weight.detach(), expected, atol=1e-5)
+    assert not torch.allclose(expected, W, atol=1e-3)  # the refit is not negligible here
+
+
+def test_refit_zero_is_the_plain_sparsegpt(calib):
+    out = {}
+    for name, settings in {"plain": {"asymmetric": False}, "zero": {"refit": 0.0}, "half": {"refit": 0.5}}.items():
+        m = tiny("llama")
+        trimformer.prune_(m, WEIGHTS.build("sparsegpt", {"sparsity": 0.5, **settings}), calibration=calib,
+                          progress=False)
+        out[name] = m.state_dict()
+    assert all(torch.equal(out["plain"][k], out["zero"][k]) for k in out["plain"])  # and no dense stream is run
+    assert not all(torch.equal(out["plain"][k], out["half"][k]) for k in out["plain"])
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="asymmetric needs true_sequential"):
         WEIGHTS.build("sparsegpt", {"asymmetric": True, "true_sequential": False})
     with pytest.raises(ValueError, match="percdamp"):
         WEIGHTS.build("sparsegpt", {"percdamp": -1})
+    with pytest.raises(ValueError, match="refit is the refit's strength"):
+        WEIGHTS.build("sparsegpt", {"refit": 1.5})
+    with pytest.raises(ValueError, match="refit_damp"):
+        WEIGHTS.build("sparsegpt", {"refit_damp": 0.0})
     with pytest.raises(ValueError, match="blocksize"):
         WEIGHTS.build("sparsegpt", {"pattern": "2:4", "blocksize": 6})

@@ -138,27 +138,30 @@ def calibration_windows(tokenizer, source: str = BUILTIN, n: int = 64, length: i
 def evaluation_windows(tokenizer, n: int = 64, length: int = 512, corpus: str = "docs") -> torch.Tensor:
     """P1's evaluation windows: the doc corpus' evaluation half ('docs'), or out of domain: the stdlib source
     ('code': the first windows of `code_corpus()`) or the zero-shot tasks' contexts ('tasks': `tasks.context_text`,
-    needs the task data, see `trimformer fetch task-data`)."""
-    if corpus == "tasks":  # a round of the 7 tasks' contexts is well over 50 tokens: tokenize only what is needed
+    needs the task data, see `trimformer fetch task-data`); 'sciq': SciQ's supporting passages, text no
+    evaluation reads, for choosing settings on held-out text (`tasks.HELDOUT`; the task data too)."""
+    if corpus in ("tasks", "sciq"):  # a round of contexts is well over 50 tokens: tokenize only what is needed
         rounds = n * length // 50 + 16
-        hit = _TASKS.get((id(tokenizer), rounds))
+        hit = _TASKS.get((id(tokenizer), rounds, corpus))
         if hit is None or hit[0] is not tokenizer:
-            from .tasks import context_text
+            from .tasks import CONTEXTS, HELDOUT, context_text
 
-            hit = _TASKS[(id(tokenizer), rounds)] = (tokenizer, tokenize(tokenizer, context_text(rounds=rounds)))
-        return windows(hit[1], n, length, what="the task-context windows")
+            text = context_text(rounds=rounds, fields=CONTEXTS if corpus == "tasks" else HELDOUT)
+            hit = _TASKS[(id(tokenizer), rounds, corpus)] = (tokenizer, tokenize(tokenizer, text))
+        what = "the task-context windows" if corpus == "tasks" else "SciQ's passages"
+        return windows(hit[1], n, length, what=what)
     if corpus == "code":
         hit = _CODE.get(id(tokenizer))
         if hit is None or hit[0] is not tokenizer:
             hit = _CODE[id(tokenizer)] = (tokenizer, tokenize(tokenizer, code_corpus()))
         return windows(hit[1], n, length, what="the stdlib code windows")
     if corpus != "docs":
-        raise DataError(f"evaluation corpus {corpus!r}: choose 'docs', 'code' or 'tasks'")
+        raise DataError(f"evaluation corpus {corpus!r}: choose 'docs', 'code', 'tasks' or 'sciq'")
     return windows(doc_pools(tokenizer)[1], n, length, what="the doc corpus' evaluation pool")
 
 
 _CODE: dict[int, tuple[object, torch.Tensor]] = {}
-_TASKS: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+_TASKS: dict[tuple[int, int, str], tuple[object, torch.Tensor]] = {}
 
 
 from .paragraphs import doc_paragraphs, stdlib_docstrings, training_paragraphs  # noqa: E402  (they read doc_corpus)

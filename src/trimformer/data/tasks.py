@@ -162,21 +162,27 @@ CONTEXTS = {"boolq": "passage", "hellaswag": "ctx", "arc_easy": "question", "arc
             "piqa": "goal", "winogrande": "sentence", "lambada_openai": "text"}
 
 
-def context_text(names: list[str] | None = None, rounds: int | None = None) -> str:
+# Text that no evaluation here reads, for choosing settings (never tuned on evaluation windows): SciQ's
+# supporting passages, science explanations (SciQ is not in P5-tasks' set).
+HELDOUT = {"sciq": "support"}
+
+
+def context_text(names: list[str] | None = None, rounds: int | None = None,
+                 fields: dict[str, str] = CONTEXTS) -> str:
     """The tasks' contexts (BoolQ passages, HellaSwag contexts, ARC questions, PIQA goals, WinoGrande sentences,
     LAMBADA passages), one item of each task in turn, each task's scored split read from its last item backwards
     (so the first windows hold the items a `--limit` run scores last, or not at all); `rounds`: at most that many
-    items of each task. Deterministic."""
+    items of each task; `fields`: task -> column (HELDOUT: SciQ's passages). Deterministic."""
     import datasets
 
-    names = names or list(CONTEXTS)
+    names = names or list(fields)
     columns = []
     for n in names:
-        if n not in CONTEXTS:
-            raise DataError(f"task {n!r} has no context field here; choose from {', '.join(CONTEXTS)}")
+        if n not in fields:
+            raise DataError(f"task {n!r} has no context field here; choose from {', '.join(fields)}")
         task, folder = TASKS[n], local_dataset(n)
         cfg = next(iter(task.configs))
-        rows = datasets.load_from_disk(str(folder / cfg / task.scored))[CONTEXTS[n]]
+        rows = datasets.load_from_disk(str(folder / cfg / task.scored))[fields[n]]
         columns.append([str(t).strip() for t in reversed(rows) if str(t).strip()][:rounds])
     out = []
     for i in range(max(map(len, columns))):
