@@ -60,7 +60,7 @@ def to_markdown(rows: list[dict], a: argparse.Namespace, chosen: str) -> str:
                                                          for s in ("sciq", "code", "tasks")))
         cells.append(f"{r['prune_seconds']:.0f}")
         out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + f"\n\nChosen on SciQ: {chosen}.\n"
+    return "\n".join(out) + (f"\n\nChosen on SciQ: {chosen}.\n" if chosen else "\n")
 
 
 def main() -> None:
@@ -111,12 +111,12 @@ def main() -> None:
         rows.append({"name": name, "settings": SETTINGS[name], "prune_seconds": seconds, "kl": kl})
         print(f"{name}: " + ", ".join(f"kl {s} {kl[s]:.4f}" for s in SETS) + f" ({seconds:.0f} s)",
               file=sys.stderr, flush=True)
-    ours = [r for r in rows if r["settings"] is not None]
-    chosen = min(ours, key=lambda r: r["kl"]["sciq"])["name"]
-    result = {"model": a.model, "target": a.target, "calib": a.calib, "kl_windows": a.kl, "chosen_on_sciq": chosen,
-              "rows": rows, "environment": environment()}
-    md = to_markdown(rows, a, chosen)
-    write_results(a.out, result, md)
+        ours = [r for r in rows if r["settings"] is not None]
+        chosen = min(ours, key=lambda r: r["kl"]["sciq"])["name"] if ours else None
+        result = {"model": a.model, "target": a.target, "calib": a.calib, "kl_windows": a.kl,
+                  "chosen_on_sciq": chosen, "rows": rows, "environment": environment()}
+        md = to_markdown(rows, a, chosen)
+        write_results(a.out, result, md)  # after every row: an interrupted run keeps what it measured
     print(md)
 
 
