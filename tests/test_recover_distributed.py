@@ -64,7 +64,8 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     recover_(student, teacher, data, RecoverConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1), progress=False)
     curve = student.trimformer_history[-1]["result"]["losses"]
     assert r0["curve"] == r1["curve"]  # every process records the whole batch's loss
-    assert r0["curve"] == pytest.approx(curve, rel=1e-5)
+    # fp32 round-off of the gradient summed in two halves then all-reduced (1.5e-5 seen on an AMD EPYC host)
+    assert r0["curve"] == pytest.approx(curve, rel=1e-4)
     w0, w1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     for n, p in student.named_parameters():
         assert torch.equal(w0[n], w1[n]), n  # one model
