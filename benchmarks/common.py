@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,15 @@ def peer_arg(p: argparse.ArgumentParser, default: str) -> argparse.ArgumentParse
     """--peer-python: the interpreter of the peer's own virtual environment (BENCHMARK.md: one per peer)."""
     p.add_argument("--peer-python", default=default, help="python of the peer's own venv (default %(default)s)")
     return p
+
+
+def pick(arg: str, table: dict, what: str) -> list[str]:
+    """The names of a comma list (--rows, --settings), each checked against `table`; exits naming the unknown."""
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        sys.exit(f"unknown {what} {unknown}; choose from: {', '.join(table)}")
+    return names
 
 
 def out_arg(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

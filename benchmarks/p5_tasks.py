@@ -35,7 +35,7 @@ from trimformer.io import atomic_file
 from trimformer.models import count_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import out_arg, peer_arg, references, window_args  # noqa: E402
+from common import out_arg, peer_arg, pick, references, window_args  # noqa: E402
 from p1_weights import finish_llmc, start_llmc  # noqa: E402
 
 TASKS = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,lambada"
@@ -105,10 +105,7 @@ def main() -> None:
     peer_arg(ap, "/work/venvs/llmc/bin/python")
     out_arg(ap, "p5_tasks")
     a = ap.parse_args()
-    names = [n.strip() for n in a.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        sys.exit(f"unknown rows {unknown}; choose from: {', '.join(ROWS)}")
+    names = pick(a.rows, ROWS, "rows")
     settings = TaskEval(tasks=a.tasks, limit=a.limit, batch_size=a.batch_size)
     check_data(settings)
     out_json = Path(a.out + ".json")

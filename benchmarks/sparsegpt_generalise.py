@@ -28,7 +28,7 @@ from trimformer import data
 from trimformer.evaluate import Reference
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, out_arg, peer_arg, references, write_results  # noqa: E402
+from common import environment, out_arg, peer_arg, pick, references, write_results  # noqa: E402
 from p1_weights import finish_llmc, start_llmc  # noqa: E402
 
 # name -> SparseGPT settings on top of the target (None: llm-compressor's SparseGPT)
@@ -75,10 +75,7 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     out_arg(ap, "sparsegpt_generalise")
     a = ap.parse_args()
-    names = [n.strip() for n in a.settings.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SETTINGS]
-    if unknown:
-        sys.exit(f"unknown settings {unknown}; choose from: {', '.join(SETTINGS)}")
+    names = pick(a.settings, SETTINGS, "settings")
     if a.no_peer:
         names = [n for n in names if SETTINGS[n] is not None]
     key, _, value = a.target.partition("=")
