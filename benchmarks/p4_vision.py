@@ -217,6 +217,11 @@ STRUCTURE = [
     ("uniform/fisher", {**WIDTH, "target": "params=0.7", "importance": "fisher", "allocation": "uniform"}),
     ("global/fisher, flops, 4 rounds", {**WIDTH, "target": "flops=0.6", "importance": "fisher", "allocation": "global",
                                         "attention_flops": True, "rounds": 4}),
+    # NViT's latency-aware allocation: every unit priced by the time it saves at batch 32 (structure/latency.py),
+    # beside the FLOPs-priced row above at the same share
+    ("global/fisher, latency b32, 4 rounds", {**WIDTH, "target": "latency=0.6", "importance": "fisher",
+                                              "allocation": "global", "latency_batch": 32, "rounds": 4}),
+    ("global/fisher + hidden, latency b32, 4 rounds", {**HIDDEN, "target": "latency=0.6", "latency_batch": 32}),
     ("global/fisher + hidden, 4 rounds", {**HIDDEN, "target": "params=0.7"}),
     ("global/fisher + hidden, flops, 4 rounds", {**HIDDEN, "target": "flops=0.6", "attention_flops": True}),
     # hidden channels first (params 0.88 alone: 336 of 384), then heads and neurons to the row's overall target
@@ -300,6 +305,8 @@ def structure_pass(model, px: torch.Tensor, labels: torch.Tensor, dense: dict, a
                "matmul_ratio": block_flops(pruned, False) / block_flops(model, False), "ffn": res["ffn"],
                "heads": res["head_units"], "hidden": pruned.config.hidden_size,
                "prune_seconds": time.perf_counter() - t0, "calibration_images": len(calib)}
+        if "latency_modelled" in res:  # a latency budget: the share it measured after the cut, and its own model's
+            row.update(budget_spent=res["spent"], latency_modelled=res["latency_modelled"], latency_prices=res["latency"])
         feats = image_features(pruned, px, args.batch)
         kept = getattr(pruned, "trimformer_channels", None)  # hidden channels cut: cosine on those left
         ref = dense if kept is None else {k: v[..., kept] for k, v in dense.items()}

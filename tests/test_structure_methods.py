@@ -48,8 +48,8 @@ def test_width_target_one_is_a_no_op(calib):
 def test_impossible_targets_give_clear_errors(calib):
     with pytest.raises(BudgetError, match="below what removing FFN neurons can reach"):
         _prune(tiny("llama"), "width", calib, target="params=0.3")
-    with pytest.raises(ValueError, match="params=R or flops=R"):
-        trimformer.build("width", {"target": "latency=0.5"})
+    with pytest.raises(ValueError, match="params=R or flops=R or latency=R"):
+        trimformer.build("width", {"target": "compute=0.5"})
     with pytest.raises(ValueError, match="parts"):
         trimformer.build("width", {"parts": "ffn,experts"})
     with pytest.raises(ValueError, match="cannot remove 2 of 2 blocks"):

@@ -23,7 +23,7 @@ from ..models import Anatomy, Block, Proj, anatomy_of, count_parameters
 from ..models.dinov2 import fold_layer_scale_
 from ..progress import bar
 from ..steps import StepContext
-from . import STRUCTURE, channels, surgery
+from . import STRUCTURE, channels, latency, surgery
 from .base import Precision, Scope, StructurePruner
 from .budget import Budget, BudgetError, Candidate, choose
 from .costs import head_slot_params, head_unit, matmul_params, neuron_params
@@ -55,7 +55,9 @@ class Plan:
 @STRUCTURE.register("width")
 @dataclass
 class Width(StructurePruner):
-    """target: 'params=R' or 'flops=R' (share kept; FLOPs/token of the matmuls, attention scores not counted).
+    """target: 'params=R', 'flops=R' (share kept; FLOPs/token of the matmuls, attention scores not counted) or
+      'latency=R' (share of the whole model's time kept, measured on this machine at `latency_batch` inputs of the
+      calibration's length: every unit costs the seconds it saves, latency.py; NViT's latency-aware allocation).
     parts: ffn, heads, hidden, or several (hidden: residual-stream channels of the whole model, channels.py; scored by
       importance fisher, or taylor on a causal LM, they compete with the heads and neurons in the one budget). importance: a criterion of importance.py (hessian, activation, flap, ...).
     allocation: uniform | global (raw error per parameter across blocks; on smollm2-135m it over-cuts
@@ -92,8 +94,11 @@ class Width(StructurePruner):
     probe_length: int = 256
     probe_positions: int = 64
     precision: Precision = "fp32"
+    latency_batch: int = 1
+    latency_runs: int = 5
 
-    budgets = ("params", "flops")
+    budgets = ("params", "flops", "latency")
+    _latency: latency.UnitLatency | None = None  # the measured cost of each unit (target latency=R; set by prune)
     _tokens = 0  # tokens per calibration input, when attention_flops counts attention (set by prune)
     filter_on = ("attn.o", "mlp.down")
 
@@ -116,6 +121,8 @@ class Width(StructurePruner):
             raise ValueError(f"rounds={self.rounds}: a count >= 1, and 1 with allocation='measured'")
         if self.attention_flops and self.target is not None and self.target.kind != "flops":
             raise ValueError(f"attention_flops counts attention in a FLOPs budget; the target is {self.target}")
+        if self.latency_batch < 1 or self.latency_runs < 1:
+            raise ValueError(f"latency_batch={self.latency_batch}, latency_runs={self.latency_runs}: both must be >= 1")
         if self.importance in NEEDS_GRAD and self.sequential:
             raise ValueError(f"importance {self.importance!r} is collected in one dense pass: set sequential=False")
 
@@ -126,6 +133,9 @@ class Width(StructurePruner):
     # -- budget --------------------------------------------------------------------------------
     def _costs(self, anatomy: Anatomy) -> tuple[float, list[float], list[float]]:
         """(amount to remove, cost per FFN neuron per block, cost per head slot per block)."""
+        if self.budget.kind == "latency":  # seconds saved per unit, measured on the model before the cut
+            lat = self._measured_latency()
+            return lat.model(anatomy) * (1.0 - self.budget.keep), lat.neuron_s, lat.slot_s
         neuron = [neuron_params(b.mlp) if b.mlp else 0.0 for b in anatomy.blocks]
         slot = [head_slot_params(b.attention) if b.attention else 0.0 for b in anatomy.blocks]
         total = count_parameters(anatomy.model) if self.budget.kind == "params" else matmul_params(anatomy)
@@ -135,6 +145,11 @@ class Width(StructurePruner):
                     for c, h, b in zip(slot, per_head, anatomy.blocks)]
             total += sum(h * b.attention.num_heads for h, b in zip(per_head, anatomy.blocks) if b.attention)
         return total * (1.0 - self.budget.keep), neuron, slot
+
+    def _measured_latency(self) -> latency.UnitLatency:
+        if self._latency is None:
+            raise RuntimeError("target latency=R: the units' latency is measured by prune() before planning")
+        return self._latency
 
     def flops_share(self, anatomy: Anatomy, before: float) -> float:
         """The FLOPs kept, attention counted as the allocation counts it (after a cut; `before`: total before)."""
@@ -150,7 +165,8 @@ class Width(StructurePruner):
         their full width. `hidden_scores` (d,): channels' importance (global allocation with parts=hidden)."""
         need, neuron, slot = self._costs(anatomy)
         d0 = anatomy.hidden_size
-        chan = channels.channel_cost(anatomy, self.budget.kind) if "hidden" in self.parts else 0.0
+        chan = 0.0 if "hidden" not in self.parts else self._measured_latency().channel_s \
+            if self.budget.kind == "latency" else channels.channel_cost(anatomy, self.budget.kind)
         hid = (d0, min(d0, self.multiple_of) if chan else d0, chan)  # (channels, floor, cost of one)
         ffn0 = [b.mlp.intermediate_size if b.mlp else 0 for b in anatomy.blocks]
         slots0 = [b.attention.num_heads // head_unit(b.attention) if b.attention else 0 for b in anatomy.blocks]
@@ -409,6 +425,8 @@ class Width(StructurePruner):
         return stats
 
     def _total(self, anatomy: Anatomy) -> float:
+        if self.budget.kind == "latency":
+            return self._measured_latency().model(anatomy)
         if self.budget.kind == "params":
             return count_parameters(anatomy.model)
         return self._flops(anatomy) if self.attention_flops else matmul_params(anatomy)
@@ -422,20 +440,38 @@ class Width(StructurePruner):
             an = anatomy_of(model)
             share = (1 - (1 - keep) * r / self.rounds) * first / self._total(an)
             step = dataclasses.replace(self, target=Budget(kind, min(1.0, share)), rounds=1)
+            step._latency = self._latency  # one measurement of the dense model prices every round
             out = step.prune(an, run, scope)
         if self.attention_flops:
             out["spent"] = self._total(anatomy_of(model)) / first
         return {**out, "rounds": self.rounds}
 
     def prune(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
-        calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
         if any(b.scales for b in anatomy.blocks):  # layer scales into o / down (exact): refits and scores then
             fold_layer_scale_(anatomy)              # see the residual branch itself
-        if self.attention_flops:
+        if self.attention_flops:  # the attention's share of a head's cost depends on the sequence length
             self._tokens = calibrate.tokens_per_input(anatomy, run.require_calibration(self.name))
+        timing = self.budget.kind == "latency" and self._latency is None  # this call prices the units
+        if timing:
+            sample = run.require_calibration(self.name)[:1]
+            self._latency = latency.measure(anatomy, sample, list(self.parts), batch=self.latency_batch,
+                                            runs=self.latency_runs, progress=run.progress)
+        try:
+            out = self._in_rounds(anatomy, run, scope) if self.rounds > 1 else self._once(anatomy, run, scope)
+            if timing:
+                lat, cut = self._latency, anatomy_of(anatomy.model)
+                out.update(spent=latency.measured_share(cut, sample, lat, self.latency_runs),
+                           latency_modelled=lat.model(cut) / lat.dense_s, latency=lat.record())
+        finally:
+            if timing:
+                self._latency = None  # the prices were this model's: the next prune measures its own
+        return out
+
+    def _once(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
+        calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
+        if self.attention_flops:
+            self._tokens = self._tokens or calibrate.tokens_per_input(anatomy, run.require_calibration(self.name))
             before = self._flops(anatomy)
-        if self.rounds > 1:
-            return self._in_rounds(anatomy, run, scope)
         data = self.needs_calibration
         collect = self._gradient_statistics if self.importance in NEEDS_GRAD else self._statistics
         stats = collect(anatomy, calibration, batch_size, progress) if data else [{} for _ in anatomy.blocks]
