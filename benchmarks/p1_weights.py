@@ -123,11 +123,12 @@ def block_sparsity(model) -> dict[str, float]:
 
 
 def start_llmc(py: str, calib_file: str, method: str, pattern: str, tmp: str,
-               profile: str = "uniform", model: str = MODEL) -> tuple[subprocess.Popen, str]:
-    """llm-compressor on the bundled `model`'s cached HF copy (made by trimformer.load / streamable)."""
+               profile: str = "uniform", model: str = MODEL, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+    """llm-compressor on the bundled `model`'s cached HF copy (made by trimformer.load / streamable), loaded in
+    `dtype` (the dtype trimformer prunes the same model in)."""
     out = os.path.join(tmp, f"llmc-{method}-{pattern.replace(':', '_')}-{profile}.pt")
     cmd = [py, str(Path(__file__).parent / "peers" / "llmc_prune.py"), "--model", str(streamable(model)),
-           "--calib", calib_file, "--method", method, "--pattern", pattern, "--profile", profile, "--out", out]
+           "--calib", calib_file, "--method", method, "--pattern", pattern, "--profile", profile, "--dtype", dtype, "--out", out]
     log = open(out + ".log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MKL_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env), out  # same threads as ours

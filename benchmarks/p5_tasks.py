@@ -116,8 +116,14 @@ def main() -> None:
 
     dense, tok = trimformer.load(a.model, with_tokenizer=True)
     calib = data.calibration_windows(tok, n=a.calib, length=512)
-    refs = references(dense, tok, doc=a.kl_windows, code=a.kl_windows, tasks=a.kl_windows)
+    # the dense log-probabilities of 3 sets of windows: float16 once they would pass 2 GiB in float32 (151,936
+    # tokens of vocabulary on the 1.5B: 311 MB a window in float32)
+    ref_bytes = 3 * a.kl_windows * 512 * dense.config.vocab_size * 4
+    ref_dtype = torch.float16 if ref_bytes > 2 ** 31 else torch.float32
+    refs = references(dense, tok, doc=a.kl_windows, code=a.kl_windows, tasks=a.kl_windows, dtype=ref_dtype)
     refs = {"": refs["doc"], "_code": refs["code"], "_tasks": refs["tasks"]}  # the row's key suffixes
+    model_dtype = str(dense.dtype).removeprefix("torch.")  # llm-compressor prunes the model in the same dtype
+    del dense  # every row loads its own copy; the dense row too
     tmp = tempfile.mkdtemp(prefix="p5t-")
     calib_file = os.path.join(tmp, "calib.pt")
     torch.save(calib, calib_file)
@@ -130,7 +136,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if method == "llmc":
             info, state = finish_llmc(*start_llmc(a.peer_python, calib_file, kw["method"], kw["pattern"], tmp,
-                                                     model=a.model))
+                                                     model=a.model, dtype=model_dtype))
             model.load_state_dict(state, strict=False)
         elif method != "dense":
             trimformer.prune_(model, trimformer.build(method, kw), calibration=calib, progress=False)
@@ -147,7 +153,8 @@ def main() -> None:
                "peak_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         done["rows"].append(row)
         done.update(model=a.model, settings={"tasks": settings.tasks, "limit": a.limit, "calib": a.calib,
-                                             "kl_windows": a.kl_windows, "threads": torch.get_num_threads()})
+                                             "kl_windows": a.kl_windows, "threads": torch.get_num_threads(),
+                                             "model_dtype": model_dtype, "reference_dtype": str(ref_dtype)})
         atomic_file(out_json, json.dumps(done, indent=1, default=str))
         atomic_file(a.out + ".md", to_markdown(done["rows"], list(settings.tasks), a.limit, a.model))
         print(f"{name}: mean {100 * tasks['mean']:.2f} %, kl doc {quality['kl']:.3f}, code {quality['kl_code']:.3f}, "

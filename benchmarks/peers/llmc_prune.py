@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--pattern", default="0:0", help="llm-compressor mask_structure: 0:0 (unstructured) or 2:4")
     p.add_argument("--profile", choices=["uniform", "owl"], default="uniform",
                    help="llm-compressor sparsity_profile (owl: its outlier-weighted layer sparsity)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the model is loaded and pruned in (match the model trimformer prunes)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -46,7 +48,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(torch.get_num_threads())
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
     windows = torch.load(a.calib)  # (n, T)
     ds = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     cls = SparseGPTModifier if a.method == "sparsegpt" else WandaPruningModifier
