@@ -100,6 +100,11 @@ def test_measure_times_every_part_of_a_real_model(family):
     assert parts == {"model", "ffn", "heads", "hidden"}
     assert lat.model(an) == lat.dense_s
     assert [b.mlp.intermediate_size for b in an.blocks] == lat.ffn0  # timing copies, never the model itself
+    seen = []
+    handle = an.blocks[0].module.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[0]))
+    latency.measure(an, sample, ["ffn"], batch=3, runs=1)
+    handle.remove()
+    assert set(seen) == {3}  # blocks are timed at the batch asked, like the whole model
 
 
 def test_bad_latency_settings_are_named():

@@ -105,7 +105,7 @@ def measure(anatomy: Anatomy, sample: torch.Tensor, parts: list[str], *, batch: 
     if batch < 1 or runs < 1:
         raise ValueError(f"latency timing needs batch >= 1 and runs >= 1, got batch={batch}, runs={runs}")
     x0 = sample[:1].expand(batch, *sample.shape[1:]).contiguous()
-    inputs, kwargs = calibrate.capture_inputs(anatomy, x0)
+    inputs, kwargs = calibrate.capture_inputs(anatomy, x0, batch_size=batch)  # one batch of `batch` copies
     x, kw = inputs[0], kwargs[0]
     model_kw = calibrate.model_inputs(anatomy, x0)
     model = anatomy.model
