@@ -121,16 +121,18 @@ def measure(anatomy: Anatomy, sample: torch.Tensor, parts: list[str], *, batch: 
         full = [("ffn", block.mlp.intermediate_size if block.mlp else 0, block.module)]
         for part, n, mod in full + _variants(block, parts):
             jobs.append((key, part, n, lambda m=mod, k=bkw: m(x, **k)))
-    hidden = []  # the model with fewer hidden channels: its whole time at each width
+    times = fastest([j[-1] for j in jobs], runs)
+    hidden = []  # (width, seconds): the whole model with fewer hidden channels, timed beside the dense one
     if "hidden" in parts:
-        d = anatomy.hidden_size
-        for w in widths(d, (0.75, 0.5)):
-            narrow = copy.deepcopy(model)
+        for w in bar(widths(anatomy.hidden_size, (0.75, 0.5)), desc="width: timing hidden widths", unit="width",
+                     disable=not progress):
+            narrow = copy.deepcopy(model)  # one narrow copy at a time: a big model is not held three times
             channels.prune_channels(anatomy_of(narrow), torch.arange(w))
             kw_n = calibrate.model_inputs(anatomy_of(narrow), x0)
-            hidden.append(w)
-            jobs.append(((), "hidden", w, lambda m=narrow, k=kw_n: m(**k)))
-    times = fastest([j[-1] for j in bar(jobs, desc="width: timing", unit="call", disable=not progress)], runs)
+            t_dense, t_w = fastest([jobs[0][-1], lambda m=narrow, k=kw_n: m(**k)], runs)
+            times[0] = min(times[0], t_dense)
+            hidden.append((w, t_w))
+            del narrow
     timed: dict[tuple, list[tuple[str, int, float]]] = {}
     for (key, part, n, _), t in zip(jobs, times):
         timed.setdefault(key, []).append((part, n, t))
@@ -145,7 +147,8 @@ def measure(anatomy: Anatomy, sample: torch.Tensor, parts: list[str], *, batch: 
         m, a = block.mlp, block.attention
         neuron.append(per_unit(key, "ffn", m.intermediate_size) if m is not None else 0.0)
         slot.append(per_unit(key, "heads", a.num_heads // head_unit(a)) if a is not None else 0.0)
-    chan = slope([float(anatomy.hidden_size), *map(float, hidden)], [dense_s, *(t for p, _, t in timed[()] if p == "hidden")]) \
+    timed[()] += [("hidden", w, t) for w, t in hidden]
+    chan = slope([float(anatomy.hidden_size), *(float(w) for w, _ in hidden)], [dense_s, *(t for _, t in hidden)]) \
         if hidden else 0.0
     return UnitLatency(
         dense_s=dense_s, neuron_s=neuron, slot_s=slot, channel_s=chan,
