@@ -6,12 +6,14 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import VOCAB, tiny
 
 import trimformer
+from trimformer import calibrate as calibrate_mod
 from trimformer.weights import WEIGHTS
 from trimformer.weights.masks import sparsity_of
 from trimformer.weights.obs import inverse_cholesky, obs_prune
+from trimformer.weights.sparsegpt import SparseGPT
 
 
 def test_obs_matches_the_hand_computed_optimum():
@@ -231,7 +233,8 @@ def test_refit_strength_and_damping_give_exactly_the_ridge_refit(refit, refit_da
 
 def test_refit_zero_is_the_plain_sparsegpt(calib):
     out = {}
-    for name, settings in {"plain": {"asymmetric": False}, "zero": {"refit": 0.0}, "half": {"refit": 0.5}}.items():
+    for name, settings in {"plain": {"asymmetric": False}, "zero": {"refit": 0.0},
+                           "half": {"refit": 0.5, "refit_min_tokens": 0}}.items():
         m = tiny("llama")
         trimformer.prune_(m, WEIGHTS.build("sparsegpt", {"sparsity": 0.5, **settings}), calibration=calib,
                           progress=False)
@@ -251,3 +254,30 @@ def test_bad_settings_are_named():
         WEIGHTS.build("sparsegpt", {"refit_damp": 0.0})
     with pytest.raises(ValueError, match="blocksize"):
         WEIGHTS.build("sparsegpt", {"pattern": "2:4", "blocksize": 6})
+
+
+def test_refit_only_where_the_calibration_has_enough_tokens_per_input_column(monkeypatch):
+    """1,280 tokens: 20 per column of the 64-wide inputs (q/k/v, o, gate/up: refitted at refit_min_tokens=16),
+    10 per column of down_proj's 128 (not refitted); with 4 x 32 tokens nothing qualifies: no dense stream at all,
+    and the result is the plain SparseGPT's."""
+    got = []
+    real = SparseGPT.solve
+    monkeypatch.setattr(SparseGPT, "solve", lambda self, projs, stats: got.append(
+        (projs[0].name.split(".")[-1], stats[1] is not None or stats[2] is not None)) or real(self, projs, stats))
+    calib = torch.randint(3, VOCAB, (32, 40), generator=torch.Generator().manual_seed(2))
+    trimformer.prune_(tiny("llama"), WEIGHTS.build("sparsegpt", {"sparsity": 0.5}), calibration=calib, progress=False)
+    assert dict(got[:4]) == {"q_proj": True, "o_proj": True, "gate_proj": True, "down_proj": False}
+
+    streams = []
+    real_blocks = calibrate_mod.blocks
+    monkeypatch.setattr(calibrate_mod, "blocks", lambda *a, **k: streams.append(k["dense_targets"]) or real_blocks(*a, **k))
+    out = {}
+    for name, settings in {"default": {}, "plain": {"asymmetric": False}}.items():
+        m = tiny("llama")
+        trimformer.prune_(m, WEIGHTS.build("sparsegpt", {"sparsity": 0.5, **settings}), calibration=calib[:4, :32],
+                          progress=False)
+        out[name] = m.state_dict()
+    assert streams == [False, False]
+    assert all(torch.equal(out["plain"][k], out["default"][k]) for k in out["plain"])
+    with pytest.raises(ValueError, match="refit_min_tokens"):
+        WEIGHTS.build("sparsegpt", {"refit_min_tokens": -1})

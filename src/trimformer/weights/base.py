@@ -56,6 +56,10 @@ class WeightPruner(Config):
     data_parallel: ClassVar[bool] = True  # (OfflineStep: its statistics are summed across processes)
     dense_targets: ClassVar[bool] = False  # calibrate with the dense model's stream beside the pruned one
 
+    def dense_stream(self, anatomy, calibration) -> bool:
+        """Whether this run carries the dense stream (`dense_targets`; a method may decide from the calibration)."""
+        return self.dense_targets
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.block = parse_block(self.pattern)
@@ -161,7 +165,7 @@ class WeightPruner(Config):
         if calibration is None:
             raise ValueError(f"method {self.name!r} needs calibration windows (token ids of shape (n, length))")
         for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc=self.name,
-                                   precision=self.precision, dense_targets=self.dense_targets):
+                                   precision=self.precision, dense_targets=self.dense_stream(anatomy, calibration)):
             projs = self.selected(bc.block.projections(), filter_fn)
             if not projs:
                 continue
