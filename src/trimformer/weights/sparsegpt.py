@@ -102,7 +102,9 @@ class SparseGPT(WeightPruner):
         """Run the dense stream only if some projection would be refitted with this calibration."""
         if not self.dense_targets:
             return False
-        tokens = calibrate.tokens_per_input(anatomy, calibration) * calibration.shape[0]
+        # token windows count themselves; images need one forward to block 0 (patches + [CLS])
+        per = calibrate.tokens_per_input(anatomy, calibration) if calibrate.is_images(calibration) else calibration.shape[1]
+        tokens = per * calibration.shape[0]
         return any(self.refits(tokens, p.in_features) for _, p in anatomy.projections())
 
     @torch.no_grad()
