@@ -43,7 +43,7 @@ TASKS = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,lambada"
 ROWS: dict[str, tuple[str, dict]] = {
     "dense": ("dense", {}),
     "wanda 50%": ("wanda", {"sparsity": 0.5}),
-    "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),  # the default: asymmetric refit at half strength
+    "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),  # the default: half refit where >= 16 tokens per input column
     "sparsegpt 50% refit 1": ("sparsegpt", {"sparsity": 0.5, "refit": 1.0}),  # the full refit, the default until 12-06
     "llmc sparsegpt 50%": ("llmc", {"method": "sparsegpt", "pattern": "0:0"}),
     # the paper's SparseGPT (no refit to the dense outputs): does the default's asymmetric refit generalise?
