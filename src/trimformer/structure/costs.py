@@ -16,6 +16,17 @@ def head_unit(a: Attention) -> int:
     return a.num_kv_heads if a.num_heads != a.num_kv_heads else 1
 
 
+def head_slots(a: Attention | None) -> int:
+    """Head units an attention holds (`head_unit` query heads each); 0 without attention."""
+    return a.num_heads // head_unit(a) if a is not None else 0
+
+
+def block_widths(anatomy: Anatomy) -> tuple[list[int], list[int]]:
+    """Per block: FFN neurons and head units (0 where the sublayer is absent), what width cuts."""
+    return ([b.mlp.intermediate_size if b.mlp else 0 for b in anatomy.blocks],
+            [head_slots(b.attention) for b in anatomy.blocks])
+
+
 def head_slot_params(a: Attention) -> float:
     """Parameters of one head unit (`head_unit` query heads): q rows and o columns, and k, v rows without GQA."""
     d = a.o.out_features

@@ -23,7 +23,7 @@ from ..evaluate.speed import fastest
 from ..models import Anatomy, Block, anatomy_of
 from ..progress import bar
 from . import channels, surgery
-from .costs import head_unit
+from .costs import block_widths, head_slots, head_unit
 from .options import block_shape
 
 SHARES = (1.0, 0.75, 0.5, 0.25)  # widths each part is timed at (shares of its full width)
@@ -47,12 +47,9 @@ class UnitLatency:
 
     def model(self, anatomy: Anatomy) -> float:
         """The modelled seconds of `anatomy` (a width cut of the measured model: same blocks, narrower parts)."""
-        gone = 0.0
-        for i, b in enumerate(anatomy.blocks):
-            if b.mlp is not None:
-                gone += (self.ffn0[i] - b.mlp.intermediate_size) * self.neuron_s[i]
-            if b.attention is not None:
-                gone += (self.slots0[i] - b.attention.num_heads // head_unit(b.attention)) * self.slot_s[i]
+        ffn, slots = block_widths(anatomy)
+        gone = sum((a - b) * c for a, b, c in zip(self.ffn0, ffn, self.neuron_s)) + \
+            sum((a - b) * c for a, b, c in zip(self.slots0, slots, self.slot_s))
         return self.dense_s - gone - (self.hidden0 - anatomy.hidden_size) * self.channel_s
 
     def record(self) -> dict:
@@ -89,12 +86,17 @@ def _variants(block: Block, parts: list[str]) -> list[tuple[str, int, torch.nn.M
             out.append(("ffn", n, b.module))
     if "heads" in parts and a is not None:
         u = head_unit(a)
-        slots = a.num_heads // u
+        slots = head_slots(a)
         for k in widths(slots)[1:]:
             b = copy.deepcopy(block)
             surgery.prune_heads(b, (torch.arange(u)[:, None] * slots + torch.arange(k)).flatten())
             out.append(("heads", k, b.module))
     return out
+
+
+def _copies(sample: torch.Tensor, batch: int) -> torch.Tensor:
+    """`batch` copies of the first input of `sample`: the batch every timing runs."""
+    return sample[:1].expand(batch, *sample.shape[1:]).contiguous()
 
 
 @torch.no_grad()
@@ -104,7 +106,7 @@ def measure(anatomy: Anatomy, sample: torch.Tensor, parts: list[str], *, batch: 
     image), `runs` interleaved runs each, fastest kept (evaluate.speed.fastest); see the module docstring."""
     if batch < 1 or runs < 1:
         raise ValueError(f"latency timing needs batch >= 1 and runs >= 1, got batch={batch}, runs={runs}")
-    x0 = sample[:1].expand(batch, *sample.shape[1:]).contiguous()
+    x0 = _copies(sample, batch)
     inputs, kwargs = calibrate.capture_inputs(anatomy, x0, batch_size=batch)  # one batch of `batch` copies
     x, kw = inputs[0], kwargs[0]
     model_kw = calibrate.model_inputs(anatomy, x0)
@@ -146,14 +148,13 @@ def measure(anatomy: Anatomy, sample: torch.Tensor, parts: list[str], *, batch: 
     for block, key in zip(anatomy.blocks, keys):
         m, a = block.mlp, block.attention
         neuron.append(per_unit(key, "ffn", m.intermediate_size) if m is not None else 0.0)
-        slot.append(per_unit(key, "heads", a.num_heads // head_unit(a)) if a is not None else 0.0)
+        slot.append(per_unit(key, "heads", head_slots(a)) if a is not None else 0.0)
     timed[()] += [("hidden", w, t) for w, t in hidden]
     chan = slope([float(anatomy.hidden_size), *(float(w) for w, _ in hidden)], [dense_s, *(t for _, t in hidden)]) \
         if hidden else 0.0
+    ffn0, slots0 = block_widths(anatomy)
     return UnitLatency(
-        dense_s=dense_s, neuron_s=neuron, slot_s=slot, channel_s=chan,
-        ffn0=[b.mlp.intermediate_size if b.mlp else 0 for b in anatomy.blocks],
-        slots0=[b.attention.num_heads // head_unit(b.attention) if b.attention else 0 for b in anatomy.blocks],
+        dense_s=dense_s, neuron_s=neuron, slot_s=slot, channel_s=chan, ffn0=ffn0, slots0=slots0,
         hidden0=anatomy.hidden_size, batch=batch, tokens=int(x.shape[1]),
         timed={"model" if k == () else f"block {keys.index(k)}": v for k, v in timed.items()})
 
@@ -161,6 +162,5 @@ def measure(anatomy: Anatomy, sample: torch.Tensor, parts: list[str], *, batch: 
 @torch.no_grad()
 def measured_share(anatomy: Anatomy, sample: torch.Tensor, lat: UnitLatency, runs: int = 5) -> float:
     """The cut model's time at the measured batch, as a share of the dense time measured before the cut."""
-    x0 = sample[:1].expand(lat.batch, *sample.shape[1:]).contiguous()
-    kw = calibrate.model_inputs(anatomy, x0)
+    kw = calibrate.model_inputs(anatomy, _copies(sample, lat.batch))
     return fastest([lambda: anatomy.model(**kw)], runs)[0] / lat.dense_s

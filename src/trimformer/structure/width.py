@@ -26,7 +26,7 @@ from ..steps import StepContext
 from . import STRUCTURE, channels, latency, surgery
 from .base import Precision, Scope, StructurePruner
 from .budget import Budget, BudgetError, Candidate, choose
-from .costs import head_slot_params, head_unit, matmul_params, neuron_params
+from .costs import block_widths, head_slot_params, head_slots, head_unit, matmul_params, neuron_params
 from .importance import (
     NEEDS_DATA,
     NEEDS_GRAD,
@@ -168,8 +168,7 @@ class Width(StructurePruner):
         chan = 0.0 if "hidden" not in self.parts else self._measured_latency().channel_s \
             if self.budget.kind == "latency" else channels.channel_cost(anatomy, self.budget.kind)
         hid = (d0, min(d0, self.multiple_of) if chan else d0, chan)  # (channels, floor, cost of one)
-        ffn0 = [b.mlp.intermediate_size if b.mlp else 0 for b in anatomy.blocks]
-        slots0 = [b.attention.num_heads // head_unit(b.attention) if b.attention else 0 for b in anatomy.blocks]
+        ffn0, slots0 = block_widths(anatomy)
         may = scope or (lambda _i, _part: True)
         use_ffn = [("ffn" in self.parts) and may(i, "mlp.down") for i in range(len(ffn0))]
         use_heads = [("heads" in self.parts) and may(i, "attn.o") for i in range(len(slots0))]
@@ -266,8 +265,7 @@ class Width(StructurePruner):
         except ValueError as err:
             raise BudgetError(f"target {self.target}: the offered shares {self.shares} cannot remove enough; "
                               f"add smaller shares ({err})") from None
-        return Plan([ws[j] for ws, j in zip(widths, pick)],
-                    [b.attention.num_heads // head_unit(b.attention) if b.attention else 0 for b in anatomy.blocks])
+        return Plan([ws[j] for ws, j in zip(widths, pick)], block_widths(anatomy)[1])
 
     # -- scoring and removal, one block at a time -----------------------------------------------
     def _outputs(self, block: Block) -> dict[str, Proj]:
@@ -291,7 +289,7 @@ class Width(StructurePruner):
 
     def _cut_heads(self, block: Block, units: int, st: InputStats | None) -> None:
         a = block.attention
-        if a is None or units >= a.num_heads // head_unit(a):
+        if a is None or units >= head_slots(a):
             return
         u = head_unit(a)
         slots = a.num_heads // u
@@ -469,8 +467,7 @@ class Width(StructurePruner):
 
     def _once(self, anatomy: Anatomy, run: StepContext, scope: Scope) -> dict[str, Any]:
         calibration, batch_size, progress = run.calibration, run.batch_size, run.progress
-        if self.attention_flops:
-            self._tokens = self._tokens or calibrate.tokens_per_input(anatomy, run.require_calibration(self.name))
+        if self.attention_flops:  # (prune set self._tokens)
             before = self._flops(anatomy)
         data = self.needs_calibration
         collect = self._gradient_statistics if self.importance in NEEDS_GRAD else self._statistics
@@ -484,7 +481,7 @@ class Width(StructurePruner):
             for bc in calibrate.blocks(anatomy, calibration, batch_size=batch_size, progress=progress, desc="width: pruning",
                                        dense_targets=self.asymmetric):
                 b = bc.block
-                if plan.head_units[b.index] < (b.attention.num_heads // head_unit(b.attention) if b.attention else 0):
+                if plan.head_units[b.index] < head_slots(b.attention):
                     self._cut_heads(b, plan.head_units[b.index], output_error_stats(bc, b.attention.o))
                 if b.mlp is not None and plan.ffn[b.index] < b.mlp.intermediate_size:
                     self._cut_ffn(b, plan.ffn[b.index], output_error_stats(bc, b.mlp.down))
