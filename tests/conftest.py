@@ -180,6 +180,16 @@ BOOLQ = [{"question": "is the sky blue", "passage": "The sky looks blue by day."
 PIQA = [{"goal": "To dry wet hands", "sol1": "rub them with a towel", "sol2": "dip them in water", "label": 0},
         {"goal": "To light a dark room", "sol1": "close the curtains", "sol2": "switch on a lamp", "label": 1}]
 LAMBADA = ["the cat sat on the mat", "she opened the door and saw her brother", "he played the old piano"]
+# the natural-prose calibration sets (data.tasks.NATURAL): folder -> rows
+NATURAL_ROWS = {
+    "glue/rte/validation": [{"sentence1": "The mayor opened a new bridge.", "sentence2": "A bridge opened.", "label": 0},
+                            {"sentence1": "Rain fell all week in the valley.", "sentence2": "It was dry.", "label": 1}],
+    "glue/mrpc/validation": [{"sentence1": "Shares rose in early trading.", "sentence2": "Stocks went up.", "label": 1}],
+    "glue/sst2/validation": [{"sentence": "a warm and funny film .", "label": 1},
+                             {"sentence": "too long by half .", "label": 0}],
+    "super_glue/cb/validation": [{"premise": "She said the train was late again.", "hypothesis": "x", "label": 0}],
+    "social_i_qa/none/validation": [{"context": "Sam lent Alex an umbrella before the storm.", "question": "q"}],
+}
 SCIQ = [{"question": "What do leaves make?", "correct_answer": "sugar", "support": "Leaves make sugar from light."},
         {"question": "What is ice?", "correct_answer": "frozen water", "support": ""},  # SciQ has empty supports
         {"question": "What pulls apples down?", "correct_answer": "gravity", "support": "Gravity pulls objects down."}]
@@ -206,6 +216,8 @@ def task_data(tmp_path_factory):
     datasets.Dataset.from_list(BOOLQ).save_to_disk(str(hf / "boolq/none/validation"))
     datasets.Dataset.from_list(PIQA).save_to_disk(str(hf / "piqa/plain_text/validation"))
     datasets.Dataset.from_list(SCIQ).save_to_disk(str(hf / "sciq/none/validation"))
+    for rel, rows in NATURAL_ROWS.items():
+        datasets.Dataset.from_list(rows).save_to_disk(str(hf / rel))
     rows = [{"question": f"question {i}?", "subject": "any", "choices": ["one", "two", "three", "four"], "answer": i % 4}
             for i in range(2)]
     one = root / "mmlu-rows"

