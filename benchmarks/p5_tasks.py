@@ -4,7 +4,7 @@
     python benchmarks/p5_tasks.py --rows dense,"sparsegpt 50%" --tasks arc_easy,piqa --limit 50
 
 Every row is pruned from the same dense model with the same calibration windows (BENCHMARK.md P1: the doc corpus'
-calibration pool), then scored by lm-eval 0.4.13 (its task definitions and metrics, 0-shot) on the first `--limit`
+calibration pool; `--calib-source natural|mix` for prose no evaluation reads, or half of each), then scored by lm-eval 0.4.13 (its task definitions and metrics, 0-shot) on the first `--limit`
 items of each task, the same items for every row, and by KL / top-1 / ppl against the dense model on doc windows
 (P1) and, out of domain, on stdlib source windows and on windows of the tasks' own contexts. llm-compressor 0.14 runs in its own venv (--peer-python). For each
 of our rows with an llm-compressor counterpart the table gives the paired difference of mean accuracy (ours minus
@@ -72,13 +72,14 @@ def paired(ours: dict, theirs: dict) -> tuple[float, float]:
     return sum(diffs) / len(diffs), math.sqrt(var) / len(diffs)
 
 
-def to_markdown(rows: list[dict], tasks: list[str], limit: int, model: str) -> str:
+def to_markdown(rows: list[dict], tasks: list[str], limit: int, model: str, source: str = data.BUILTIN) -> str:
     by = {r["row"]: r for r in rows}
     head = ["row", "mean acc", *tasks, "vs llm-compressor (paired)", "kl doc", "kl code", "kl tasks", "prune s"]
     out = [f"P5-tasks on {model}: lm-eval 0.4.13, 0-shot, the first {limit} items of each task (same items every "
            "row); accuracy in % (acc_norm for ARC-Challenge and HellaSwag); KL vs dense on doc (P1) windows and, out "
            "of domain, on stdlib code windows and on windows of the tasks' own contexts (data.tasks.context_text: "
-           "passages, contexts and questions, each task read from its last item backwards).", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+           "passages, contexts and questions, each task read from its last item backwards). "
+           f"Calibration text: {source!r}.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         t = r["tasks"]
         cells = [r["row"], f"{100 * t['mean']:.2f}"] + [f"{100 * t['results'][k]['value']:.1f}" for k in tasks]
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=TASKS)
     ap.add_argument("--limit", type=int, default=500, help="items per task (the issue's protocol: 500)")
     window_args(ap, calib="--calib", kl="--kl-windows", kl_default=8)  # --kl-windows: doc and code windows each
+    ap.add_argument("--calib-source", default=data.BUILTIN, choices=data.SOURCES,
+                    help="calibration text of every row, llm-compressor's too (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval requests per forward")
     peer_arg(ap, "/work/venvs/llmc/bin/python")
     out_arg(ap, "p5_tasks")
@@ -110,12 +113,14 @@ def main() -> None:
     check_data(settings)
     out_json = Path(a.out + ".json")
     done = json.loads(out_json.read_text()) if out_json.exists() else {"rows": []}
-    if done.get("settings", {}).get("limit", a.limit) != a.limit or done.get("model", a.model) != a.model:
-        sys.exit(f"{out_json} holds another protocol (model/limit); delete it or pass --out")
+    held = done.get("settings", {})
+    if (held.get("limit", a.limit), held.get("calib_source", data.BUILTIN), done.get("model", a.model)) != (
+            a.limit, a.calib_source, a.model) and done["rows"]:
+        sys.exit(f"{out_json} holds another protocol (model/limit/calibration source); delete it or pass --out")
     finished = {r["row"] for r in done["rows"]}
 
     dense, tok = trimformer.load(a.model, with_tokenizer=True)
-    calib = data.calibration_windows(tok, n=a.calib, length=512)
+    calib = data.calibration_windows(tok, a.calib_source, n=a.calib, length=512)
     # the dense log-probabilities of 3 sets of windows: float16 once they would pass 2 GiB in float32 (151,936
     # tokens of vocabulary on the 1.5B: 311 MB a window in float32)
     ref_bytes = 3 * a.kl_windows * 512 * dense.config.vocab_size * 4
@@ -153,10 +158,11 @@ def main() -> None:
                "peak_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         done["rows"].append(row)
         done.update(model=a.model, settings={"tasks": settings.tasks, "limit": a.limit, "calib": a.calib,
+                                             "calib_source": a.calib_source,
                                              "kl_windows": a.kl_windows, "threads": torch.get_num_threads(),
                                              "model_dtype": model_dtype, "reference_dtype": str(ref_dtype)})
         atomic_file(out_json, json.dumps(done, indent=1, default=str))
-        atomic_file(a.out + ".md", to_markdown(done["rows"], list(settings.tasks), a.limit, a.model))
+        atomic_file(a.out + ".md", to_markdown(done["rows"], list(settings.tasks), a.limit, a.model, a.calib_source))
         print(f"{name}: mean {100 * tasks['mean']:.2f} %, kl doc {quality['kl']:.3f}, code {quality['kl_code']:.3f}, "
               f"tasks {quality['kl_tasks']:.3f} "
               f"(prune {seconds:.0f} s, tasks {row['task_seconds']:.0f} s)", file=sys.stderr, flush=True)
