@@ -11,6 +11,7 @@ from conftest import VOCAB, tiny
 import trimformer
 from trimformer import calibrate as calibrate_mod
 from trimformer.weights import WEIGHTS
+from trimformer.weights import sequential as sequential_mod
 from trimformer.weights.masks import sparsity_of
 from trimformer.weights.obs import inverse_cholesky, obs_prune
 from trimformer.weights.sparsegpt import SparseGPT
@@ -258,15 +259,29 @@ def test_bad_settings_are_named():
 
 def test_refit_only_where_the_calibration_has_enough_tokens_per_input_column(monkeypatch):
     """1,280 tokens: 20 per column of the 64-wide inputs (q/k/v, o, gate/up: refitted at refit_min_tokens=16),
-    10 per column of down_proj's 128 (not refitted); with 4 x 32 tokens nothing qualifies: no dense stream at all,
+    10 per column of down_proj's 128 (not refitted, and its dense statistics never summed); with 4 x 32 tokens nothing qualifies: no dense stream at all,
     and the result is the plain SparseGPT's."""
     got = []
     real = SparseGPT.solve
     monkeypatch.setattr(SparseGPT, "solve", lambda self, projs, stats: got.append(
         (projs[0].name.split(".")[-1], stats[1] is not None or stats[2] is not None)) or real(self, projs, stats))
+    residuals = []  # the shapes of the W (C - H) sums: o_proj's (64, 64), never down_proj's (64, 128)
+    real_residual = sequential_mod._residual
+    monkeypatch.setattr(sequential_mod, "_residual", lambda W, *a: residuals.append(tuple(W.shape)) or real_residual(W, *a))
     calib = torch.randint(3, VOCAB, (32, 40), generator=torch.Generator().manual_seed(2))
-    trimformer.prune_(tiny("llama"), WEIGHTS.build("sparsegpt", {"sparsity": 0.5}), calibration=calib, progress=False)
+    filtered = tiny("llama")
+    trimformer.prune_(filtered, WEIGHTS.build("sparsegpt", {"sparsity": 0.5}), calibration=calib, progress=False)
     assert dict(got[:4]) == {"q_proj": True, "o_proj": True, "gate_proj": True, "down_proj": False}
+    assert set(residuals) == {(64, 64)}
+    # summing down_proj's dense statistics and then dropping them (the block's token count unknown) changes nothing
+    real_init = calibrate_mod.BlockCalib.__post_init__
+    monkeypatch.setattr(calibrate_mod.BlockCalib, "__post_init__",
+                        lambda self: (real_init(self), setattr(self, "tokens", None))[0])
+    unfiltered = tiny("llama")
+    trimformer.prune_(unfiltered, WEIGHTS.build("sparsegpt", {"sparsity": 0.5}), calibration=calib, progress=False)
+    assert (64, 128) in residuals
+    assert all(torch.equal(v, unfiltered.state_dict()[k]) for k, v in filtered.state_dict().items())
+    monkeypatch.setattr(calibrate_mod.BlockCalib, "__post_init__", real_init)
 
     streams = []
     real_blocks = calibrate_mod.blocks

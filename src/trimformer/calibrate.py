@@ -140,6 +140,7 @@ class BlockCalib:
     dense_inputs: list[torch.Tensor] | None = None  # ... and the inputs the dense model gives it
     shortcuts: list[Shortcut] = field(default_factory=list)  # sublayers whose inside is final (see Shortcut)
     store: Any = list  # () -> a list-like for one stream of activations (models.offload.activations)
+    tokens: int | None = None  # calibration tokens that reach the block, every process' together (None: unknown)
     _dense_x: dict[nn.Module, list[torch.Tensor]] | None = field(default=None, repr=False)
     _dense_out: list[torch.Tensor] | None = field(default=None, repr=False)
 
@@ -381,9 +382,11 @@ def blocks(
     save: on a streamed model, write each block once it is done (False for passes that only measure).
     With several processes, each runs its share of `windows` (parallel.share).
     """
-    windows = windows[parallel.share(windows.shape[0])]
+    total = windows.shape[0]
+    windows = windows[parallel.share(total)]
     store = functools.partial(activations, anatomy.model)
     inputs, kwargs = capture_inputs(anatomy, windows, batch_size, store)
+    tokens = total * inputs[0].shape[-2] if len(inputs) else None  # every input is as long as the first
     compute_dtype = resolve_precision(precision, device_of(anatomy.model))
     if compute_dtype is not None and dtype_of(anatomy.model) == compute_dtype:
         compute_dtype = None  # the model already runs in that dtype
@@ -391,7 +394,7 @@ def blocks(
     for block in bar(anatomy.blocks, desc=desc, unit="block", disable=not progress):
         with onload(block.module, save=save):  # (streamed: read now, written and freed at the end)
             dense = copy.deepcopy(block.module) if dense_targets else None
-            bc = BlockCalib(block, inputs, kwargs, compute_dtype, dense, dense_inputs, store=store)
+            bc = BlockCalib(block, inputs, kwargs, compute_dtype, dense, dense_inputs, store=store, tokens=tokens)
             yield bc
             inputs = bc.run()  # outputs of the pruned block
             if dense_targets:

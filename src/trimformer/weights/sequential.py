@@ -73,11 +73,13 @@ def stages(block: Block) -> list[tuple[list[Proj], nn.Module | None]]:
 
 @torch.no_grad()
 def input_groups(bc: BlockCalib, projs: dict[str, Proj], sequential: bool = False,
-                 residual: bool | None = None) -> Iterator[InputGroup]:
+                 residual: bool | None = None, dense: set[str] | None = None) -> Iterator[InputGroup]:
     """Group `projs` (full name -> Proj) by the tensor they read, in forward order, with X^T X summed over every
     batch. sequential: collect one stage per pass, after the caller has solved (changed) the stages before it;
     the caller must finish with each yielded group before asking for the next. Otherwise one pass collects all.
-    With a dense stream, residual: sum R = W (C - H) (True) or C (False); None: whichever is smaller, per stage."""
+    With a dense stream, residual: sum R = W (C - H) (True) or C (False); None: whichever is smaller, per stage;
+    dense: the projections that get C or R (None: all; projections that read one input: all of them or none); a
+    stage with none of them never reads the dense stream."""
     name_of = {id(p.module): name for name, p in projs.items()}
     plan = [([name_of[id(p.module)] for p in members if id(p.module) in name_of], sub) for members, sub in stages(bc.block)]
     plan = [(names, sub) for names, sub in plan if names]
@@ -90,24 +92,26 @@ def input_groups(bc: BlockCalib, projs: dict[str, Proj], sequential: bool = Fals
         if residual or (residual is None and outs <= ins):
             by_residual.update(names)
     if not sequential:
-        yield from _collect(bc, projs, [n for names, _ in plan for n in names], None, by_residual)
+        yield from _collect(bc, projs, [n for names, _ in plan for n in names], None, by_residual, dense)
         return
     for names, sub in plan:
-        yield from _collect(bc, projs, names, sub, by_residual)
+        yield from _collect(bc, projs, names, sub, by_residual, dense)
 
 
 def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.Module | None,
-             by_residual: set[str]) -> Iterator[InputGroup]:
+             by_residual: set[str], dense: set[str] | None = None) -> Iterator[InputGroup]:
     """One pass over the calibration batches collecting the inputs of `names`; with `sub` (the sublayer that
     names[0], its output projection, closes), also cache that input and, if valid, shortcut `sub` afterwards.
-    With a dense stream: C per input for the projections not in `by_residual`, R per projection for those."""
+    With a dense stream: C per input for the projections not in `by_residual`, R per projection for those (only
+    for the projections in `dense`, when given)."""
     H: dict[str, torch.Tensor] = {}
     C: dict[str, torch.Tensor] = {}
     R: dict[str, torch.Tensor] = {}
     n: dict[str, int] = {}
     owner: dict[str, str] = {}  # projection -> the first projection that read the same tensor
     seen: list[tuple[str, torch.Tensor]] = []  # this batch's (name, input)
-    dense_x = bc.dense_projection_inputs() if bc.dense is not None else None
+    fitted = set(names) if dense is None else set(names) & dense  # the projections that get C or R
+    dense_x = bc.dense_projection_inputs() if bc.dense is not None and fitted else None
     if dense_x is not None:
         bc.drop_dense_weights()  # its stream is cached: only that is read from here on
     batch = 0
@@ -120,16 +124,17 @@ def _collect(bc: BlockCalib, projs: dict[str, Proj], names: list[str], sub: nn.M
             same = next((o for o, t in seen if t is x), None)
             seen.append((name, x))
             X = x.reshape(-1, x.shape[-1])  # (tokens, in)
-            if dense_x is not None:
+            fit = dense_x is not None and name in fitted
+            if fit:
                 Xd = dense_x[bc.twin(projs[name].module)][batch].reshape(X.shape)
             if same is not None:
                 owner.setdefault(name, owner.get(same, same))
             else:
                 H[name] = bc.gram(X) if name not in H else bc.gram(X, out=H[name])  # (in, in), fp32
-                if dense_x is not None and name not in by_residual:  # dense input x pruned input: (in, in)
+                if fit and name not in by_residual:  # dense input x pruned input: (in, in)
                     C[name] = bc.gram(Xd, X) if name not in C else bc.gram(Xd, X, out=C[name])
                 n[name] = n.get(name, 0) + X.shape[0]
-            if dense_x is not None and name in by_residual:
+            if fit and name in by_residual:
                 R[name] = _residual(projs[name].weight, Xd, X, R.get(name))
             if sub is not None:
                 cached.append(x)

@@ -88,10 +88,12 @@ class SparseGPT(WeightPruner):
 
     @torch.no_grad()
     def prune_block(self, bc: BlockCalib, projs: dict[str, Proj]) -> None:
-        for g in input_groups(bc, projs, sequential=self.true_sequential):
+        # too few tokens per input column: the plain SparseGPT for that layer, whose dense statistics are not summed
+        fit = None if bc.tokens is None else {n for n, p in projs.items() if self.refits(bc.tokens, p.weight.shape[1])}
+        for g in input_groups(bc, projs, sequential=self.true_sequential, dense=fit):
             stats = g.take()
             if not self.refits(g.n, stats[0].shape[0]):
-                stats[1] = stats[2] = None  # too few tokens per input column: the plain SparseGPT for this layer
+                stats[1] = stats[2] = None
             self.solve([projs[name] for name in g.names], stats)
 
     def refits(self, tokens: int, columns: int) -> bool:
