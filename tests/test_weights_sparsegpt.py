@@ -296,3 +296,20 @@ def test_refit_only_where_the_calibration_has_enough_tokens_per_input_column(mon
     assert all(torch.equal(out["plain"][k], out["default"][k]) for k in out["plain"])
     with pytest.raises(ValueError, match="refit_min_tokens"):
         WEIGHTS.build("sparsegpt", {"refit_min_tokens": -1})
+
+
+def test_refit_layers_outputs_refits_only_o_and_down(monkeypatch):
+    """refit_layers='outputs': o_proj and down_proj get the dense statistics and the refit; q/k/v and gate/up are
+    the plain SparseGPT's (no C summed for them); any other value is named."""
+    got = []
+    real = SparseGPT.solve
+    monkeypatch.setattr(SparseGPT, "solve", lambda self, projs, stats: got.append(
+        (projs[0].name.split(".")[-1], stats[1] is not None or stats[2] is not None)) or real(self, projs, stats))
+    calib = torch.randint(3, VOCAB, (32, 40), generator=torch.Generator().manual_seed(2))
+    model = tiny("llama")
+    trimformer.prune_(model, WEIGHTS.build("sparsegpt", {"sparsity": 0.5, "refit_layers": "outputs",
+                                                         "refit_min_tokens": 0}), calibration=calib, progress=False)
+    assert dict(got[:4]) == {"q_proj": False, "o_proj": True, "gate_proj": False, "down_proj": True}
+    assert sparsity_of(model.model.layers[0].self_attn.q_proj.weight) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="refit_layers is 'all' or 'outputs'"):
+        WEIGHTS.build("sparsegpt", {"refit_layers": "mlp"})

@@ -99,7 +99,7 @@ class Job:
     recipe: Recipe
     out: str | None = None
     overwrite: bool = False
-    calib: str = data.BUILTIN
+    calib: str = data.AUTO  # resolved on construction (data.resolve_source): the report names the text used
     calib_field: str = "text"
     calib_windows: int = 64
     calib_length: int = 512
@@ -120,6 +120,7 @@ class Job:
             raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size}")
         if self.offload not in OFFLOAD:
             raise ValueError(f"--offload {self.offload}: choose {', '.join(OFFLOAD)}")
+        self.calib = data.resolve_source(self.calib)
         self.dtype = dtype_name(parse_dtype(default_dtype(self.model) if self.dtype is None else self.dtype))
         self.recipe.build()  # every name and value checked before any heavy work
 
@@ -179,7 +180,7 @@ def run(job: Job, say: Callable[..., None] = _stderr) -> Result:
     model, tok = load(job.model, with_tokenizer=True, dtype=job.dtype, device=device)
     seconds["load"] = time.perf_counter() - t0
     say(f"loaded {job.model} in {seconds['load']:.1f} s")
-    calib = _calibration(job, model, tok, steps)
+    calib = _calibration(job, model, tok, steps, say)
     t0 = time.perf_counter()
     prune_(model, job.recipe, calibration=calib, batch_size=job.batch_size, progress=not quiet())
     seconds["prune"] = time.perf_counter() - t0
@@ -225,7 +226,7 @@ def _run_streamed(job: Job, device: torch.device, fp: Footprint | None, say: Cal
             weakref.finalize(model, shutil.rmtree, folder, True)
         if fp is not None:
             model.trimformer_offload.activation_budget = fp.spill_budget
-        calib = _calibration(job, model, tok, steps)
+        calib = _calibration(job, model, tok, steps, say)
         prune_(model, job.recipe, calibration=calib, batch_size=job.batch_size, progress=not quiet())
         seconds["prune"] = time.perf_counter() - t0
         for h in model.trimformer_history:
@@ -243,9 +244,12 @@ def _run_streamed(job: Job, device: torch.device, fp: Footprint | None, say: Cal
     return Result(model, tok, None, out, seconds)
 
 
-def _calibration(job: Job, model: nn.Module, tok: Any, steps: list) -> torch.Tensor | None:
+def _calibration(job: Job, model: nn.Module, tok: Any, steps: list, say: Callable[..., None]) -> torch.Tensor | None:
     if not any(s.needs_calibration for s in steps):
         return None
+    if parallel.is_main():
+        say(f"calibration: {job.calib_windows} windows of {job.calib_length} tokens from {job.calib!r}"
+            + (" (docs and natural prose in turn; --calib docs for the doc corpus alone)" if job.calib == "mix" else ""))
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and job.calib_length > limit:
         raise ValueError(f"--calib-length {job.calib_length} is longer than the model's {limit} positions; "

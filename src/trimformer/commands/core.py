@@ -90,10 +90,11 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", help="'unstructured' or 'N:M' such as 2:4 (weight methods)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any field of the method's config; overrides the recipe (repeatable)")
-    p.add_argument("--calib", default="docs",
+    p.add_argument("--calib", default="auto",
                    help="calibration text: 'docs' (built-in corpus, calibration half), 'natural' (prose that no "
                         "evaluation here reads; needs `trimformer fetch task-data`), 'mix' (docs and natural windows "
-                        "in turn), a text file, a folder, or a .jsonl")
+                        "in turn), a text file, a folder, or a .jsonl; default 'auto': 'mix' where the task data is "
+                        "installed, else 'docs' (the report names the one used)")
     p.add_argument("--calib-field", default="text", help="field of the JSONL rows holding text (default: text)")
     p.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default 64)")
     p.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window (default 512)")

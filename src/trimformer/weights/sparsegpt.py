@@ -18,6 +18,8 @@ calibration text (doc KL 0.31 vs llm-compressor's 0.44) but is *worse* out of do
 contexts 1.21 vs 1.06); half of it is better than both everywhere (SciQ 1.05, tasks 0.97, code 0.42, doc 0.27).
 refit_damp: the refit's own damping (share of the mean Hessian diagonal; None: percdamp). More damping pulls the
 refit toward W, a ridge against fitting the calibration text too closely (one more factorisation per group).
+refit_layers: 'all' refits every projection; 'outputs' only o_proj and down_proj, whose outputs join the residual
+stream (q/k/v and gate/up then get the paper's SparseGPT on their already-pruned inputs).
 refit_min_tokens: refit a layer only where the calibration holds at least this many tokens per input column; with
 fewer, C - H is estimated from too few samples and the refit fits the calibration text: measured out of domain, the
 refit at 0.5 beats the plain SparseGPT on smollm2-135m at 64 windows (32,768 tokens: 21 per down_proj column; SciQ
@@ -52,6 +54,7 @@ class SparseGPT(WeightPruner):
     refit: float = 0.5  # chosen on held-out text (benchmarks/sparsegpt_generalise.py), not on evaluation windows
     refit_damp: float | None = None  # None: = percdamp
     refit_min_tokens: float = 16.0  # calibration tokens per input column below which a layer is not refitted
+    refit_layers: str = "all"  # all | outputs: only o and down, whose outputs join the residual stream
 
     needs_hessian = True
 
@@ -75,6 +78,8 @@ class SparseGPT(WeightPruner):
         if not 0.0 <= self.refit_min_tokens < float("inf"):
             raise ValueError(f"refit_min_tokens is a number of calibration tokens per input column >= 0 (0: always "
                              f"refit), got {self.refit_min_tokens!r}")
+        if self.refit_layers not in ("all", "outputs"):
+            raise ValueError(f"refit_layers is 'all' or 'outputs' (only o_proj and down_proj), got {self.refit_layers!r}")
         if self.asymmetric is None:
             self.asymmetric = bool(self.true_sequential)
         if self.asymmetric and not self.true_sequential:
@@ -90,9 +95,13 @@ class SparseGPT(WeightPruner):
     def prune_block(self, bc: BlockCalib, projs: dict[str, Proj]) -> None:
         # too few tokens per input column: the plain SparseGPT for that layer, whose dense statistics are not summed
         fit = None if bc.tokens is None else {n for n, p in projs.items() if self.refits(bc.tokens, p.weight.shape[1])}
+        if self.refit_layers == "outputs":
+            b = bc.block
+            ends = {id(x.module) for x in (b.attention and b.attention.o, b.mlp and b.mlp.down) if x is not None}
+            fit = {n for n in (projs if fit is None else fit) if id(projs[n].module) in ends}
         for g in input_groups(bc, projs, sequential=self.true_sequential, dense=fit):
             stats = g.take()
-            if not self.refits(g.n, stats[0].shape[0]):
+            if not self.refits(g.n, stats[0].shape[0]) or (fit is not None and not set(g.names) <= fit):
                 stats[1] = stats[2] = None
             self.solve([projs[name] for name in g.names], stats)
 
