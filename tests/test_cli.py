@@ -49,6 +49,7 @@ def test_recipe_with_set_override(saved_llama, tmp_path):
                  "--out", str(out), "--no-eval", "-q", *FAST[:4]]) == 0
     meta = json.loads((out / "trimformer.json").read_text())
     assert [s["method"] for s in meta["recipe"]] == ["magnitude", "wanda"]
+    assert meta["calibration"]["source"] in ("docs", "mix")  # 'auto' resolved: the text actually used is recorded
     assert meta["recipe"][0]["sparsity"] == 0.25  # --set beats the recipe
     m = trimformer.load(out)
     assert (m.model.layers[0].mlp.up_proj.weight == 0).float().mean().item() == 0.25

@@ -194,7 +194,7 @@ def run(job: Job, say: Callable[..., None] = _stderr) -> Result:
         report["calibration"] = _calibration_info(job, calib)
     out = None
     if job.out is not None:
-        files = _files(job, model, report)
+        files = _files(job, model, report, calib)
         if job.engine is None:
             out = save(model, job.out, tokenizer=tok, extra_files=files, overwrite=job.overwrite)
         else:
@@ -235,7 +235,7 @@ def _run_streamed(job: Job, device: torch.device, fp: Footprint | None, say: Cal
             say("evaluation skipped: a streamed model is not evaluated in this run (it would not fit in memory); "
                 "run `trimformer eval` on the output where it fits")
         if job.out is not None and parallel.is_main():
-            write_streamed(model, folder, tokenizer=tok, extra_files=_files(job, model, None))
+            write_streamed(model, folder, tokenizer=tok, extra_files=_files(job, model, None, calib))
         parallel.barrier()
     out = None
     if job.out is not None and parallel.is_main():
@@ -263,10 +263,10 @@ def _calibration_info(job: Job, calib: torch.Tensor | None) -> dict | None:
                                        "window_tokens": job.calib_length}
 
 
-def _files(job: Job, model: nn.Module, report: dict | None) -> dict[str, Any]:
+def _files(job: Job, model: nn.Module, report: dict | None, calib: torch.Tensor | None = None) -> dict[str, Any]:
     meta = {"trimformer": __version__, "model": job.model, "command": job.command, "recipe": job.recipe.to_list(),
             "history": model.trimformer_history, "device": job.device, "dtype": job.dtype,
-            "processes": parallel.size()}
+            "processes": parallel.size(), "calibration": _calibration_info(job, calib)}
     files: dict[str, Any] = {"trimformer.json": meta}
     if report is not None:
         files.update({"report.json": report, "report.md": to_markdown(report)})
