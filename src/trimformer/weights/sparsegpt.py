@@ -41,7 +41,7 @@ from ..models import Proj
 from . import WEIGHTS
 from .base import WeightPruner
 from .obs import damped_cholesky, inverse_cholesky, obs_prune, solve_damped_
-from .sequential import input_groups, stack_rows
+from .sequential import input_groups, stack_rows, stages
 
 
 @WEIGHTS.register("sparsegpt")
@@ -95,13 +95,12 @@ class SparseGPT(WeightPruner):
     def prune_block(self, bc: BlockCalib, projs: dict[str, Proj]) -> None:
         # too few tokens per input column: the plain SparseGPT for that layer, whose dense statistics are not summed
         fit = None if bc.tokens is None else {n for n, p in projs.items() if self.refits(bc.tokens, p.weight.shape[1])}
-        if self.refit_layers == "outputs":
-            b = bc.block
-            ends = {id(x.module) for x in (b.attention and b.attention.o, b.mlp and b.mlp.down) if x is not None}
+        if self.refit_layers == "outputs":  # the projections that close a sublayer (o, down)
+            ends = {id(p.module) for members, sub in stages(bc.block) if sub is not None for p in members}
             fit = {n for n in (projs if fit is None else fit) if id(projs[n].module) in ends}
         for g in input_groups(bc, projs, sequential=self.true_sequential, dense=fit):
             stats = g.take()
-            if not self.refits(g.n, stats[0].shape[0]) or (fit is not None and not set(g.names) <= fit):
+            if not self.refits(g.n, stats[0].shape[0]):  # (the token count unknown above)
                 stats[1] = stats[2] = None
             self.solve([projs[name] for name in g.names], stats)
 
